@@ -1,0 +1,55 @@
+"""
+### lambdalake_setup
+
+Prepares the platform for the pipelines: creates the spec's Kafka topics (events, labels and
+the dead-letter queue) and checks that Kafka and the MLflow tracking server answer.
+Idempotent: run it after `lambdalake up` or whenever a topic may be missing.
+
+The logic lives in `lakehouse/` and `infra/`; this file only declares the DAG.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from airflow.sdk import dag, task
+
+
+@dag(
+    dag_id="lambdalake_setup",
+    schedule=None,
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    tags=["lambdalake"],
+    doc_md=__doc__,
+    default_args={"retries": 2, "retry_delay": timedelta(seconds=10),
+                  "execution_timeout": timedelta(minutes=5)},
+)
+def lambdalake_setup() -> None:
+    @task
+    def create_topics() -> list[str]:
+        from lakehouse.config import load_settings
+        from lakehouse.fraud import FRAUD_SPEC
+        from lakehouse.streams import ensure_topics
+
+        settings = load_settings()
+        ensure_topics(settings.kafka_bootstrap_servers, FRAUD_SPEC.topics,
+                      partitions=settings.kafka_partitions)
+        return list(FRAUD_SPEC.topics)
+
+    @task
+    def check_mlflow() -> str:
+        import urllib.request
+
+        from lakehouse.config import load_settings
+
+        uri = load_settings().mlflow_uri
+        with urllib.request.urlopen(f"{uri}/health", timeout=10) as response:
+            if response.status != 200:
+                raise RuntimeError(f"MLflow at {uri} answered {response.status}")
+        return uri
+
+    create_topics() >> check_mlflow()
+
+
+lambdalake_setup()

@@ -1,0 +1,131 @@
+"""Airflow 3 as four local processes: api-server (UI on the Airflow port), scheduler,
+dag-processor and triggerer, sharing a SQLite metadata DB under AIRFLOW_HOME.
+
+Sized for a laptop: one api-server worker, LocalExecutor with small parallelism, one
+parsing process. Login is Airflow's simple auth manager with the user and password from
+the settings (README: admin / admin by default).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+from infra.process import ManagedProcess
+from infra.services import LOCALHOST, REPO_ROOT, Service, _tool
+from lakehouse.config import Settings
+from lakehouse.errors import ServiceError
+
+DAGS_FOLDER = REPO_ROOT / "dags"
+
+
+def airflow_env(settings: Settings) -> dict[str, str]:
+    """Environment that makes any `airflow` command (or `dag.test()`) use our instance."""
+    home = settings.airflow_home_path
+    secret = _secret(home, "jwt", lambda: secrets.token_urlsafe(72))
+    fernet = _secret(home, "fernet", lambda: base64.urlsafe_b64encode(os.urandom(32)).decode())
+    api = f"http://{LOCALHOST}:{settings.airflow_port}"
+    return {
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        # LocalExecutor forks this many workers up front (~76 MB each)
+        "AIRFLOW__CORE__PARALLELISM": "2",
+        "AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": "2",
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{api}/execution/",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{settings.airflow_user}:admin",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(home / "passwords.json"),
+        "AIRFLOW__CORE__FERNET_KEY": fernet,
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+        "AIRFLOW__API__HOST": LOCALHOST,
+        "AIRFLOW__API__PORT": str(settings.airflow_port),
+        "AIRFLOW__API__BASE_URL": api,
+        "AIRFLOW__API__WORKERS": "1",
+        "AIRFLOW__API__SECRET_KEY": secret,
+        "AIRFLOW__API_AUTH__JWT_SECRET": secret,
+        "AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES": "1",
+        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
+        "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(home / "logs"),
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+        # our packages (batch/, speed/, serving/, lakehouse/) for tasks and the DAG parser
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p),
+        # lambdalake's own settings reach tasks unchanged
+        "LAMBDALAKE_STATE_DIR": str(settings.state_path),
+    }
+
+
+def _secret(home: Path, name: str, make: Callable[[], str]) -> str:
+    """A secret every Airflow process must share, made once per AIRFLOW_HOME."""
+    path = home / f".{name}-secret"
+    if not path.exists():
+        home.mkdir(parents=True, exist_ok=True)
+        path.write_text(make())
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+class AirflowService(Service):
+    name = "airflow"
+    start_timeout = 180.0
+
+    @property
+    def home(self) -> Path:
+        return self.settings.airflow_home_path
+
+    @property
+    def ports(self) -> tuple[int, ...]:
+        return (self.settings.airflow_port,)
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOCALHOST}:{self.settings.airflow_port}"
+
+    def processes(self) -> list[ManagedProcess]:
+        airflow = _tool("airflow")
+        env = airflow_env(self.settings)
+        port = str(self.settings.airflow_port)
+        return [
+            self.process("airflow-api-server",
+                         [airflow, "api-server", "--host", LOCALHOST, "--port", port, "--workers", "1"], env),
+            # --skip-serve-logs: the log servers bind 0.0.0.0 and are not needed on one
+            # machine (the api-server reads task logs from AIRFLOW_HOME/logs)
+            self.process("airflow-scheduler", [airflow, "scheduler", "--skip-serve-logs"], env),
+            self.process("airflow-dag-processor", [airflow, "dag-processor"], env),
+            self.process("airflow-triggerer", [airflow, "triggerer", "--skip-serve-logs"], env),
+        ]
+
+    def prepare(self) -> None:
+        super().prepare()
+        # An empty airflow.cfg stops Airflow writing one full of defaults (examples on, a
+        # random JWT secret) that a command run without our environment would then use.
+        (self.home / "airflow.cfg").touch()
+        (self.home / "passwords.json").write_text(
+            json.dumps({self.settings.airflow_user: self.settings.airflow_password.get_secret_value()})
+        )
+        result = subprocess.run(
+            [_tool("airflow"), "db", "migrate"],
+            env={**os.environ, **airflow_env(self.settings)},
+            capture_output=True,
+            text=True,
+            cwd=self.home,
+        )
+        if result.returncode != 0:
+            raise ServiceError(f"airflow: `airflow db migrate` failed:\n{result.stderr[-3000:]}")
+
+    def ready(self) -> bool:
+        """The API answers and the DB, scheduler, dag-processor and triggerer are healthy."""
+        try:
+            with urllib.request.urlopen(f"{self.url}/api/v2/monitor/health", timeout=3) as response:
+                report = json.load(response)
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+        parts = ("metadatabase", "scheduler", "dag_processor", "triggerer")
+        return all((report.get(part) or {}).get("status") == "healthy" for part in parts)

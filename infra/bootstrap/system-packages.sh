@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Debian packages lambdalake needs on the machine itself: a Java 17+ runtime (Kafka, Spark)
+# and Maven (fetches the JVM jars once). Installs only what is missing; needs root or sudo.
+set -euo pipefail
+
+missing=()
+java_ok() {
+  local java="${JAVA_HOME:+$JAVA_HOME/bin/}java"
+  command -v "$java" >/dev/null 2>&1 || return 1
+  local major
+  major=$("$java" -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -1)
+  [ "${major:-0}" -ge 17 ]
+}
+java_ok || missing+=(openjdk-17-jdk-headless)
+command -v mvn >/dev/null 2>&1 || missing+=(maven)
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+echo "installing Debian packages: ${missing[*]}"
+sudo=""
+[ "$(id -u)" -ne 0 ] && sudo="sudo"
+$sudo apt-get update -q
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"

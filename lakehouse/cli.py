@@ -1,0 +1,140 @@
+"""The `lambdalake` command line: one entry point for every layer.
+
+Settings are read once here and handed to what each command calls. Errors lambdalake raises
+on purpose (PlatformError) print their message and exit non-zero: 2 for bad configuration
+or arguments, 1 for everything else; `status` exits 3 when a service is not healthy.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from lakehouse.config import Settings, load_settings
+from lakehouse.errors import ConfigError, PlatformError
+
+app = typer.Typer(
+    name="lambdalake",
+    help="A Lambda-architecture ML data platform: batch (Spark + Delta), speed (Kafka + Ray "
+    "Serve) and serving (exact merged views, SQL, /predict), orchestrated by Airflow.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+
+class _State:
+    settings: Settings | None = None
+
+
+def settings() -> Settings:
+    if _State.settings is None:
+        _State.settings = load_settings()
+    return _State.settings
+
+
+def _echo(line: str) -> None:
+    err.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {line}", highlight=False)
+
+
+@app.command()
+def up() -> None:
+    """Start the local platform (Kafka, MLflow, Ray + Serve, Airflow). Idempotent."""
+    from infra.services import Platform
+
+    # a SIGTERM mid-start unwinds like Ctrl-C, so `up` stops what it had started
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    started = time.monotonic()
+    healths = Platform(settings()).up(echo=_echo)
+    _print_status(healths)
+    _echo(f"platform up in {time.monotonic() - started:.1f}s")
+
+
+@app.command()
+def down() -> None:
+    """Stop every service `up` started and check no port is left listening."""
+    from infra.services import Platform
+
+    Platform(settings()).down(echo=_echo)
+    _echo("platform down")
+
+
+@app.command()
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per service")] = False,
+) -> None:
+    """Health, pids and URL of each service. Exit code 3 if any is not healthy."""
+    from infra.services import Platform
+
+    healths = Platform(settings()).status()
+    if as_json:
+        for health in healths:
+            out.print_json(json.dumps(health.__dict__))
+    else:
+        _print_status(healths)
+    if not all(h.healthy for h in healths):
+        raise typer.Exit(3)
+
+
+def _print_status(healths: list) -> None:  # type: ignore[type-arg]
+    table = Table("service", "state", "pids", "url")
+    for health in healths:
+        colour = "green" if health.healthy else "red"
+        table.add_row(health.service, f"[{colour}]{health.detail}[/{colour}]",
+                      " ".join(map(str, health.pids)), health.url)
+    out.print(table)
+    airflow = settings()
+    out.print(f"Airflow UI login: {airflow.airflow_user} / "
+              f"{airflow.airflow_password.get_secret_value()}", highlight=False)
+
+
+@app.command()
+def jars() -> None:
+    """Fetch the Kafka broker and Spark extra jars with Maven (once per pom change)."""
+    from infra.jvm import ensure_jars
+
+    target = settings().jars_dir
+    ensure_jars(target, quiet=False)
+    _echo(f"jars in {target}")
+
+
+@app.command()
+def config() -> None:
+    """Print the effective settings (secrets hidden)."""
+    out.print_json(settings().model_dump_json())
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    try:
+        app(args=argv, standalone_mode=False)
+    except ConfigError as exc:
+        err.print(f"[red]configuration error:[/red] {exc}", highlight=False)
+        sys.exit(2)
+    except PlatformError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        sys.exit(1)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        err.print("aborted")
+        sys.exit(130)
+    except Exception as exc:  # click's usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

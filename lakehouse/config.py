@@ -1,0 +1,258 @@
+"""The one settings object of lambdalake.
+
+Read once, by `load_settings()`, from (highest priority first):
+1. keyword overrides passed by the caller (tests, the CLI's own options);
+2. environment variables `LAMBDALAKE_<FIELD>` (e.g. `LAMBDALAKE_KAFKA_BOOTSTRAP_SERVERS`);
+3. a TOML file named by `LAMBDALAKE_CONFIG`, else `./lambdalake.toml` when it exists;
+4. the defaults below, which describe the embedded local platform.
+
+Pointing at real clusters is a change of settings only (Spark master URL, Kafka bootstrap
+servers, Ray address, a Delta root on object storage). Every other module receives the
+settings (or the values it needs) from its caller; nothing else reads the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from lakehouse.errors import ConfigError
+
+ENV_PREFIX = "LAMBDALAKE_"
+CONFIG_FILE_ENV = "LAMBDALAKE_CONFIG"
+DEFAULT_CONFIG_FILE = Path("lambdalake.toml")
+
+_HOST_PORT = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
+_JVM_MEMORY = re.compile(r"^\d+[kKmMgG]$")
+
+
+def _config_file() -> Path | None:
+    named = os.environ.get(CONFIG_FILE_ENV)
+    if named:
+        path = Path(named)
+        if not path.is_file():
+            raise ConfigError(
+                f"{CONFIG_FILE_ENV}={named!r} does not name a readable file: "
+                "create it or unset the variable"
+            )
+        return path
+    return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
+
+
+class Settings(BaseSettings):
+    """Where every part of the platform lives and how big it may grow."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="forbid",
+        validate_default=True,
+        frozen=True,
+    )
+
+    # --- storage -------------------------------------------------------------------------
+    state_dir: Path = Field(
+        default=Path("var"),
+        description="All mutable local state: Kafka data, Delta tables, MLflow store, "
+        "Airflow home, logs, pid files, jars.",
+    )
+    delta_root: str = Field(
+        default="",
+        description="Root URI of the Delta lakehouse (file path, s3a://, abfss://, gs://). "
+        "Empty means <state_dir>/delta.",
+    )
+
+    # --- Kafka ---------------------------------------------------------------------------
+    kafka_bootstrap_servers: str = Field(
+        default="127.0.0.1:9092",
+        description="Comma-separated host:port list of Kafka brokers.",
+    )
+    kafka_partitions: int = Field(
+        default=4, ge=1, le=1024, description="Partitions of topics lambdalake creates."
+    )
+    kafka_heap: str = Field(default="512m", description="JVM heap (-Xmx) of the local broker.")
+    manage_kafka: bool = Field(
+        default=True, description="`lambdalake up` starts a local broker (false on a cluster)."
+    )
+
+    # --- Spark ---------------------------------------------------------------------------
+    spark_master: str = Field(default="local[2]", description="Spark master URL.")
+    spark_driver_memory: str = Field(default="2g", description="spark.driver.memory.")
+    spark_shuffle_partitions: int = Field(
+        default=4, ge=1, description="spark.sql.shuffle.partitions."
+    )
+
+    # --- Ray / Ray Serve -----------------------------------------------------------------
+    ray_address: str = Field(
+        default="127.0.0.1:6379", description="Address of the Ray head (GCS host:port)."
+    )
+    ray_object_store_memory_mb: int = Field(
+        default=512, ge=78, description="Object store cap of the local Ray head, in MiB."
+    )
+    manage_ray: bool = Field(
+        default=True, description="`lambdalake up` starts a local Ray head."
+    )
+    serve_http_port: int = Field(default=8000, ge=1, le=65535, description="Ray Serve HTTP port.")
+    serve_min_replicas: int = Field(default=1, ge=0, description="Model deployment min replicas.")
+    serve_max_replicas: int = Field(default=2, ge=1, description="Model deployment max replicas.")
+    serve_num_gpus: float = Field(
+        default=0.0, ge=0.0, description="GPUs per model replica (fractions allowed; 0 = CPU)."
+    )
+
+    # --- Airflow -------------------------------------------------------------------------
+    airflow_home: Path | None = Field(
+        default=None, description="AIRFLOW_HOME. Empty means <state_dir>/airflow."
+    )
+    airflow_port: int = Field(default=8080, ge=1, le=65535, description="Airflow UI/API port.")
+    airflow_user: str = Field(default="admin", description="Airflow UI login name.")
+    airflow_password: SecretStr = Field(
+        default=SecretStr("admin"), description="Airflow UI login password."
+    )
+    manage_airflow: bool = Field(
+        default=True, description="`lambdalake up` starts Airflow's processes."
+    )
+
+    # --- MLflow --------------------------------------------------------------------------
+    mlflow_port: int = Field(default=5000, ge=1, le=65535, description="MLflow server port.")
+    mlflow_tracking_uri: str = Field(
+        default="",
+        description="MLflow tracking/registry URI. Empty means the local server "
+        "http://127.0.0.1:<mlflow_port>.",
+    )
+    manage_mlflow: bool = Field(
+        default=True, description="`lambdalake up` starts a local MLflow server."
+    )
+
+    # --- serving API ---------------------------------------------------------------------
+    api_host: str = Field(default="127.0.0.1", description="Bind host of the HTTP API.")
+    api_port: int = Field(default=8000, ge=1, le=65535, description="Port of the HTTP API.")
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="Log level of lambdalake's own loggers."
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _config_file()
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    @field_validator("kafka_bootstrap_servers")
+    @classmethod
+    def _check_bootstrap(cls, value: str) -> str:
+        servers = [s.strip() for s in value.split(",") if s.strip()]
+        bad = [s for s in servers if not _HOST_PORT.match(s)]
+        if not servers or bad:
+            raise ValueError(f"expected host:port[,host:port...], got {value!r}")
+        return ",".join(servers)
+
+    @field_validator("ray_address")
+    @classmethod
+    def _check_ray_address(cls, value: str) -> str:
+        if value.startswith("ray://") or _HOST_PORT.match(value):
+            return value
+        raise ValueError(f"expected host:port or ray://host:port, got {value!r}")
+
+    @field_validator("kafka_heap", "spark_driver_memory")
+    @classmethod
+    def _check_jvm_memory(cls, value: str) -> str:
+        if not _JVM_MEMORY.match(value):
+            raise ValueError(f"expected a JVM memory size such as 512m or 2g, got {value!r}")
+        return value
+
+    @field_validator("spark_master")
+    @classmethod
+    def _check_spark_master(cls, value: str) -> str:
+        if re.match(r"^(local(\[(\*|\d+)\])?|spark://.+|k8s://.+|yarn)$", value):
+            return value
+        raise ValueError(
+            f"expected local[N], local[*], spark://host:port, k8s://url or yarn, got {value!r}"
+        )
+
+    @model_validator(mode="after")
+    def _check_replicas(self) -> Settings:
+        if self.serve_min_replicas > self.serve_max_replicas:
+            raise ValueError(
+                f"serve_min_replicas ({self.serve_min_replicas}) must not exceed "
+                f"serve_max_replicas ({self.serve_max_replicas})"
+            )
+        return self
+
+    # --- derived locations ---------------------------------------------------------------
+    @property
+    def state_path(self) -> Path:
+        return self.state_dir.resolve()
+
+    @property
+    def delta_uri(self) -> str:
+        return self.delta_root or str(self.state_path / "delta")
+
+    @property
+    def airflow_home_path(self) -> Path:
+        return (self.airflow_home or self.state_path / "airflow").resolve()
+
+    @property
+    def mlflow_uri(self) -> str:
+        return self.mlflow_tracking_uri or f"http://127.0.0.1:{self.mlflow_port}"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.state_path / "logs"
+
+    @property
+    def run_dir(self) -> Path:
+        """Pid files of the services `lambdalake up` started."""
+        return self.state_path / "run"
+
+    @property
+    def jars_dir(self) -> Path:
+        return self.state_path / "jars"
+
+    @property
+    def kafka_port(self) -> int:
+        """Port of the local broker: that of the first bootstrap server."""
+        return int(self.kafka_bootstrap_servers.split(",")[0].rsplit(":", 1)[1])
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the settings; a bad value raises ConfigError naming the variable to fix."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = ".".join(str(part) for part in error["loc"]) or "settings"
+            where = f"{ENV_PREFIX}{field.upper()}" if field != "settings" else "settings"
+            problems.append(f"{where}: {error['msg']} (got {error.get('input')!r})")
+        raise ConfigError(
+            "invalid lambdalake configuration:\n  " + "\n  ".join(problems)
+        ) from None
+
+
+def settings_table() -> list[tuple[str, str, str]]:
+    """(environment variable, default, description) for every setting: the README's table."""
+    rows = []
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        if isinstance(default, SecretStr):
+            default = default.get_secret_value()
+        rows.append((f"{ENV_PREFIX}{name.upper()}", str(default), field.description or ""))
+    return rows

@@ -1,0 +1,29 @@
+"""The exception tree. Every error lambdalake raises on purpose derives from PlatformError,
+so callers (the CLI, the HTTP API, DAG tasks) can tell our errors, which carry a message
+that says what to do, from bugs. Vendor errors are translated at the layer boundary."""
+
+from __future__ import annotations
+
+
+class PlatformError(Exception):
+    """Root of every error lambdalake raises deliberately."""
+
+
+class ConfigError(PlatformError):
+    """A setting is missing or invalid; the message names the setting and how to fix it."""
+
+
+class ServiceError(PlatformError):
+    """A local service could not be started, stopped or reached."""
+
+
+class SpecError(PlatformError):
+    """The platform spec (schemas, feature views, model inputs) is inconsistent."""
+
+
+class ValidationError(PlatformError):
+    """A record does not satisfy the spec; `reasons` lists each failed rule."""
+
+    def __init__(self, reasons: list[str]) -> None:
+        super().__init__("; ".join(reasons))
+        self.reasons = reasons

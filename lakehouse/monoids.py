@@ -1,0 +1,131 @@
+"""Commutative monoids: the one way lambdalake writes an aggregation.
+
+Each aggregation lifts one event to a state and adds states with an associative,
+commutative `plus` that has an identity (`zero`). Batch views, speed increments and
+merged views are all built from these states, so merge(batch, speed) equals a full
+recomputation whatever the split point or order (Summingbird's lesson, see DESIGN.md).
+
+States are exact: integers (Python ints are unbounded; the batch layer stores them as
+DECIMAL(38,0)/BIGINT) or (time, value) pairs. Money enters as integer cents, never floats,
+so sums do not depend on the order of addition. Derived features (means, deviations) are
+computed from states at read time.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+State = Any
+
+
+@dataclass(frozen=True)
+class Aggregation(ABC):
+    """One monoid over one (optional) numeric field of an event."""
+
+    field: str | None = None
+    kind: ClassVar[str]
+
+    @property
+    def zero(self) -> State:
+        return 0
+
+    @abstractmethod
+    def lift(self, event: Mapping[str, Any]) -> State:
+        """The state of a single event."""
+
+    @abstractmethod
+    def plus(self, left: State, right: State) -> State:
+        """Associative, commutative; `plus(zero, s) == s`."""
+
+    def sum(self, states: Iterable[State]) -> State:
+        total = self.zero
+        for state in states:
+            total = self.plus(total, state)
+        return total
+
+    def _value(self, event: Mapping[str, Any]) -> int:
+        assert self.field is not None, f"{self.kind} needs a field"
+        return int(event[self.field])
+
+
+@dataclass(frozen=True)
+class Count(Aggregation):
+    """Number of events."""
+
+    kind: ClassVar[str] = "count"
+
+    def lift(self, event: Mapping[str, Any]) -> int:
+        return 1
+
+    def plus(self, left: int, right: int) -> int:
+        return left + right
+
+
+@dataclass(frozen=True)
+class Sum(Aggregation):
+    """Sum of an integer field (e.g. amount in cents)."""
+
+    kind: ClassVar[str] = "sum"
+
+    def lift(self, event: Mapping[str, Any]) -> int:
+        return self._value(event)
+
+    def plus(self, left: int, right: int) -> int:
+        return left + right
+
+
+@dataclass(frozen=True)
+class SumOfSquares(Aggregation):
+    """Sum of the squares of an integer field, for exact variances."""
+
+    kind: ClassVar[str] = "sum_sq"
+
+    def lift(self, event: Mapping[str, Any]) -> int:
+        value = self._value(event)
+        return value * value
+
+    def plus(self, left: int, right: int) -> int:
+        return left + right
+
+
+@dataclass(frozen=True)
+class Max(Aggregation):
+    """Largest value of an integer field; None is the identity."""
+
+    kind: ClassVar[str] = "max"
+
+    @property
+    def zero(self) -> None:
+        return None
+
+    def lift(self, event: Mapping[str, Any]) -> int:
+        return self._value(event)
+
+    def plus(self, left: int | None, right: int | None) -> int | None:
+        if left is None:
+            return right
+        if right is None:
+            return left
+        return max(left, right)
+
+
+@dataclass(frozen=True)
+class Min(Max):
+    """Smallest value of an integer field; None is the identity."""
+
+    kind: ClassVar[str] = "min"
+
+    def plus(self, left: int | None, right: int | None) -> int | None:
+        if left is None:
+            return right
+        if right is None:
+            return left
+        return min(left, right)
+
+
+AGGREGATIONS: dict[str, type[Aggregation]] = {
+    cls.kind: cls for cls in (Count, Sum, SumOfSquares, Max, Min)
+}

@@ -1,0 +1,44 @@
+"""The Spark session of lambdalake: Delta Lake and the Kafka source on `spark.jars`.
+
+The jars come from `<state_dir>/jars/spark` (fetched by Maven, see infra/jvm.py), so a
+session never resolves packages with Ivy at run time. One session per process: building it
+costs ~10 s, so callers share the session `spark_session` returns.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from lakehouse.config import Settings
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+
+def spark_session(settings: Settings, *, app_name: str = "lambdalake") -> SparkSession:
+    from pyspark.sql import SparkSession
+
+    from infra.jvm import java_binary, spark_extra_jars
+
+    java_binary()  # fail early with a message that says how to install Java
+    jars = ",".join(str(jar) for jar in spark_extra_jars(settings.jars_dir))
+    warehouse = settings.state_path / "spark-warehouse"
+    builder = (
+        SparkSession.builder.appName(app_name)
+        .master(settings.spark_master)
+        .config("spark.jars", jars)
+        .config("spark.sql.extensions", "io.delta.sql.DeltaSparkSessionExtension")
+        .config("spark.sql.catalog.spark_catalog", "org.apache.spark.sql.delta.catalog.DeltaCatalog")
+        .config("spark.driver.memory", settings.spark_driver_memory)
+        .config("spark.sql.shuffle.partitions", str(settings.spark_shuffle_partitions))
+        .config("spark.sql.session.timeZone", "UTC")
+        .config("spark.sql.warehouse.dir", str(warehouse))
+        .config("spark.driver.host", "127.0.0.1")
+        .config("spark.driver.bindAddress", "127.0.0.1")
+        .config("spark.ui.enabled", "false")
+        .config("spark.databricks.delta.snapshotPartitions", "2")
+        .config("spark.sql.adaptive.enabled", "true")
+    )
+    session = builder.getOrCreate()
+    session.sparkContext.setLogLevel("WARN")
+    return session
