@@ -190,7 +190,8 @@ def http_ok(url: str, timeout: float = 2.0, *, any_status: bool = False) -> bool
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             return 200 <= response.status < 300
-    except urllib.error.HTTPError:
+    except urllib.error.HTTPError as answer:
+        answer.close()
         return any_status
     except (urllib.error.URLError, OSError, ValueError):
         return False

@@ -54,6 +54,8 @@ class Service(ABC):
 
     name: str
     start_timeout: float = 60.0
+    # Services of a lower wave are started and ready before the next wave starts.
+    wave: int = 1
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -141,6 +143,7 @@ class KafkaService(Service):
     """A single-node Apache Kafka broker (KRaft: broker and controller in one JVM)."""
 
     name = "kafka"
+    wave = 0
 
     @property
     def controller_port(self) -> int:
@@ -299,6 +302,9 @@ class RayService(Service):
 
     name = "ray"
     start_timeout = 90.0
+    # Ray's raylet gives its agents a fixed 15 s to start (ray-project/ray#65983); on two
+    # busy cores they can miss it, so Ray starts before the Python-heavy services.
+    wave = 0
 
     @property
     def gcs_port(self) -> int:
@@ -426,13 +432,15 @@ class Platform:
                 service.stop()  # clear half-started leftovers (a process of several died)
                 self._check_ports_free(service)
                 to_start.append(service)
-            for service in to_start:
-                echo(f"{service.name}: starting")
-                service.start()
-                started.append(service)
-            for service in to_start:
-                service.wait_ready()
-                echo(f"{service.name}: ready at {service.url}")
+            for wave in sorted({service.wave for service in to_start}):
+                batch = [service for service in to_start if service.wave == wave]
+                for service in batch:
+                    echo(f"{service.name}: starting")
+                    service.start()
+                    started.append(service)
+                for service in batch:
+                    service.wait_ready()
+                    echo(f"{service.name}: ready at {service.url}")
         except BaseException:
             for service in reversed(started):
                 service.stop()

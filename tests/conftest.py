@@ -1,0 +1,103 @@
+"""Shared fixtures.
+
+Integration tests run against a real platform that the `platform` fixture starts once per
+session with `lambdalake up` (Kafka, MLflow, Ray + Serve, Airflow) and stops at the end. It
+uses its own state dir (var/test) and its own ports, so it never touches a platform a
+developer has running on the default ports. Unit tests use none of these fixtures.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lakehouse.config import Settings, load_settings
+
+REPO = Path(__file__).resolve().parent.parent
+TEST_STATE = REPO / "var" / "test"
+
+# Ports of the test platform: the defaults plus 10000.
+TEST_ENV = {
+    "LAMBDALAKE_STATE_DIR": str(TEST_STATE),
+    "LAMBDALAKE_KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:19092",
+    "LAMBDALAKE_MLFLOW_PORT": "15000",
+    "LAMBDALAKE_RAY_ADDRESS": "127.0.0.1:16379",
+    "LAMBDALAKE_SERVE_HTTP_PORT": "18000",
+    "LAMBDALAKE_API_PORT": "18000",
+    "LAMBDALAKE_AIRFLOW_PORT": "18080",
+    "LAMBDALAKE_RAY_OBJECT_STORE_MEMORY_MB": "256",
+    "LAMBDALAKE_SPARK_DRIVER_MEMORY": "1g",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked `platform_teardown` stop the shared platform, so they run last."""
+    items.sort(key=lambda item: item.get_closest_marker("platform_teardown") is not None)
+
+
+def lambdalake(*args: str, env: dict[str, str] | None = None, timeout: float = 600,
+               check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run the real `lambdalake` console script of this environment."""
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "lambdalake"), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+        cwd=REPO,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"lambdalake {' '.join(args)} exited {result.returncode}\n"
+            f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-5000:]}"
+        )
+    return result
+
+
+@pytest.fixture(scope="session")
+def test_env() -> Iterator[dict[str, str]]:
+    """LAMBDALAKE_* variables of the test platform, also set in this process."""
+    saved = {key: os.environ.get(key) for key in TEST_ENV}
+    os.environ.update(TEST_ENV)
+    yield dict(TEST_ENV)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def settings(test_env: dict[str, str]) -> Settings:
+    return load_settings()
+
+
+@pytest.fixture(scope="session")
+def platform(settings: Settings, test_env: dict[str, str]) -> Iterator[Settings]:
+    """A running platform with fresh state (jars kept); stopped when the session ends."""
+    lambdalake("down", check=False)
+    if TEST_STATE.exists():
+        for child in TEST_STATE.iterdir():
+            if child.name != "jars":
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+    lambdalake("up", timeout=900)
+    yield settings
+    lambdalake("down")
+
+
+@pytest.fixture(scope="session")
+def spark(settings: Settings):  # type: ignore[no-untyped-def]
+    """One Spark session (local, Delta + Kafka jars) for the whole test run."""
+    from infra.jvm import ensure_jars
+    from lakehouse.spark import spark_session
+
+    ensure_jars(settings.jars_dir)
+    session = spark_session(settings, app_name="lambdalake-tests")
+    yield session
+    session.stop()
