@@ -11,7 +11,7 @@ import json
 import signal
 import sys
 import time
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -78,7 +78,7 @@ def status(
     healths = Platform(settings()).status()
     if as_json:
         for health in healths:
-            out.print_json(json.dumps(health.__dict__))
+            print(json.dumps(health.__dict__))
     else:
         _print_status(healths)
     if not all(h.healthy for h in healths):
@@ -113,27 +113,17 @@ def config() -> None:
     out.print_json(settings().model_dump_json())
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: typer/click handle usage errors (exit 2) and exit codes; lambdalake's
+    own errors print their message, without a traceback."""
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv)
     except ConfigError as exc:
         err.print(f"[red]configuration error:[/red] {exc}", highlight=False)
         sys.exit(2)
     except PlatformError as exc:
         err.print(f"[red]error:[/red] {exc}", highlight=False)
         sys.exit(1)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except (typer.Abort, KeyboardInterrupt):
-        err.print("aborted")
-        sys.exit(130)
-    except Exception as exc:  # click's usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
 
 
 if __name__ == "__main__":

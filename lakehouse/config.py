@@ -254,5 +254,7 @@ def settings_table() -> list[tuple[str, str, str]]:
         default = field.default
         if isinstance(default, SecretStr):
             default = default.get_secret_value()
+        if default is None:
+            default = ""
         rows.append((f"{ENV_PREFIX}{name.upper()}", str(default), field.description or ""))
     return rows

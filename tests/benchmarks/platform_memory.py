@@ -1,0 +1,57 @@
+"""Memory of the running local platform, per service: PSS (proportional set size, so pages
+shared between forked workers count once) and RSS of every process in each service's
+process groups. Run after `lambdalake up`:
+
+    .venv/bin/python tests/benchmarks/platform_memory.py
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from infra.services import Platform
+from lakehouse.config import load_settings
+
+
+def _memory_kb(pid: int) -> tuple[int, int]:
+    pss = rss = 0
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                pss = int(line.split()[1])
+            elif line.startswith("Rss:"):
+                rss = int(line.split()[1])
+    except OSError:
+        pass
+    return pss, rss
+
+
+def _group(pgid: int) -> list[int]:
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getpgid(int(entry.name)) == pgid:
+                    members.append(int(entry.name))
+            except OSError:
+                continue
+    return members
+
+
+def main() -> None:
+    platform = Platform(load_settings())
+    total_pss = total_rss = 0
+    print(f"{'service':<10}{'processes':>10}{'PSS MiB':>10}{'RSS MiB':>10}")
+    for health in platform.status():
+        pids = [member for pid in health.pids for member in _group(pid)]
+        pss = sum(_memory_kb(pid)[0] for pid in pids)
+        rss = sum(_memory_kb(pid)[1] for pid in pids)
+        total_pss += pss
+        total_rss += rss
+        print(f"{health.service:<10}{len(pids):>10}{pss / 1024:>10.0f}{rss / 1024:>10.0f}")
+    print(f"{'total':<10}{'':>10}{total_pss / 1024:>10.0f}{total_rss / 1024:>10.0f}")
+
+
+if __name__ == "__main__":
+    main()
