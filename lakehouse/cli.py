@@ -11,6 +11,7 @@ import json
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -95,6 +96,42 @@ def _print_status(healths: list) -> None:  # type: ignore[type-arg]
     airflow = settings()
     out.print(f"Airflow UI login: {airflow.airflow_user} / "
               f"{airflow.airflow_password.get_secret_value()}", highlight=False)
+
+
+@app.command()
+def generate(
+    events: Annotated[int, typer.Option("--events", "-n", min=1, help="transactions to send")],
+    rate: Annotated[float, typer.Option(help="messages per second; 0 = as fast as possible", min=0)] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="same seed and options, same messages")] = 0,
+    malformed: Annotated[float, typer.Option(help="fraction of malformed messages")] = 0.005,
+    duplicates: Annotated[float, typer.Option(help="fraction of re-sent duplicates")] = 0.005,
+    late: Annotated[float, typer.Option(help="fraction of late (out-of-order) events")] = 0.01,
+    truth: Annotated[Path | None, typer.Option(
+        help="Parquet file for the ground truth; default <state_dir>/generated/truth-seed<S>.parquet"
+    )] = None,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+) -> None:
+    """Stream the fraud example into Kafka: transactions on `events`, labels on `labels`."""
+    from lakehouse.fraud import FRAUD_SPEC
+    from lakehouse.generator import GeneratorOptions, generate_and_produce
+    from lakehouse.streams import ensure_topics, producer
+
+    options = GeneratorOptions(events=events, seed=seed, malformed_fraction=malformed,
+                               duplicate_fraction=duplicates, late_fraction=late)
+    config = settings()
+    truth_path = truth or config.state_path / "generated" / f"truth-seed{seed}.parquet"
+    truth_path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_topics(config.kafka_bootstrap_servers, FRAUD_SPEC.topics,
+                  partitions=config.kafka_partitions)
+    kafka = producer(config.kafka_bootstrap_servers)
+    try:
+        summary = generate_and_produce(options, producer=kafka, rate=rate or None,
+                                       progress=progress, truth_path=truth_path)
+    finally:
+        kafka.close()
+    print(json.dumps({"messages": summary.messages, "by_topic": summary.by_topic,
+                      "by_kind": summary.by_kind, "elapsed_s": round(summary.elapsed_s, 2),
+                      "messages_per_s": round(summary.rate, 1), "truth": str(truth_path)}))
 
 
 @app.command()

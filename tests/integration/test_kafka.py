@@ -67,3 +67,51 @@ def test_keyed_round_trip_keeps_each_key_in_one_partition_in_order(platform: Set
     for key in keys:
         values = [m.value for m in sorted(received, key=lambda m: (m.partition, m.offset)) if m.key == key]
         assert values == [v for k, v in sent if k == key]
+
+
+def test_generate_streams_every_message_with_its_truth(platform: Settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`lambdalake generate` into the real broker: every message arrives, keyed by user."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from lakehouse.fraud import CHARGEBACK_LABELS, TRANSACTIONS
+    from tests.conftest import lambdalake
+
+    ensure_topics(platform.kafka_bootstrap_servers, FRAUD_SPEC.topics, partitions=platform.kafka_partitions)
+    consumer = KafkaConsumer(bootstrap_servers=platform.kafka_bootstrap_servers,
+                             enable_auto_commit=False, consumer_timeout_ms=10_000)
+    parts = [TopicPartition(t, p) for t in ("events", "labels") for p in range(platform.kafka_partitions)]
+    consumer.assign(parts)
+    start = consumer.end_offsets(parts)  # only what this test sends
+    for part, offset in start.items():
+        consumer.seek(part, offset)
+
+    truth_path = tmp_path / "truth.parquet"
+    result = lambdalake("generate", "--events", "3000", "--seed", "11", "--truth", str(truth_path),
+                        "--no-progress", "--malformed", "0.02", "--duplicates", "0.02", "--late", "0.02")
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["by_topic"]["events"] == 3000
+
+    received: dict[str, list] = {"events": [], "labels": []}  # type: ignore[type-arg]
+    for message in consumer:
+        received[message.topic].append(message)
+        if sum(map(len, received.values())) == summary["messages"]:
+            break
+    consumer.close()
+    assert len(received["events"]) == 3000
+    assert len(received["labels"]) == summary["by_topic"]["labels"]
+
+    truth = pq.read_table(truth_path).to_pylist()
+    assert len(truth) == 3000
+    valid_ids = set()
+    for message in received["events"]:
+        try:
+            event = TRANSACTIONS.parse(message.value)
+        except Exception:
+            continue
+        assert message.key == event["user_id"].encode()
+        valid_ids.add(event["event_id"])
+    expected_valid = {row["event_id"] for row in truth if row["kind"] in ("valid", "late", "duplicate")}
+    assert valid_ids == expected_valid
+    assert {CHARGEBACK_LABELS.parse(m.value)["event_id"] for m in received["labels"]} == valid_ids

@@ -28,10 +28,11 @@ from lakehouse.generator import (
     TRUTH_SCHEMA,
     GeneratorOptions,
     Message,
+    _DueQueue,
     fraud_probability,
     generate,
+    generate_and_produce,
     produce,
-    _DueQueue,
     write_truth,
 )
 from lakehouse.spec import format_timestamp_ms
@@ -330,6 +331,22 @@ def test_produce_sends_everything_and_counts_it() -> None:
     assert summary.by_topic["events"] == 500
     assert summary.by_kind == dict(Counter(m.kind for m in messages))
     assert summary.rate > 0
+
+
+def test_generate_and_produce_writes_the_truth_of_what_it_sent(tmp_path: Path) -> None:
+    options = GeneratorOptions(events=300, seed=9, **NOISY)
+    producer = FakeProducer()
+    summary = generate_and_produce(options, producer=producer, truth_path=tmp_path / "t.parquet")
+    truth = pq.read_table(tmp_path / "t.parquet")
+    assert truth.num_rows == summary.by_topic["events"] == 300
+    sent_events = [value for topic, _, value in producer.sent if topic == "events"]
+    assert len(sent_events) == 300 and summary.messages == len(producer.sent)
+
+    refusing = FakeProducer(refuse_at=100)
+    with pytest.raises(ServiceError):
+        generate_and_produce(options, producer=refusing, truth_path=tmp_path / "cut.parquet")
+    recorded = pq.read_table(tmp_path / "cut.parquet").column("seq").to_pylist()
+    assert recorded == [seq for seq in range(100) if seq in set(truth.column("seq").to_pylist())]
 
 
 def test_produce_paces_to_the_rate() -> None:
