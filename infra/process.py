@@ -32,7 +32,7 @@ def _start_time(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]
 
 
-def _group_members(pgid: int) -> list[int]:
+def group_members(pgid: int) -> list[int]:
     members = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -104,14 +104,14 @@ class ManagedProcess:
             return False
         _signal_group(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and _group_members(pid):
+        while time.monotonic() < deadline and group_members(pid):
             _reap(pid)
             time.sleep(0.2)
-        if _group_members(pid):
+        if group_members(pid):
             _signal_group(pid, signal.SIGKILL)
             for _ in range(50):
                 _reap(pid)
-                if not _group_members(pid):
+                if not group_members(pid):
                     break
                 time.sleep(0.1)
         self.pid_path.unlink(missing_ok=True)

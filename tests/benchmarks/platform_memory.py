@@ -7,9 +7,9 @@ process groups. Run after `lambdalake up`:
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from infra.process import group_members
 from infra.services import Platform
 from lakehouse.config import load_settings
 
@@ -27,24 +27,12 @@ def _memory_kb(pid: int) -> tuple[int, int]:
     return pss, rss
 
 
-def _group(pgid: int) -> list[int]:
-    members = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if os.getpgid(int(entry.name)) == pgid:
-                    members.append(int(entry.name))
-            except OSError:
-                continue
-    return members
-
-
 def main() -> None:
     platform = Platform(load_settings())
     total_pss = total_rss = 0
     print(f"{'service':<10}{'processes':>10}{'PSS MiB':>10}{'RSS MiB':>10}")
     for health in platform.status():
-        pids = [member for pid in health.pids for member in _group(pid)]
+        pids = [member for pid in health.pids for member in group_members(pid)]
         pss = sum(_memory_kb(pid)[0] for pid in pids)
         rss = sum(_memory_kb(pid)[1] for pid in pids)
         total_pss += pss
