@@ -178,7 +178,12 @@ class FeatureView:
     """Monoid aggregations of events per entity, optionally over a sliding window of buckets.
 
     Point-in-time semantics (the same in every layer): the features of an event are the
-    states of the entity's events that precede it, not the event itself. With `bucket_ms`
+    states of the entity's events that precede it, not the event itself. "Precede" means
+    arrival order, what a real-time system can observe: for the entity that keys the Kafka
+    messages, earlier offsets in its partition (exact in every layer); for other entities,
+    earlier (event time, partition, offset), which the speed layer can only approximate
+    (its skew is measured, not assumed). A late event therefore sees everything that
+    arrived before it, and is seen by what arrives after it. With `bucket_ms`
     set, only events whose bucket lies in the `window_buckets` buckets ending at the event's
     own bucket count: bucket(e) - window_buckets < bucket(x) <= bucket(e).
     """
