@@ -7,6 +7,8 @@ costs ~10 s, so callers share the session `spark_session` returns.
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import TYPE_CHECKING
 
 from lakehouse.config import Settings
@@ -21,6 +23,8 @@ def spark_session(settings: Settings, *, app_name: str = "lambdalake") -> SparkS
     from infra.jvm import java_binary, spark_extra_jars
 
     java_binary()  # fail early with a message that says how to install Java
+    # local mode starts Python workers from the driver's environment, not from spark.* confs
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     jars = ",".join(str(jar) for jar in spark_extra_jars(settings.jars_dir))
     warehouse = settings.state_path / "spark-warehouse"
     builder = (
@@ -36,6 +40,10 @@ def spark_session(settings: Settings, *, app_name: str = "lambdalake") -> SparkS
         .config("spark.driver.host", "127.0.0.1")
         .config("spark.driver.bindAddress", "127.0.0.1")
         .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", "false")
+        # Python workers run this environment's interpreter (pyarrow, the spec, ...)
+        .config("spark.pyspark.python", sys.executable)
+        .config("spark.executorEnv.PYSPARK_PYTHON", sys.executable)
         .config("spark.databricks.delta.snapshotPartitions", "2")
         .config("spark.sql.adaptive.enabled", "true")
     )

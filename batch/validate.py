@@ -1,0 +1,202 @@
+"""Validate: each new bronze slice into silver (typed, deduplicated) and quarantine.
+
+Every bronze record is parsed with the spec's single validation routine
+(`RecordSchema.parse`, the same one the speed layer uses), run inside Spark through
+`mapInArrow`. A record lands in exactly one place:
+- silver/<schema>: the typed record (money in integer cents, timestamps as UTC timestamps)
+  with its Kafka partition and offset, once per id: the first arrival (lowest offset) wins;
+- quarantine/<schema>: the raw record (key, value bytes, topic, partition, offset) with the
+  list of reasons it was rejected (`<rule>:<field>`, or `duplicate:<id field>` for a later
+  arrival of an id silver already has).
+So bronze row count = silver + quarantine, always: nothing is dropped silently.
+
+New slices are found by reading bronze as a Delta stream with `trigger(availableNow=True)`;
+each micro-batch writes silver and quarantine with Delta app transactions keyed by the
+micro-batch id, so a killed run, replayed, writes nothing twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from lakehouse.errors import ValidationError
+from lakehouse.spec import FieldSpec, RecordSchema
+from lakehouse.tables import Lakehouse
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+REASONS = "reasons"
+LINEAGE = ("topic", "partition", "offset", "kafka_timestamp", "ingest_time")
+
+_ARROW_TYPES: dict[str, pa.DataType] = {
+    "string": pa.string(),
+    "long": pa.int64(),
+    "double": pa.float64(),
+    "money": pa.int64(),
+    "boolean": pa.bool_(),
+    "timestamp": pa.timestamp("us", tz="UTC"),  # Spark's precision; values are whole ms
+}
+
+
+def _arrow_type(field: FieldSpec) -> pa.DataType:
+    return _ARROW_TYPES[field.type]
+
+
+def parsed_arrow_schema(schema: RecordSchema) -> pa.Schema:
+    """Typed fields, the rejection reasons, then the raw record."""
+    return pa.schema(
+        [pa.field(f.name, _arrow_type(f)) for f in schema.fields]
+        + [pa.field(REASONS, pa.list_(pa.string()))]
+        + [
+            pa.field("key", pa.binary()),
+            pa.field("value", pa.binary()),
+            pa.field("topic", pa.string()),
+            pa.field("partition", pa.int32()),
+            pa.field("offset", pa.int64()),
+            pa.field("kafka_timestamp", pa.timestamp("us", tz="UTC")),
+            pa.field("ingest_time", pa.timestamp("us", tz="UTC")),
+        ]
+    )
+
+
+def parse_batches(schema: RecordSchema) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    """A mapInArrow function: bronze record batches → parsed record batches."""
+    arrow_schema = parsed_arrow_schema(schema)
+    names = schema.field_names
+    timestamps = {f.name for f in schema.fields if f.type == "timestamp"}
+
+    def parse(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            columns: dict[str, list[Any]] = {name: [] for name in names}
+            reasons: list[list[str]] = []
+            for raw in batch.column("value").to_pylist():
+                try:
+                    record = schema.parse(raw if raw is not None else b"")
+                    problems: list[str] = []
+                except ValidationError as invalid:
+                    record, problems = {}, invalid.reasons
+                for name in names:
+                    value = record.get(name)
+                    if name in timestamps and value is not None:
+                        value *= 1000  # epoch ms → µs
+                    columns[name].append(value)
+                reasons.append(problems)
+            arrays = [pa.array(columns[f.name], type=_arrow_type(f)) for f in schema.fields]
+            arrays.append(pa.array(reasons, type=pa.list_(pa.string())))
+            arrays.extend(batch.column(name) for name in ("key", "value", *LINEAGE))
+            yield pa.RecordBatch.from_arrays(arrays, schema=arrow_schema)
+
+    return parse
+
+
+@dataclass(frozen=True)
+class ValidationSummary:
+    schema: str
+    bronze_rows: int
+    silver_rows: int
+    quarantined: int
+    duplicates: int
+    by_reason: dict[str, int]
+
+    @property
+    def failure_rate(self) -> float:
+        """Share of records rejected as invalid (duplicates are not failures)."""
+        invalid = self.quarantined - self.duplicates
+        return invalid / self.bronze_rows if self.bronze_rows else 0.0
+
+
+def validate_topic(
+    spark: SparkSession,
+    lakehouse: Lakehouse,
+    schema: RecordSchema,
+    *,
+    echo: Callable[[str], None] = lambda line: None,
+) -> ValidationSummary:
+    """Route every bronze record of `schema.topic` not yet validated to silver or quarantine."""
+    from pyspark.sql import functions as F
+    from pyspark.sql.types import StructType
+
+    from batch.ingest import _appended_since, _table_version
+
+    spark_schema = StructType.fromJson(_spark_schema_json(schema))
+    silver_path, quarantine_path = lakehouse.silver(schema.name), lakehouse.quarantine(schema.name)
+    app_id = f"validate-{schema.name}"
+    before = {path: _table_version(spark, path) for path in (silver_path, quarantine_path)}
+    parse = parse_batches(schema)
+    id_field = schema.id_field
+    typed_columns = [*schema.field_names, *LINEAGE]
+    by_reason: dict[str, int] = {}  # rules of this run's rejections (micro-batches run here)
+
+    def route(batch: DataFrame, batch_id: int) -> None:
+        from delta.tables import DeltaTable
+        from pyspark.sql import Window
+
+        parsed = batch.mapInArrow(parse, spark_schema).cache()
+        valid = parsed.where(F.size(REASONS) == 0)
+        first = Window.partitionBy(id_field).orderBy("partition", "offset")
+        ranked = valid.withColumn("_rank", F.row_number().over(first))
+        candidates = ranked.where("_rank = 1").drop("_rank")
+        repeated = ranked.where("_rank > 1").drop("_rank")
+        if DeltaTable.isDeltaTable(spark, silver_path):
+            known = spark.read.format("delta").load(silver_path).select(id_field)
+            fresh = candidates.join(known, id_field, "left_anti")
+            repeated = repeated.unionByName(candidates.join(known, id_field, "left_semi"))
+        else:
+            fresh = candidates
+        duplicate_reason = F.array(F.lit(f"duplicate:{id_field}"))
+        rejected = parsed.where(F.size(REASONS) > 0).unionByName(
+            repeated.withColumn(REASONS, duplicate_reason)
+        )
+        quarantine = rejected.select(
+            "key", "value", *LINEAGE, REASONS, F.current_timestamp().alias("validated_at")
+        )
+        for row in rejected.select(F.explode(REASONS).alias("reason")).groupBy(
+            F.split("reason", ":")[0].alias("rule")
+        ).count().collect():
+            by_reason[row["rule"]] = by_reason.get(row["rule"], 0) + int(row["count"])
+        for frame, path in ((fresh.select(*typed_columns), silver_path), (quarantine, quarantine_path)):
+            (frame.write.format("delta").mode("append")
+             .option("txnAppId", app_id).option("txnVersion", batch_id)
+             .save(path))
+        parsed.unpersist()
+
+    query = (
+        spark.readStream.format("delta").load(lakehouse.bronze(schema.topic))
+        .writeStream.foreachBatch(route)
+        .option("checkpointLocation", lakehouse.checkpoint(app_id))
+        .trigger(availableNow=True)
+        .start()
+    )
+    query.awaitTermination()
+    silver_rows, _ = _appended_since(spark, silver_path, before[silver_path])
+    quarantined, _ = _appended_since(spark, quarantine_path, before[quarantine_path])
+    summary = ValidationSummary(
+        schema=schema.name,
+        bronze_rows=silver_rows + quarantined,
+        silver_rows=silver_rows,
+        quarantined=quarantined,
+        duplicates=by_reason.get("duplicate", 0),
+        by_reason=by_reason,
+    )
+    echo(f"validate {schema.name}: {summary.bronze_rows} records → {silver_rows} silver, "
+         f"{quarantined} quarantined {by_reason}")
+    return summary
+
+
+def _spark_schema_json(schema: RecordSchema) -> dict[str, Any]:
+    spark_types = {"string": "string", "long": "long", "double": "double", "money": "long",
+                   "boolean": "boolean", "timestamp": "timestamp"}
+    fields = [{"name": f.name, "type": spark_types[f.type], "nullable": True, "metadata": {}}
+              for f in schema.fields]
+    fields.append({"name": REASONS, "type": {"type": "array", "elementType": "string",
+                                             "containsNull": False}, "nullable": False, "metadata": {}})
+    for name, kind in (("key", "binary"), ("value", "binary"), ("topic", "string"),
+                       ("partition", "integer"), ("offset", "long"),
+                       ("kafka_timestamp", "timestamp"), ("ingest_time", "timestamp")):
+        fields.append({"name": name, "type": kind, "nullable": True, "metadata": {}})
+    return {"type": "struct", "fields": fields}

@@ -1,0 +1,49 @@
+"""Where each Delta table of the lakehouse lives, below the Delta root URI.
+
+    bronze/<topic>        raw Kafka records, immutable: key, value, topic, partition, offset,
+                          kafka_timestamp, ingest_time (append-only, exactly once)
+    silver/<schema>       typed, validated records, deduplicated by id
+    quarantine/<schema>   records that failed validation, with their reasons and raw bytes
+    gold/<view>           batch views: monoid states per (entity, bucket)
+    batch/batch_runs      one row per batch run: boundary offsets, source versions, counts
+    speed/scored_events   the speed layer's scored events
+    _checkpoints/<name>   Spark Structured Streaming checkpoints
+
+The root may be a local path or an object-store URI (s3a://, abfss://, gs://); paths are
+joined with "/" so both work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Lakehouse:
+    root: str
+
+    def _join(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    def bronze(self, topic: str) -> str:
+        return self._join("bronze", topic.replace(".", "_"))
+
+    def silver(self, schema: str) -> str:
+        return self._join("silver", schema)
+
+    def quarantine(self, schema: str) -> str:
+        return self._join("quarantine", schema)
+
+    def gold(self, view: str) -> str:
+        return self._join("gold", view)
+
+    @property
+    def batch_runs(self) -> str:
+        return self._join("batch", "batch_runs")
+
+    @property
+    def scored_events(self) -> str:
+        return self._join("speed", "scored_events")
+
+    def checkpoint(self, name: str) -> str:
+        return self._join("_checkpoints", name)
