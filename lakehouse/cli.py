@@ -134,6 +134,61 @@ def generate(
                       "messages_per_s": round(summary.rate, 1), "truth": str(truth_path)}))
 
 
+batch_app = typer.Typer(help="The batch layer: Kafka → bronze → silver/quarantine → views → model.",
+                        no_args_is_help=True)
+app.add_typer(batch_app, name="batch")
+
+
+def _spark():  # type: ignore[no-untyped-def]
+    from lakehouse.spark import spark_session
+
+    _echo(f"starting Spark ({settings().spark_master})")
+    return spark_session(settings())
+
+
+def _lakehouse():  # type: ignore[no-untyped-def]
+    from lakehouse.tables import Lakehouse
+
+    return Lakehouse(settings().delta_uri)
+
+
+@batch_app.command("ingest")
+def batch_ingest(
+    topics: Annotated[list[str] | None, typer.Option("--topic", help="topic(s); default: the spec's events and labels")] = None,
+    max_offsets_per_trigger: Annotated[int | None, typer.Option(min=1, help="records per micro-batch")] = None,
+) -> None:
+    """Append every new Kafka record to the bronze Delta tables, exactly once."""
+    from batch.ingest import ingest_topics
+    from lakehouse.fraud import FRAUD_SPEC
+
+    config = settings()
+    added = ingest_topics(_spark(), _lakehouse(), bootstrap_servers=config.kafka_bootstrap_servers,
+                          topics=topics or [FRAUD_SPEC.events.topic, FRAUD_SPEC.labels.topic],
+                          max_offsets_per_trigger=max_offsets_per_trigger, echo=_echo)
+    print(json.dumps({"ingested": [a.__dict__ for a in added]}))
+
+
+@batch_app.command("validate")
+def batch_validate() -> None:
+    """Route new bronze records to silver (valid, deduplicated) or quarantine (with reasons)."""
+    from batch.validate import validate_topic
+    from lakehouse.errors import DataQualityError
+    from lakehouse.fraud import FRAUD_SPEC
+
+    spark, lakehouse = _spark(), _lakehouse()
+    summaries = [validate_topic(spark, lakehouse, schema, echo=_echo)
+                 for schema in (FRAUD_SPEC.events, FRAUD_SPEC.labels)]
+    print(json.dumps({"validated": [{**s.__dict__, "failure_rate": round(s.failure_rate, 6)}
+                                    for s in summaries]}))
+    limit = settings().batch_max_failure_rate
+    failing = [s for s in summaries if s.failure_rate > limit]
+    if failing:
+        raise DataQualityError("; ".join(
+            f"{s.schema}: {s.quarantined - s.duplicates} of {s.bronze_rows} records invalid "
+            f"({s.failure_rate:.2%} > LAMBDALAKE_BATCH_MAX_FAILURE_RATE={limit:.2%}), "
+            f"by rule {s.by_reason}; they are kept in quarantine" for s in failing))
+
+
 @app.command()
 def jars() -> None:
     """Fetch the Kafka broker and Spark extra jars with Maven (once per pom change)."""

@@ -91,6 +91,11 @@ class Settings(BaseSettings):
         default=4, ge=1, description="spark.sql.shuffle.partitions."
     )
 
+    batch_max_failure_rate: float = Field(
+        default=0.05, ge=0.0, le=1.0,
+        description="A validation run whose share of invalid records exceeds this fails.",
+    )
+
     # --- Ray / Ray Serve -----------------------------------------------------------------
     ray_address: str = Field(
         default="127.0.0.1:6379", description="Address of the Ray head (GCS host:port)."

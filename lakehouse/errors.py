@@ -27,3 +27,7 @@ class ValidationError(PlatformError):
     def __init__(self, reasons: list[str]) -> None:
         super().__init__("; ".join(reasons))
         self.reasons = reasons
+
+
+class DataQualityError(PlatformError):
+    """A batch run found more invalid records than the configured threshold allows."""
