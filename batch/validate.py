@@ -19,11 +19,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from lakehouse.errors import ValidationError
+from batch.expectations import (
+    JSON_OBJECT,
+    UNIQUE,
+    UNKNOWN_FIELDS,
+    DataQualityReport,
+    expectation_for,
+)
 from lakehouse.spec import FieldSpec, RecordSchema
 from lakehouse.tables import Lakehouse
 
@@ -31,6 +38,7 @@ if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
 REASONS = "reasons"
+FAILED_EXPECTATIONS = "failed_expectations"
 LINEAGE = ("topic", "partition", "offset", "kafka_timestamp", "ingest_time")
 
 _ARROW_TYPES: dict[str, pa.DataType] = {
@@ -48,11 +56,14 @@ def _arrow_type(field: FieldSpec) -> pa.DataType:
 
 
 def parsed_arrow_schema(schema: RecordSchema) -> pa.Schema:
-    """Typed fields, the rejection reasons, then the raw record."""
+    """Inspected fields, the data-quality columns, the reasons, then the raw record."""
     return pa.schema(
         [pa.field(f.name, _arrow_type(f)) for f in schema.fields]
-        + [pa.field(REASONS, pa.list_(pa.string()))]
         + [
+            pa.field(JSON_OBJECT, pa.bool_()),
+            pa.field(UNKNOWN_FIELDS, pa.int32()),
+            pa.field(REASONS, pa.list_(pa.string())),
+            pa.field(FAILED_EXPECTATIONS, pa.list_(pa.string())),
             pa.field("key", pa.binary()),
             pa.field("value", pa.binary()),
             pa.field("topic", pa.string()),
@@ -64,34 +75,41 @@ def parsed_arrow_schema(schema: RecordSchema) -> pa.Schema:
     )
 
 
-def parse_batches(schema: RecordSchema) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
-    """A mapInArrow function: bronze record batches → parsed record batches."""
+def inspect_batches(schema: RecordSchema) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    """A mapInArrow function: bronze record batches → inspected record batches.
+
+    Field columns hold each value as far as it could be read (see `RecordSchema.inspect`);
+    a row is valid when its `reasons` are empty."""
     arrow_schema = parsed_arrow_schema(schema)
     names = schema.field_names
     timestamps = {f.name for f in schema.fields if f.type == "timestamp"}
 
-    def parse(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    def inspect(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in batches:
             columns: dict[str, list[Any]] = {name: [] for name in names}
-            reasons: list[list[str]] = []
+            objects, unknown, reasons, failed = [], [], [], []
             for raw in batch.column("value").to_pylist():
-                try:
-                    record = schema.parse(raw if raw is not None else b"")
-                    problems: list[str] = []
-                except ValidationError as invalid:
-                    record, problems = {}, invalid.reasons
+                found = schema.inspect(raw if raw is not None else b"")
                 for name in names:
-                    value = record.get(name)
+                    value = found.values.get(name)
                     if name in timestamps and value is not None:
                         value *= 1000  # epoch ms → µs
                     columns[name].append(value)
-                reasons.append(problems)
+                objects.append(found.is_object)
+                unknown.append(found.unknown_fields)
+                reasons.append(found.reasons)
+                failed.append(sorted({expectation_for(r) for r in found.reasons}))
             arrays = [pa.array(columns[f.name], type=_arrow_type(f)) for f in schema.fields]
-            arrays.append(pa.array(reasons, type=pa.list_(pa.string())))
+            arrays += [
+                pa.array(objects, type=pa.bool_()),
+                pa.array(unknown, type=pa.int32()),
+                pa.array(reasons, type=pa.list_(pa.string())),
+                pa.array(failed, type=pa.list_(pa.string())),
+            ]
             arrays.extend(batch.column(name) for name in ("key", "value", *LINEAGE))
             yield pa.RecordBatch.from_arrays(arrays, schema=arrow_schema)
 
-    return parse
+    return inspect
 
 
 @dataclass(frozen=True)
@@ -102,6 +120,8 @@ class ValidationSummary:
     quarantined: int
     duplicates: int
     by_reason: dict[str, int]
+    failed_expectations: dict[str, int]
+    data_docs: str
 
     @property
     def failure_rate(self) -> float:
@@ -115,28 +135,33 @@ def validate_topic(
     lakehouse: Lakehouse,
     schema: RecordSchema,
     *,
+    gx_dir: Path,
     echo: Callable[[str], None] = lambda line: None,
 ) -> ValidationSummary:
     """Route every bronze record of `schema.topic` not yet validated to silver or quarantine."""
     from pyspark.sql import functions as F
-    from pyspark.sql.types import StructType
+    from pyspark.sql.pandas.types import from_arrow_schema
 
     from batch.ingest import _appended_since, _table_version
 
-    spark_schema = StructType.fromJson(_spark_schema_json(schema))
+    spark_schema = from_arrow_schema(parsed_arrow_schema(schema))
     silver_path, quarantine_path = lakehouse.silver(schema.name), lakehouse.quarantine(schema.name)
     app_id = f"validate-{schema.name}"
     before = {path: _table_version(spark, path) for path in (silver_path, quarantine_path)}
-    parse = parse_batches(schema)
+    inspect = inspect_batches(schema)
     id_field = schema.id_field
     typed_columns = [*schema.field_names, *LINEAGE]
     by_reason: dict[str, int] = {}  # rules of this run's rejections (micro-batches run here)
+    expectations: dict[str, int] = {}
+    report = DataQualityReport(gx_dir, schema)
 
     def route(batch: DataFrame, batch_id: int) -> None:
         from delta.tables import DeltaTable
         from pyspark.sql import Window
 
-        parsed = batch.mapInArrow(parse, spark_schema).cache()
+        parsed = batch.mapInArrow(inspect, spark_schema).cache()
+        for name, count in report.validate(parsed).items():
+            expectations[name] = expectations.get(name, 0) + count
         valid = parsed.where(F.size(REASONS) == 0)
         first = Window.partitionBy(id_field).orderBy("partition", "offset")
         ranked = valid.withColumn("_rank", F.row_number().over(first))
@@ -148,12 +173,13 @@ def validate_topic(
             repeated = repeated.unionByName(candidates.join(known, id_field, "left_semi"))
         else:
             fresh = candidates
-        duplicate_reason = F.array(F.lit(f"duplicate:{id_field}"))
         rejected = parsed.where(F.size(REASONS) > 0).unionByName(
-            repeated.withColumn(REASONS, duplicate_reason)
+            repeated.withColumn(REASONS, F.array(F.lit(f"duplicate:{id_field}")))
+            .withColumn(FAILED_EXPECTATIONS, F.array(F.lit(f"{UNIQUE}:{id_field}")))
         )
         quarantine = rejected.select(
-            "key", "value", *LINEAGE, REASONS, F.current_timestamp().alias("validated_at")
+            "key", "value", *LINEAGE, REASONS, FAILED_EXPECTATIONS,
+            F.current_timestamp().alias("validated_at"),
         )
         for row in rejected.select(F.explode(REASONS).alias("reason")).groupBy(
             F.split("reason", ":")[0].alias("rule")
@@ -182,21 +208,9 @@ def validate_topic(
         quarantined=quarantined,
         duplicates=by_reason.get("duplicate", 0),
         by_reason=by_reason,
+        failed_expectations=expectations,
+        data_docs=report.docs_index,
     )
     echo(f"validate {schema.name}: {summary.bronze_rows} records → {silver_rows} silver, "
          f"{quarantined} quarantined {by_reason}")
     return summary
-
-
-def _spark_schema_json(schema: RecordSchema) -> dict[str, Any]:
-    spark_types = {"string": "string", "long": "long", "double": "double", "money": "long",
-                   "boolean": "boolean", "timestamp": "timestamp"}
-    fields = [{"name": f.name, "type": spark_types[f.type], "nullable": True, "metadata": {}}
-              for f in schema.fields]
-    fields.append({"name": REASONS, "type": {"type": "array", "elementType": "string",
-                                             "containsNull": False}, "nullable": False, "metadata": {}})
-    for name, kind in (("key", "binary"), ("value", "binary"), ("topic", "string"),
-                       ("partition", "integer"), ("offset", "long"),
-                       ("kafka_timestamp", "timestamp"), ("ingest_time", "timestamp")):
-        fields.append({"name": name, "type": kind, "nullable": True, "metadata": {}})
-    return {"type": "struct", "fields": fields}

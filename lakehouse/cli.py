@@ -176,7 +176,8 @@ def batch_validate() -> None:
     from lakehouse.fraud import FRAUD_SPEC
 
     spark, lakehouse = _spark(), _lakehouse()
-    summaries = [validate_topic(spark, lakehouse, schema, echo=_echo)
+    gx_dir = settings().state_path / "great_expectations"
+    summaries = [validate_topic(spark, lakehouse, schema, gx_dir=gx_dir, echo=_echo)
                  for schema in (FRAUD_SPEC.events, FRAUD_SPEC.labels)]
     print(json.dumps({"validated": [{**s.__dict__, "failure_rate": round(s.failure_rate, 6)}
                                     for s in summaries]}))

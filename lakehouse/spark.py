@@ -25,6 +25,7 @@ def spark_session(settings: Settings, *, app_name: str = "lambdalake") -> SparkS
     java_binary()  # fail early with a message that says how to install Java
     # local mode starts Python workers from the driver's environment, not from spark.* confs
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")  # local mode talks to loopback only
     jars = ",".join(str(jar) for jar in spark_extra_jars(settings.jars_dir))
     warehouse = settings.state_path / "spark-warehouse"
     builder = (

@@ -78,36 +78,55 @@ class RecordSchema:
         `<rule>:<field>` (rules: malformed_json, not_an_object, missing, unknown_field,
         wrong_type, out_of_range, not_allowed, too_long, bad_timestamp, bad_money).
         """
+        inspection = self.inspect(raw)
+        if inspection.reasons:
+            raise ValidationError(inspection.reasons)
+        return inspection.values
+
+    def inspect(self, raw: bytes | str) -> Inspection:
+        """Validate without raising: every reason, and each field's value as far as it could
+        be read (an out-of-range number or a disallowed string is kept; a missing or
+        unreadable one is None). Data-quality reports (Great Expectations) see these values;
+        `parse` is this with the reasons turned into an error."""
         try:
             document = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValidationError([f"malformed_json: {exc.__class__.__name__}"]) from None
+            return Inspection(False, {}, 0, [f"malformed_json: {exc.__class__.__name__}"])
         if not isinstance(document, dict):
-            raise ValidationError(["not_an_object"])
+            return Inspection(False, {}, 0, ["not_an_object"])
         reasons: list[str] = []
-        typed: dict[str, Any] = {}
+        values: dict[str, Any] = {}
         for spec in self.fields:
             value = document.get(spec.name)
             if value is None:
                 if spec.required:
                     reasons.append(f"missing:{spec.name}")
-                typed[spec.name] = None
+                values[spec.name] = None
                 continue
             try:
-                typed[spec.name] = _check_value(spec, value)
+                values[spec.name] = _check_value(spec, value)
             except _Rejected as rejected:
                 reasons.append(f"{rejected.rule}:{spec.name}")
-        reasons.extend(
-            f"unknown_field:{name}" for name in sorted(set(document) - set(self.field_names))
-        )
-        if reasons:
-            raise ValidationError(reasons)
-        return typed
+                values[spec.name] = rejected.observed
+        unknown = sorted(set(document) - set(self.field_names))
+        reasons.extend(f"unknown_field:{name}" for name in unknown)
+        return Inspection(True, values, len(unknown), reasons)
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """What `RecordSchema.inspect` found in one message."""
+
+    is_object: bool
+    values: dict[str, Any]
+    unknown_fields: int
+    reasons: list[str]
 
 
 class _Rejected(Exception):
-    def __init__(self, rule: str) -> None:
+    def __init__(self, rule: str, observed: Any = None) -> None:
         self.rule = rule
+        self.observed = observed  # the value as far as it could be read, for reports
 
 
 def _check_value(spec: FieldSpec, value: Any) -> Any:
@@ -115,9 +134,9 @@ def _check_value(spec: FieldSpec, value: Any) -> Any:
         if not isinstance(value, str):
             raise _Rejected("wrong_type")
         if spec.max_length is not None and len(value) > spec.max_length:
-            raise _Rejected("too_long")
+            raise _Rejected("too_long", value)
         if spec.allowed is not None and value not in spec.allowed:
-            raise _Rejected("not_allowed")
+            raise _Rejected("not_allowed", value)
         return value
     if spec.type == "boolean":
         if not isinstance(value, bool):
@@ -134,15 +153,22 @@ def _check_value(spec: FieldSpec, value: Any) -> Any:
         raise _Rejected("out_of_range")
     if spec.type == "long" and not isinstance(value, int):
         raise _Rejected("wrong_type")
-    if spec.minimum is not None and value < spec.minimum:
-        raise _Rejected("out_of_range")
-    if spec.maximum is not None and value > spec.maximum:
-        raise _Rejected("out_of_range")
+    if (spec.minimum is not None and value < spec.minimum) or (
+        spec.maximum is not None and value > spec.maximum
+    ):
+        raise _Rejected("out_of_range", _observed_number(spec, value))
     if spec.type == "money":
         return money_to_cents(value)
     if spec.type == "double":
         return float(value)
     return value
+
+
+def _observed_number(spec: FieldSpec, value: int | float) -> int | float:
+    """An out-of-range number in its typed unit (cents for money), for reports."""
+    if spec.type == "money":
+        return round(value * 100)
+    return float(value) if spec.type == "double" else value
 
 
 def money_to_cents(value: int | float) -> int:

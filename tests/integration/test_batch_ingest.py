@@ -105,11 +105,13 @@ def test_every_bad_input_kind_is_quarantined_with_its_reason(spark, platform: Se
     sent = [m for m in _send(platform, options, events, labels) if m.topic == TRANSACTIONS.topic]
     ingest_topics(spark, lakehouse, bootstrap_servers=platform.kafka_bootstrap_servers, topics=[events, labels])
     schema = dataclasses.replace(TRANSACTIONS, topic=events)
-    summary = validate_topic(spark, lakehouse, schema)
-    label_summary = validate_topic(spark, lakehouse, dataclasses.replace(CHARGEBACK_LABELS, topic=labels))
+    gx_dir = Path(lakehouse.root) / "gx"
+    summary = validate_topic(spark, lakehouse, schema, gx_dir=gx_dir)
+    label_summary = validate_topic(spark, lakehouse, dataclasses.replace(CHARGEBACK_LABELS, topic=labels),
+                                   gx_dir=gx_dir)
 
-    quarantine = {(r["partition"], r["offset"]): list(r["reasons"])
-                  for r in spark.read.format("delta").load(lakehouse.quarantine("transaction")).collect()}
+    quarantined = spark.read.format("delta").load(lakehouse.quarantine("transaction")).collect()
+    quarantine = {(r["partition"], r["offset"]): list(r["reasons"]) for r in quarantined}
     bronze = {bytes(r["value"]): (r["partition"], r["offset"])
               for r in _bronze(spark, lakehouse, events).select("value", "partition", "offset").collect()}
     malformed = [m for m in sent if m.kind.startswith("malformed:")]
@@ -130,5 +132,15 @@ def test_every_bad_input_kind_is_quarantined_with_its_reason(spark, platform: Se
     # nothing is dropped: every bronze record is in silver or quarantine
     assert summary.bronze_rows == len(sent) == silver.count() + len(quarantine)
     assert label_summary.quarantined == 0 and label_summary.silver_rows == len(valid_ids)
+    # Great Expectations, run on the same slice, counts what the quarantine holds
+    per_row: dict[str, int] = {}
+    for row in quarantined:
+        for name in row["failed_expectations"]:
+            per_row[name] = per_row.get(name, 0) + 1
+    unique = "expect_column_values_to_be_unique:event_id"
+    assert {k: v for k, v in summary.failed_expectations.items() if k != unique} == {
+        k: v for k, v in per_row.items() if k != unique}
+    assert summary.failed_expectations[unique] >= per_row[unique]  # GE counts the first copy too
+    assert Path(summary.data_docs.removeprefix("file://")).is_file()
     # a rerun over the same bronze adds nothing
-    assert validate_topic(spark, lakehouse, schema).bronze_rows == 0
+    assert validate_topic(spark, lakehouse, schema, gx_dir=gx_dir).bronze_rows == 0
