@@ -56,9 +56,12 @@ test: install  ## the whole suite: unit tests and integration tests against real
 
 demo: up  ## start the platform and stream the fraud example (the end-to-end demo grows with each layer)
 	$(BIN)/lambdalake generate --events 20000 --seed 42
+	$(BIN)/lambdalake batch ingest
+	$(BIN)/lambdalake batch validate
 	$(BIN)/lambdalake status
 	@echo "The platform keeps running: Airflow http://127.0.0.1:8080 (admin / admin)," \
-	  "MLflow http://127.0.0.1:5000, Kafka 127.0.0.1:9092. 'make down' stops it."
+	  "MLflow http://127.0.0.1:5000, Kafka 127.0.0.1:9092;" \
+	  "Data Docs: var/great_expectations/gx/uncommitted/data_docs/local_site/index.html. 'make down' stops it."
 
 clean: down  ## remove the local state (Kafka data, Delta tables, MLflow, Airflow) and the venv
 	rm -rf var $(VENV)

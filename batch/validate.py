@@ -31,6 +31,7 @@ from batch.expectations import (
     DataQualityReport,
     expectation_for,
 )
+from lakehouse.errors import DataQualityError
 from lakehouse.spec import FieldSpec, RecordSchema
 from lakehouse.tables import Lakehouse
 
@@ -214,3 +215,15 @@ def validate_topic(
     echo(f"validate {schema.name}: {summary.bronze_rows} records → {silver_rows} silver, "
          f"{quarantined} quarantined {by_reason}")
     return summary
+
+
+def check_failure_rate(summaries: list[ValidationSummary], limit: float) -> None:
+    """Fail loudly, with the numbers, when a schema's share of invalid records exceeds `limit`.
+
+    The records stay in quarantine either way; duplicates are not failures."""
+    failing = [s for s in summaries if s.failure_rate > limit]
+    if failing:
+        raise DataQualityError("; ".join(
+            f"{s.schema}: {s.quarantined - s.duplicates} of {s.bronze_rows} records invalid "
+            f"({s.failure_rate:.2%} > LAMBDALAKE_BATCH_MAX_FAILURE_RATE={limit:.2%}), "
+            f"by rule {s.by_reason}; they are kept in quarantine" for s in failing))

@@ -171,8 +171,7 @@ def batch_ingest(
 @batch_app.command("validate")
 def batch_validate() -> None:
     """Route new bronze records to silver (valid, deduplicated) or quarantine (with reasons)."""
-    from batch.validate import validate_topic
-    from lakehouse.errors import DataQualityError
+    from batch.validate import check_failure_rate, validate_topic
     from lakehouse.fraud import FRAUD_SPEC
 
     spark, lakehouse = _spark(), _lakehouse()
@@ -181,13 +180,7 @@ def batch_validate() -> None:
                  for schema in (FRAUD_SPEC.events, FRAUD_SPEC.labels)]
     print(json.dumps({"validated": [{**s.__dict__, "failure_rate": round(s.failure_rate, 6)}
                                     for s in summaries]}))
-    limit = settings().batch_max_failure_rate
-    failing = [s for s in summaries if s.failure_rate > limit]
-    if failing:
-        raise DataQualityError("; ".join(
-            f"{s.schema}: {s.quarantined - s.duplicates} of {s.bronze_rows} records invalid "
-            f"({s.failure_rate:.2%} > LAMBDALAKE_BATCH_MAX_FAILURE_RATE={limit:.2%}), "
-            f"by rule {s.by_reason}; they are kept in quarantine" for s in failing))
+    check_failure_rate(summaries, settings().batch_max_failure_rate)
 
 
 @app.command()
