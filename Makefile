@@ -56,8 +56,7 @@ test: install  ## the whole suite: unit tests and integration tests against real
 
 demo: up  ## start the platform and stream the fraud example (the end-to-end demo grows with each layer)
 	$(BIN)/lambdalake generate --events 20000 --seed 42
-	$(BIN)/lambdalake batch ingest
-	$(BIN)/lambdalake batch validate
+	$(BIN)/lambdalake batch run
 	$(BIN)/lambdalake status
 	@echo "The platform keeps running: Airflow http://127.0.0.1:8080 (admin / admin)," \
 	  "MLflow http://127.0.0.1:5000, Kafka 127.0.0.1:9092;" \

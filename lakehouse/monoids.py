@@ -40,6 +40,10 @@ class Aggregation(ABC):
     def plus(self, left: State, right: State) -> State:
         """Associative, commutative; `plus(zero, s) == s`."""
 
+    @abstractmethod
+    def spark_aggregate(self) -> Any:
+        """The same monoid as a Spark aggregate expression over a DataFrame of events."""
+
     def sum(self, states: Iterable[State]) -> State:
         total = self.zero
         for state in states:
@@ -63,6 +67,11 @@ class Count(Aggregation):
     def plus(self, left: int, right: int) -> int:
         return left + right
 
+    def spark_aggregate(self) -> Any:
+        from pyspark.sql import functions as F
+
+        return F.count(F.lit(1)).cast("bigint")
+
 
 @dataclass(frozen=True)
 class Sum(Aggregation):
@@ -75,6 +84,11 @@ class Sum(Aggregation):
 
     def plus(self, left: int, right: int) -> int:
         return left + right
+
+    def spark_aggregate(self) -> Any:
+        from pyspark.sql import functions as F
+
+        return F.sum(F.col(str(self.field)).cast("bigint")).cast("bigint")
 
 
 @dataclass(frozen=True)
@@ -89,6 +103,12 @@ class SumOfSquares(Aggregation):
 
     def plus(self, left: int, right: int) -> int:
         return left + right
+
+    def spark_aggregate(self) -> Any:
+        from pyspark.sql import functions as F
+
+        value = F.col(str(self.field)).cast("decimal(38,0)")
+        return F.sum(value * value).cast("decimal(38,0)")  # exact beyond 64 bits
 
 
 @dataclass(frozen=True)
@@ -111,6 +131,11 @@ class Max(Aggregation):
             return left
         return max(left, right)
 
+    def spark_aggregate(self) -> Any:
+        from pyspark.sql import functions as F
+
+        return F.max(F.col(str(self.field)).cast("bigint"))
+
 
 @dataclass(frozen=True)
 class Min(Max):
@@ -124,6 +149,11 @@ class Min(Max):
         if right is None:
             return left
         return min(left, right)
+
+    def spark_aggregate(self) -> Any:
+        from pyspark.sql import functions as F
+
+        return F.min(F.col(str(self.field)).cast("bigint"))
 
 
 AGGREGATIONS: dict[str, type[Aggregation]] = {
