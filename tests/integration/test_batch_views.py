@@ -73,3 +73,13 @@ def test_batch_views_equal_an_independent_recomputation(spark, platform: Setting
         }
         assert got == expected, view.name
         assert {r["batch_run_id"] for r in rows} == {run.run_id}
+        expected_rows = len(rows)
+
+    # a later run that dies before publishing leaves a gold version that no reader sees
+    read_view(spark, lakehouse, run, "user_all").limit(1).write.format("delta").mode("overwrite").save(
+        lakehouse.gold("user_all"))
+    assert spark.read.format("delta").load(lakehouse.gold("user_all")).count() == 1
+    published = latest_run(spark, lakehouse)
+    assert published == run
+    assert read_view(spark, lakehouse, published, "user_all").count() == run.row_counts["user_all"]
+    assert expected_rows == run.row_counts[spec.views[-1].name]
