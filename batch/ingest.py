@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from lakehouse.errors import ServiceError
-from lakehouse.tables import Lakehouse
+from lakehouse.tables import Lakehouse, appended_since, table_version
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -74,7 +74,7 @@ def _ingest_topic(
         # offsets that expired from Kafka before ingestion are a loss we must hear about
         .option("failOnDataLoss", "true")
     )
-    before = _table_version(spark, lakehouse.bronze(topic))
+    before = table_version(spark, lakehouse.bronze(topic))
     if max_offsets_per_trigger:
         reader = reader.option("maxOffsetsPerTrigger", str(max_offsets_per_trigger))
     records = reader.load().select(
@@ -98,27 +98,7 @@ def _ingest_topic(
         query.awaitTermination()
     except PySparkException as exc:
         raise ServiceError(f"ingesting topic {topic!r} failed: {exc}") from None
-    version = _table_version(spark, lakehouse.bronze(topic))
-    rows, batches = _appended_since(spark, lakehouse.bronze(topic), before)
+    version = table_version(spark, lakehouse.bronze(topic))
+    rows, batches = appended_since(spark, lakehouse.bronze(topic), before)
     echo(f"ingest {topic}: {rows} new records in {batches} micro-batches (bronze v{version})")
     return TopicIngest(topic=topic, rows=rows, micro_batches=batches, table_version=version)
-
-
-def _appended_since(spark: SparkSession, path: str, version: int | None) -> tuple[int, int]:
-    """Rows and commits appended to a Delta table after `version` (None: since creation)."""
-    from delta.tables import DeltaTable
-
-    if not DeltaTable.isDeltaTable(spark, path):
-        return 0, 0
-    history = DeltaTable.forPath(spark, path).history().collect()
-    commits = [h for h in history if version is None or h["version"] > version]
-    rows = sum(int((h["operationMetrics"] or {}).get("numOutputRows", 0)) for h in commits)
-    return rows, sum(1 for h in commits if h["operation"] == "STREAMING UPDATE")
-
-
-def _table_version(spark: SparkSession, path: str) -> int | None:
-    from delta.tables import DeltaTable
-
-    if not DeltaTable.isDeltaTable(spark, path):
-        return None
-    return int(DeltaTable.forPath(spark, path).history(1).collect()[0]["version"])

@@ -1,8 +1,9 @@
 """Validate: each new bronze slice into silver (typed, deduplicated) and quarantine.
 
-Every bronze record is parsed with the spec's single validation routine
-(`RecordSchema.parse`, the same one the speed layer uses), run inside Spark through
-`mapInArrow`. A record lands in exactly one place:
+Every bronze record is checked with the spec's single validation routine
+(`RecordSchema.inspect`, which `parse` in the speed layer shares), run inside Spark through
+`mapInArrow`; the Great Expectations suite derived from the same spec runs on the slice and
+keeps the Data Docs. A record lands in exactly one place:
 - silver/<schema>: the typed record (money in integer cents, timestamps as UTC timestamps)
   with its Kafka partition and offset, once per id: the first arrival (lowest offset) wins;
 - quarantine/<schema>: the raw record (key, value bytes, topic, partition, offset) with the
@@ -33,7 +34,7 @@ from batch.expectations import (
 )
 from lakehouse.errors import DataQualityError
 from lakehouse.spec import FieldSpec, RecordSchema
-from lakehouse.tables import Lakehouse
+from lakehouse.tables import Lakehouse, appended_since, table_version
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -143,12 +144,10 @@ def validate_topic(
     from pyspark.sql import functions as F
     from pyspark.sql.pandas.types import from_arrow_schema
 
-    from batch.ingest import _appended_since, _table_version
-
     spark_schema = from_arrow_schema(parsed_arrow_schema(schema))
     silver_path, quarantine_path = lakehouse.silver(schema.name), lakehouse.quarantine(schema.name)
     app_id = f"validate-{schema.name}"
-    before = {path: _table_version(spark, path) for path in (silver_path, quarantine_path)}
+    before = {path: table_version(spark, path) for path in (silver_path, quarantine_path)}
     inspect = inspect_batches(schema)
     id_field = schema.id_field
     typed_columns = [*schema.field_names, *LINEAGE]
@@ -200,8 +199,8 @@ def validate_topic(
         .start()
     )
     query.awaitTermination()
-    silver_rows, _ = _appended_since(spark, silver_path, before[silver_path])
-    quarantined, _ = _appended_since(spark, quarantine_path, before[quarantine_path])
+    silver_rows, _ = appended_since(spark, silver_path, before[silver_path])
+    quarantined, _ = appended_since(spark, quarantine_path, before[quarantine_path])
     summary = ValidationSummary(
         schema=schema.name,
         bronze_rows=silver_rows + quarantined,

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from lakehouse.errors import PlatformError
 from lakehouse.spec import FeatureView, PlatformSpec
-from lakehouse.tables import Lakehouse
+from lakehouse.tables import Lakehouse, appended_since, table_version
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -93,17 +93,15 @@ def compute_views(
     """Recompute every view up to the current boundary and publish the run."""
     from pyspark.sql import functions as F
 
-    from batch.ingest import _table_version
-
     run_id = f"run-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
     silver_path = lakehouse.silver(spec.events.name)
     boundary = current_boundary(spark, lakehouse, spec.events.topic)
-    silver_version = _table_version(spark, silver_path)
+    silver_version = table_version(spark, silver_path)
     if silver_version is None:
         raise PlatformError("no silver events yet: run `lambdalake batch ingest` and "
                             "`lambdalake batch validate` first")
     sources = {"silver_events": silver_version,
-               "bronze_events": _table_version(spark, lakehouse.bronze(spec.events.topic)) or 0}
+               "bronze_events": table_version(spark, lakehouse.bronze(spec.events.topic)) or 0}
     events = within_boundary(
         spark.read.format("delta").option("versionAsOf", silver_version).load(silver_path), boundary
     ).cache()
@@ -115,7 +113,7 @@ def compute_views(
         states = view_states(events, view).withColumn(BATCH_RUN_ID, F.lit(run_id))
         (states.write.format("delta").mode("overwrite").option("overwriteSchema", "true")
          .save(lakehouse.gold(view.name)))
-        versions[view.name] = int(_table_version(spark, lakehouse.gold(view.name)) or 0)
+        versions[view.name] = int(table_version(spark, lakehouse.gold(view.name)) or 0)
         counts[view.name] = spark.read.format("delta").load(lakehouse.gold(view.name)).count()
         durations[view.name] = round(time.monotonic() - started, 3)
         echo(f"view {view.name}: {counts[view.name]} (entity, bucket) states "

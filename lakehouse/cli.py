@@ -168,19 +168,24 @@ def batch_ingest(
     print(json.dumps({"ingested": [a.__dict__ for a in added]}))
 
 
-@batch_app.command("validate")
-def batch_validate() -> None:
-    """Route new bronze records to silver (valid, deduplicated) or quarantine (with reasons)."""
+def _validate_all(spark, lakehouse):  # type: ignore[no-untyped-def]
+    """Validate events and labels; fail above the configured failure rate."""
     from batch.validate import check_failure_rate, validate_topic
     from lakehouse.fraud import FRAUD_SPEC
 
-    spark, lakehouse = _spark(), _lakehouse()
     gx_dir = settings().state_path / "great_expectations"
     summaries = [validate_topic(spark, lakehouse, schema, gx_dir=gx_dir, echo=_echo)
                  for schema in (FRAUD_SPEC.events, FRAUD_SPEC.labels)]
+    check_failure_rate(summaries, settings().batch_max_failure_rate)
+    return summaries
+
+
+@batch_app.command("validate")
+def batch_validate() -> None:
+    """Route new bronze records to silver (valid, deduplicated) or quarantine (with reasons)."""
+    summaries = _validate_all(_spark(), _lakehouse())
     print(json.dumps({"validated": [{**s.__dict__, "failure_rate": round(s.failure_rate, 6)}
                                     for s in summaries]}))
-    check_failure_rate(summaries, settings().batch_max_failure_rate)
 
 
 @batch_app.command("views")
@@ -199,7 +204,6 @@ def batch_run(
 ) -> None:
     """ingest → validate → views (→ publish), in order, in one Spark session."""
     from batch.ingest import ingest_topics
-    from batch.validate import check_failure_rate, validate_topic
     from batch.views import compute_views
     from lakehouse.fraud import FRAUD_SPEC
 
@@ -208,10 +212,7 @@ def batch_run(
     added = ingest_topics(spark, lakehouse, bootstrap_servers=config.kafka_bootstrap_servers,
                           topics=[FRAUD_SPEC.events.topic, FRAUD_SPEC.labels.topic],
                           max_offsets_per_trigger=max_offsets_per_trigger, echo=_echo)
-    gx_dir = config.state_path / "great_expectations"
-    validated = [validate_topic(spark, lakehouse, schema, gx_dir=gx_dir, echo=_echo)
-                 for schema in (FRAUD_SPEC.events, FRAUD_SPEC.labels)]
-    check_failure_rate(validated, config.batch_max_failure_rate)
+    validated = _validate_all(spark, lakehouse)
     run = compute_views(spark, lakehouse, FRAUD_SPEC, echo=_echo)
     print(json.dumps({
         "ingested": {a.topic: a.rows for a in added},

@@ -16,6 +16,10 @@ joined with "/" so both work.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
 
 
 @dataclass(frozen=True)
@@ -47,3 +51,24 @@ class Lakehouse:
 
     def checkpoint(self, name: str) -> str:
         return self._join("_checkpoints", name)
+
+
+def appended_since(spark: SparkSession, path: str, version: int | None) -> tuple[int, int]:
+    """Rows and commits appended to a Delta table after `version` (None: since creation)."""
+    from delta.tables import DeltaTable
+
+    if not DeltaTable.isDeltaTable(spark, path):
+        return 0, 0
+    history = DeltaTable.forPath(spark, path).history().collect()
+    commits = [h for h in history if version is None or h["version"] > version]
+    rows = sum(int((h["operationMetrics"] or {}).get("numOutputRows", 0)) for h in commits)
+    return rows, sum(1 for h in commits if h["operation"] == "STREAMING UPDATE")
+
+
+def table_version(spark: SparkSession, path: str) -> int | None:
+    """The latest version of a Delta table; None where no table exists yet."""
+    from delta.tables import DeltaTable
+
+    if not DeltaTable.isDeltaTable(spark, path):
+        return None
+    return int(DeltaTable.forPath(spark, path).history(1).collect()[0]["version"])
