@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from lakehouse.errors import PlatformError
 from lakehouse.spec import FeatureView, PlatformSpec
-from lakehouse.tables import Lakehouse, appended_since, table_version
+from lakehouse.tables import Lakehouse, last_commit, table_version
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -113,8 +113,7 @@ def compute_views(
         states = view_states(events, view).withColumn(BATCH_RUN_ID, F.lit(run_id))
         (states.write.format("delta").mode("overwrite").option("overwriteSchema", "true")
          .save(lakehouse.gold(view.name)))
-        versions[view.name] = int(table_version(spark, lakehouse.gold(view.name)) or 0)
-        counts[view.name] = spark.read.format("delta").load(lakehouse.gold(view.name)).count()
+        versions[view.name], counts[view.name] = last_commit(spark, lakehouse.gold(view.name))
         durations[view.name] = round(time.monotonic() - started, 3)
         echo(f"view {view.name}: {counts[view.name]} (entity, bucket) states "
              f"in {durations[view.name]:.1f}s (gold v{versions[view.name]})")

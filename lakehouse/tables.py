@@ -72,3 +72,11 @@ def table_version(spark: SparkSession, path: str) -> int | None:
     if not DeltaTable.isDeltaTable(spark, path):
         return None
     return int(DeltaTable.forPath(spark, path).history(1).collect()[0]["version"])
+
+
+def last_commit(spark: SparkSession, path: str) -> tuple[int, int]:
+    """(version, rows written) of the latest commit of a Delta table, from its log alone."""
+    from delta.tables import DeltaTable
+
+    latest = DeltaTable.forPath(spark, path).history(1).collect()[0]
+    return int(latest["version"]), int((latest["operationMetrics"] or {}).get("numOutputRows", 0))
