@@ -8,6 +8,7 @@ once per pom content; Spark sessions receive the extras through `spark.jars`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -21,8 +22,9 @@ JVM_PROJECTS = Path(__file__).resolve().parent / "jvm"
 MIN_JAVA = 17
 
 
+@functools.cache
 def java_binary() -> str:
-    """Path of a Java >= 17 runtime (JAVA_HOME first, then PATH)."""
+    """Path of a Java >= 17 runtime (JAVA_HOME first, then PATH), probed once per process."""
     home = os.environ.get("JAVA_HOME")
     candidate = str(Path(home) / "bin" / "java") if home else shutil.which("java")
     if not candidate or not Path(candidate).exists():
@@ -68,7 +70,7 @@ def ensure_jars(jars_dir: Path, *, quiet: bool = True) -> None:
             command.insert(1, "-q")
         result = subprocess.run(command, cwd=JVM_PROJECTS / project, capture_output=quiet, text=True)
         if result.returncode != 0:
-            detail = (result.stdout or "")[-2000:] if quiet else ""
+            detail = ((result.stdout or "") + (result.stderr or ""))[-2000:] if quiet else ""
             raise ServiceError(f"Maven could not fetch the {target} jars:\n{detail}")
         marker.touch()
 

@@ -420,6 +420,7 @@ class Platform:
 
     def up(self, *, echo: Callable[[str], None] = lambda line: None) -> list[Health]:
         """Start every service that is not running; all or nothing."""
+        jvm.java_binary()  # Maven and Kafka both need it: say how to install it first
         jvm.ensure_jars(self.settings.jars_dir)
         started: list[Service] = []
         try:
