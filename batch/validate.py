@@ -5,7 +5,8 @@ Every bronze record is checked with the spec's single validation routine
 `mapInArrow`; the Great Expectations suite derived from the same spec runs on the slice and
 keeps the Data Docs. A record lands in exactly one place:
 - silver/<schema>: the typed record (money in integer cents, timestamps as UTC timestamps)
-  with its Kafka partition and offset, once per id: the first arrival (lowest offset) wins;
+  with its Kafka partition and offset, once per id: the first arrival (lowest offset) wins,
+  and a record is a duplicate only of another record (partition, offset), never of itself;
 - quarantine/<schema>: the raw record (key, value bytes, topic, partition, offset) with the
   list of reasons it was rejected (`<rule>:<field>`, or `duplicate:<id field>` for a later
   arrival of an id silver already has).
@@ -168,9 +169,17 @@ def validate_topic(
         candidates = ranked.where("_rank = 1").drop("_rank")
         repeated = ranked.where("_rank > 1").drop("_rank")
         if DeltaTable.isDeltaTable(spark, silver_path):
-            known = spark.read.format("delta").load(silver_path).select(id_field)
-            fresh = candidates.join(known, id_field, "left_anti")
-            repeated = repeated.unionByName(candidates.join(known, id_field, "left_semi"))
+            # An id silver holds from another record is a duplicate; silver holding this very
+            # record (same partition and offset) means this batch's silver write already
+            # happened: on a replay after a crash, or when Spark re-evaluates this plan after
+            # the silver append below. Either way it is not a duplicate of itself.
+            known = spark.read.format("delta").load(silver_path).select(
+                F.col(id_field), F.col("partition").alias("_kp"), F.col("offset").alias("_ko"))
+            matched = candidates.join(known, id_field, "left")
+            itself = (F.col("_kp") == F.col("partition")) & (F.col("_ko") == F.col("offset"))
+            fresh = matched.where(F.col("_kp").isNull() | itself).drop("_kp", "_ko")
+            repeated = repeated.unionByName(
+                matched.where(F.col("_kp").isNotNull() & ~itself).drop("_kp", "_ko"))
         else:
             fresh = candidates
         rejected = parsed.where(F.size(REASONS) > 0).unionByName(

@@ -7,10 +7,12 @@ or arguments, 1 for everything else; `status` exits 3 when a service is not heal
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated
 
@@ -198,27 +200,79 @@ def batch_views() -> None:
     print(json.dumps({"batch_run": {**run.__dict__, "finished_at": run.finished_at.isoformat()}}))
 
 
+def _cutoff_ms(text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise typer.BadParameter(f"expected an ISO-8601 time such as 2026-01-03T00:00:00Z, "
+                                 f"got {text!r}", param_hint="--label-cutoff") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return int(moment.timestamp() * 1000)
+
+
+_LABEL_CUTOFF = typer.Option(help="count only labels known at this time (ISO-8601, UTC if no "
+                                  "offset); default: every label ingested")
+_EPOCHS = typer.Option(min=1, help="training epochs (default: LAMBDALAKE_TRAIN_EPOCHS)")
+_MAX_TRAIN_ROWS = typer.Option(min=1, help="train on a random sample of this many rows")
+
+
+def _train(spark, label_cutoff: str | None, epochs: int | None, max_train_rows: int | None):  # type: ignore[no-untyped-def]
+    from batch.train import TrainOptions, train_model
+    from lakehouse.fraud import FRAUD_SPEC
+
+    options = TrainOptions.from_settings(settings(), epochs=epochs, max_train_rows=max_train_rows)
+    # the training processes' progress and MLflow's run links go with the rest of the
+    # progress, to stderr: stdout carries only the JSON summary
+    with contextlib.redirect_stdout(sys.stderr):
+        return train_model(spark, settings(), FRAUD_SPEC, options=options,
+                           label_cutoff_ms=_cutoff_ms(label_cutoff), echo=_echo)
+
+
+@batch_app.command("train")
+def batch_train(
+    label_cutoff: Annotated[str | None, _LABEL_CUTOFF] = None,
+    epochs: Annotated[int | None, _EPOCHS] = None,
+    max_train_rows: Annotated[int | None, _MAX_TRAIN_ROWS] = None,
+) -> None:
+    """Point-in-time training set of the latest batch run → torch model (TorchDistributor) →
+    holdout evaluation → signed bundle → MLflow version, champion or challenger."""
+    _cutoff_ms(label_cutoff)  # a bad value fails before Spark starts
+    result = _train(_spark(), label_cutoff, epochs, max_train_rows)
+    print(json.dumps(result.summary()))
+
+
 @batch_app.command("run")
 def batch_run(
     max_offsets_per_trigger: Annotated[int | None, typer.Option(min=1, help="records per ingest micro-batch")] = None,
+    label_cutoff: Annotated[str | None, _LABEL_CUTOFF] = None,
+    epochs: Annotated[int | None, _EPOCHS] = None,
 ) -> None:
-    """ingest → validate → views (→ publish), in order, in one Spark session."""
+    """ingest → validate → views (→ publish) → train, in order, in one Spark session."""
     from batch.ingest import ingest_topics
     from batch.views import compute_views
     from lakehouse.fraud import FRAUD_SPEC
 
     config = settings()
+    _cutoff_ms(label_cutoff)  # a bad value fails before Spark starts
     spark, lakehouse = _spark(), _lakehouse()
     added = ingest_topics(spark, lakehouse, bootstrap_servers=config.kafka_bootstrap_servers,
                           topics=[FRAUD_SPEC.events.topic, FRAUD_SPEC.labels.topic],
                           max_offsets_per_trigger=max_offsets_per_trigger, echo=_echo)
     validated = _validate_all(spark, lakehouse)
     run = compute_views(spark, lakehouse, FRAUD_SPEC, echo=_echo)
+    trained = _train(spark, label_cutoff, epochs, None)
     print(json.dumps({
         "ingested": {a.topic: a.rows for a in added},
         "validated": {v.schema: {"silver": v.silver_rows, "quarantined": v.quarantined,
                                  "duplicates": v.duplicates} for v in validated},
         "batch_run": run.run_id, "boundary": run.boundary, "view_rows": run.row_counts,
+        "model": {"name": trained.model_name, "version": trained.version, "alias": trained.alias,
+                  "reason": trained.reason, "mlflow_run_id": trained.mlflow_run_id},
+        "metrics": trained.metrics,
+        "training_set": trained.training_set,
     }))
 
 

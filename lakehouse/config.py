@@ -137,6 +137,33 @@ class Settings(BaseSettings):
         default=True, description="`lambdalake up` starts a local MLflow server."
     )
 
+    # --- model training and registry ---------------------------------------------------
+    model_name: str = Field(
+        default="fraud", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+        description="Registered model name in MLflow.",
+    )
+    model_signing_key: Path | None = Field(
+        default=None,
+        description="Ed25519 private key (PEM) that signs model bundles. Empty means "
+        "<state_dir>/secrets/model-signing.pem, created on first training.",
+    )
+    model_verify_key: Path | None = Field(
+        default=None,
+        description="Ed25519 public key (PEM) that scorers verify bundles with. Empty means "
+        "the signing key's path plus .pub.",
+    )
+    train_epochs: int = Field(default=8, ge=1, le=1000, description="Training epochs.")
+    train_holdout_fraction: float = Field(
+        default=0.2, gt=0.0, lt=1.0,
+        description="Share of labelled events, the latest by event time, held out for evaluation.",
+    )
+    train_num_processes: int = Field(
+        default=1, ge=1, description="TorchDistributor processes (local mode) or Spark tasks.",
+    )
+    train_use_gpu: bool = Field(
+        default=False, description="Train on GPUs (TorchDistributor use_gpu; NCCL backend).",
+    )
+
     # --- serving API ---------------------------------------------------------------------
     api_host: str = Field(default="127.0.0.1", description="Bind host of the HTTP API.")
     api_port: int = Field(default=8000, ge=1, le=65535, description="Port of the HTTP API.")
@@ -217,6 +244,21 @@ class Settings(BaseSettings):
     @property
     def mlflow_uri(self) -> str:
         return self.mlflow_tracking_uri or f"http://127.0.0.1:{self.mlflow_port}"
+
+    @property
+    def signing_key_path(self) -> Path:
+        return (self.model_signing_key or self.state_path / "secrets" / "model-signing.pem").resolve()
+
+    @property
+    def verify_key_path(self) -> Path:
+        if self.model_verify_key is not None:
+            return self.model_verify_key.resolve()
+        return self.signing_key_path.with_name(self.signing_key_path.name + ".pub")
+
+    @property
+    def models_dir(self) -> Path:
+        """Local copies of model bundles and training reports."""
+        return self.state_path / "models"
 
     @property
     def logs_dir(self) -> Path:

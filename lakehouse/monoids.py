@@ -27,6 +27,7 @@ class Aggregation(ABC):
 
     field: str | None = None
     kind: ClassVar[str]
+    spark_type: ClassVar[str] = "bigint"  # SQL type of the state column
 
     @property
     def zero(self) -> State:
@@ -96,6 +97,7 @@ class SumOfSquares(Aggregation):
     """Sum of the squares of an integer field, for exact variances."""
 
     kind: ClassVar[str] = "sum_sq"
+    spark_type: ClassVar[str] = "decimal(38,0)"
 
     def lift(self, event: Mapping[str, Any]) -> int:
         value = self._value(event)

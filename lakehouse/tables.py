@@ -5,6 +5,7 @@
     silver/<schema>       typed, validated records, deduplicated by id
     quarantine/<schema>   records that failed validation, with their reasons and raw bytes
     gold/<view>           batch views: monoid states per (entity, bucket)
+    training/<spec>       the latest point-in-time training set (features + label per event)
     batch/batch_runs      one row per batch run: boundary offsets, source versions, counts
     speed/scored_events   the speed layer's scored events
     _checkpoints/<name>   Spark Structured Streaming checkpoints
@@ -40,6 +41,9 @@ class Lakehouse:
 
     def gold(self, view: str) -> str:
         return self._join("gold", view)
+
+    def training_set(self, spec: str) -> str:
+        return self._join("training", spec)
 
     @property
     def batch_runs(self) -> str:

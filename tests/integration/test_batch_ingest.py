@@ -144,3 +144,40 @@ def test_every_bad_input_kind_is_quarantined_with_its_reason(spark, platform: Se
     assert Path(summary.data_docs.removeprefix("file://")).is_file()
     # a rerun over the same bronze adds nothing
     assert validate_topic(spark, lakehouse, schema, gx_dir=gx_dir).bronze_rows == 0
+
+
+def test_later_slices_route_each_record_to_exactly_one_place(spark, platform: Settings, isolated) -> None:  # type: ignore[no-untyped-def]
+    """A second validation run (a new bronze slice holding new records and re-sends of old
+    ones) puts each record in silver or quarantine, never both: duplicates are judged
+    against silver as it was, not against this slice's own silver rows."""
+    lakehouse, events, labels = isolated
+    schema = dataclasses.replace(TRANSACTIONS, topic=events)
+    gx_dir = Path(lakehouse.root) / "gx"
+    first = [m for m in _send(platform, GeneratorOptions(events=1500, seed=31), events, labels)
+             if m.topic == TRANSACTIONS.topic]
+    ingest_topics(spark, lakehouse, bootstrap_servers=platform.kafka_bootstrap_servers, topics=[events])
+    validate_topic(spark, lakehouse, schema, gx_dir=gx_dir)
+
+    second = [m for m in _send(platform, GeneratorOptions(events=1500, seed=32), events, labels)
+              if m.topic == TRANSACTIONS.topic]
+    resent = [m for m in first if m.kind == "valid"][:100]
+    kafka = producer(platform.kafka_bootstrap_servers)
+    for message in resent:
+        kafka.send(events, key=message.key, value=message.value)
+    kafka.flush()
+    kafka.close()
+    ingest_topics(spark, lakehouse, bootstrap_servers=platform.kafka_bootstrap_servers, topics=[events])
+    summary = validate_topic(spark, lakehouse, schema, gx_dir=gx_dir)
+
+    silver = {(r["partition"], r["offset"]): r["event_id"] for r in spark.read.format("delta").load(
+        lakehouse.silver("transaction")).select("partition", "offset", "event_id").collect()}
+    quarantine = {(r["partition"], r["offset"]): list(r["reasons"]) for r in spark.read.format(
+        "delta").load(lakehouse.quarantine("transaction")).collect()}
+    bronze = _bronze(spark, lakehouse, events).count()
+    assert not set(silver) & set(quarantine)
+    assert len(silver) + len(quarantine) == bronze == len(first) + len(second) + len(resent)
+    valid_ids = {m.event_id for m in first + second if m.kind in ("valid", "late")}
+    assert sorted(silver.values()) == sorted(valid_ids)
+    expected_duplicates = sum(1 for m in second if m.kind == "duplicate") + len(resent)
+    assert summary.duplicates == expected_duplicates
+    assert summary.silver_rows == len({m.event_id for m in second if m.kind in ("valid", "late")})

@@ -1,0 +1,89 @@
+"""The MLflow model registry side of training: versions, aliases, signed bundles.
+
+Each training run registers a new version of `settings.model_name` whose source is the
+signed bundle logged under the run's `model/` artifacts. Two aliases say what a version is
+for: `champion` (what the speed layer and /predict score with) and `challenger` (the newest
+version that did not beat the champion on the same holdout). `decide` is the whole
+promotion rule.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lakehouse.errors import ServiceError
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+BUNDLE_ARTIFACT_PATH = "model"
+
+
+@dataclass(frozen=True)
+class Promotion:
+    alias: str  # CHAMPION or CHALLENGER
+    reason: str
+
+
+def decide(new_score: float, champion_score: float | None, metric: str = "roc_auc") -> Promotion:
+    """A new version becomes champion only if it beats the champion's score on the same
+    holdout (strictly); with no comparable champion it becomes champion."""
+    if champion_score is None:
+        return Promotion(CHAMPION, "no comparable champion")
+    if new_score > champion_score:
+        return Promotion(CHAMPION, f"{metric} {new_score:.4f} beats the champion's {champion_score:.4f}")
+    return Promotion(CHALLENGER, f"{metric} {new_score:.4f} does not beat the champion's "
+                                 f"{champion_score:.4f}")
+
+
+def client(tracking_uri: str) -> MlflowClient:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def version_by_alias(mlflow: MlflowClient, name: str, alias: str) -> Any | None:
+    """The model version an alias points at, or None (no such model or alias)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow.get_model_version_by_alias(name, alias)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise
+
+
+def download_bundle(mlflow: MlflowClient, version: Any, into: Path | None = None) -> Path:
+    """The bundle directory of a model version, downloaded (not yet verified)."""
+    import mlflow.artifacts as artifacts
+
+    destination = into or Path(tempfile.mkdtemp(prefix="lambdalake-model-"))
+    try:
+        local = artifacts.download_artifacts(
+            run_id=version.run_id, artifact_path=BUNDLE_ARTIFACT_PATH, dst_path=str(destination),
+            tracking_uri=mlflow.tracking_uri)
+    except Exception as exc:  # noqa: BLE001 - any transport error means the same to callers
+        raise ServiceError(f"cannot download model {version.name} v{version.version} from "
+                           f"MLflow at {mlflow.tracking_uri}: {exc}") from exc
+    return Path(local)
+
+
+def register(mlflow: MlflowClient, name: str, run_id: str, tags: dict[str, str],
+             description: str) -> Any:
+    """A new version of `name` (created if missing) for the bundle of an MLflow run."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.create_registered_model(
+            name, description="lambdalake scoring model: signed bundles (torch + ONNX)")
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    source = f"{mlflow.get_run(run_id).info.artifact_uri}/{BUNDLE_ARTIFACT_PATH}"
+    return mlflow.create_model_version(name, source=source, run_id=run_id, tags=tags,
+                                       description=description)

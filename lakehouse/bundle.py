@@ -1,0 +1,195 @@
+"""Signed model bundles: what the registry stores and every scorer loads.
+
+A bundle is a directory:
+
+    model.pt         torch state dict of `ScoringModel` (loaded with weights_only=True)
+    model.onnx       the same model exported to ONNX (raw inputs → probability)
+    manifest.json    spec fingerprint, feature names, architecture, metrics, lineage and
+                     the SHA-256 of every file above
+    signature.json   Ed25519 signature over the exact bytes of manifest.json, with key id
+
+`verify_bundle` checks the signature with the public key and then every file's digest, so a
+changed byte anywhere, a missing signature or a signature by another key fails with
+`ModelSignatureError` before anything is deserialized. The private key signs (training
+only); scorers need just the public key. Keys are PEM files named by config
+(`LAMBDALAKE_MODEL_SIGNING_KEY`, `LAMBDALAKE_MODEL_VERIFY_KEY`); a local platform creates a
+key pair under `<state_dir>/secrets` on first use.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from lakehouse.errors import PlatformError
+
+FORMAT_VERSION = 1
+WEIGHTS, ONNX, MANIFEST, SIGNATURE = "model.pt", "model.onnx", "manifest.json", "signature.json"
+ALGORITHM = "ed25519"
+
+
+class ModelSignatureError(PlatformError):
+    """A model bundle is unsigned, signed by another key, or was changed after signing."""
+
+
+# ----------------------------------------------------------------------------------- keys
+
+
+def load_or_create_signing_key(path: Path) -> Ed25519PrivateKey:
+    """The Ed25519 private key in `path` (PEM); created with mode 0600 if missing, with its
+    public key beside it (`<name>.pub`)."""
+    if path.exists():
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ModelSignatureError(f"{path} holds a {type(key).__name__}, not an Ed25519 "
+                                      "private key: point LAMBDALAKE_MODEL_SIGNING_KEY at one")
+        return key
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(pem)
+    public_key_path(path).write_bytes(public_pem(key.public_key()))
+    return key
+
+
+def public_key_path(private_key: Path) -> Path:
+    return private_key.with_name(private_key.name + ".pub")
+
+
+def public_pem(key: Ed25519PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.PEM,
+                            serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def load_verify_key(path: Path) -> Ed25519PublicKey:
+    if not path.exists():
+        raise ModelSignatureError(
+            f"no model verification key at {path}: set LAMBDALAKE_MODEL_VERIFY_KEY to the "
+            "public key that signs models (training creates one on a local platform)")
+    key = serialization.load_pem_public_key(path.read_bytes())
+    if not isinstance(key, Ed25519PublicKey):
+        raise ModelSignatureError(f"{path} is not an Ed25519 public key")
+    return key
+
+
+def key_id(key: Ed25519PublicKey) -> str:
+    return hashlib.sha256(public_pem(key)).hexdigest()[:16]
+
+
+# -------------------------------------------------------------------------------- bundles
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sign_bundle(directory: Path, manifest: Mapping[str, Any], key: Ed25519PrivateKey) -> dict[str, Any]:
+    """Write manifest.json (with the digest of every file already in `directory`) and
+    signature.json; return the manifest as written."""
+    files = {p.name: file_digest(p) for p in sorted(directory.iterdir())
+             if p.is_file() and p.name not in (MANIFEST, SIGNATURE)}
+    full = {**manifest, "format": FORMAT_VERSION, "files": files}
+    body = json.dumps(full, sort_keys=True, indent=2).encode()
+    (directory / MANIFEST).write_bytes(body)
+    signature = {"algorithm": ALGORITHM, "key_id": key_id(key.public_key()),
+                 "signature": base64.b64encode(key.sign(body)).decode()}
+    (directory / SIGNATURE).write_text(json.dumps(signature, indent=2))
+    return full
+
+
+def verify_bundle(directory: Path, key: Ed25519PublicKey) -> dict[str, Any]:
+    """The manifest of a bundle whose signature and file digests check out; otherwise
+    ModelSignatureError saying what is wrong."""
+    manifest_path, signature_path = directory / MANIFEST, directory / SIGNATURE
+    if not manifest_path.exists():
+        raise ModelSignatureError(f"{directory} is not a model bundle: no {MANIFEST}")
+    if not signature_path.exists():
+        raise ModelSignatureError(f"model bundle {directory} is unsigned: no {SIGNATURE}")
+    body = manifest_path.read_bytes()
+    try:
+        signature = json.loads(signature_path.read_text())
+        raw = base64.b64decode(signature["signature"], validate=True)
+        algorithm = signature["algorithm"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelSignatureError(f"{signature_path} is unreadable: {exc}") from None
+    if algorithm != ALGORITHM:
+        raise ModelSignatureError(f"{signature_path}: algorithm {algorithm!r}, expected {ALGORITHM}")
+    try:
+        key.verify(raw, body)
+    except InvalidSignature:
+        raise ModelSignatureError(
+            f"model bundle {directory}: the signature does not match the manifest "
+            f"(signed by key {signature.get('key_id')!r}, verifying with {key_id(key)!r})"
+        ) from None
+    manifest = json.loads(body)
+    expected = manifest.get("files", {})
+    present = {p.name for p in directory.iterdir() if p.is_file()} - {MANIFEST, SIGNATURE}
+    if present != set(expected):
+        raise ModelSignatureError(f"model bundle {directory}: files {sorted(present)} differ "
+                                  f"from the signed list {sorted(expected)}")
+    for name, digest in expected.items():
+        if file_digest(directory / name) != digest:
+            raise ModelSignatureError(f"model bundle {directory}: {name} was changed after signing")
+    return manifest
+
+
+def load_bundle(directory: Path, key: Ed25519PublicKey) -> tuple[Any, dict[str, Any]]:
+    """(ScoringModel in eval mode, manifest) of a verified bundle."""
+    import torch
+
+    from lakehouse.model import ScoringModel
+
+    manifest = verify_bundle(directory, key)
+    model = ScoringModel(len(manifest["feature_names"]), manifest["hidden"])
+    model.load_state_dict(torch.load(directory / WEIGHTS, weights_only=True))
+    model.eval()
+    return model, manifest
+
+
+def write_bundle(directory: Path, model: Any, manifest: Mapping[str, Any],
+                 key: Ed25519PrivateKey) -> dict[str, Any]:
+    """Save weights and the ONNX export of `model`, check the export against torch on random
+    inputs, and sign. Returns the signed manifest."""
+    import numpy as np
+    import onnxruntime
+    import torch
+
+    from lakehouse.model import ProbabilityHead, predict
+
+    directory.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    torch.save(model.state_dict(), directory / WEIGHTS)
+    example = torch.zeros(2, model.n_inputs)
+    # the exporter logs a warning per torchvision op it cannot register; we use none
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    program = torch.onnx.export(
+        ProbabilityHead(model).eval(), (example,), input_names=["features"],
+        output_names=["probability"], dynamic_shapes=({0: torch.export.Dim("rows")},),
+        dynamo=True, external_data=False, verbose=False)
+    program.save(str(directory / ONNX))
+    # the export must score like the weights it came from
+    probe = (model.mean + model.scale * torch.randn(256, model.n_inputs)).numpy()
+    session = onnxruntime.InferenceSession(str(directory / ONNX), providers=["CPUExecutionProvider"])
+    exported = session.run(["probability"], {"features": probe.astype(np.float32)})[0]
+    gap = float(np.max(np.abs(exported - predict(model, probe))))
+    if gap > 1e-5:
+        raise PlatformError(f"the ONNX export differs from the torch model by {gap:g}")
+    return sign_bundle(directory, {**manifest, "hidden": list(model.hidden),
+                                   "onnx_max_abs_diff": gap}, key)

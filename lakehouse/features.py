@@ -1,0 +1,107 @@
+"""Point-in-time feature states: the one fold every layer uses.
+
+`ViewStates` holds one feature view's monoid states per (entity, bucket) and answers, for an
+event, the states of its window (`read`). `replay` walks events in arrival order and gives,
+for each, the states of everything that preceded it, then adds it: that is the definition
+of an event's features (see `FeatureView`). The batch layer replays each entity's history
+inside Spark to build training sets; the speed layer keeps a `ViewStates` per view on top of
+the published batch views and adds events as they arrive; `/predict` reads the same states.
+A feature is therefore computed from one definition, whatever the layer.
+
+Events here are typed records as `RecordSchema.parse` returns them: money in integer cents,
+timestamps in epoch milliseconds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+from lakehouse.spec import FeatureView, PlatformSpec
+
+States = dict[str, dict[str, Any]]
+
+# columns that say where a record arrived: its Kafka partition and offset
+PARTITION, OFFSET = "partition", "offset"
+
+
+class ViewStates:
+    """Monoid states of one feature view per (entity, bucket start)."""
+
+    def __init__(self, view: FeatureView) -> None:
+        self.view = view
+        self._aggregations = tuple(view.aggregations.items())
+        self._states: dict[tuple[Any, int], list[Any]] = {}
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def add(self, event: Mapping[str, Any], time_field: str) -> None:
+        """Fold one event into its (entity, bucket) state."""
+        key = (event[self.view.entity], self.view.bucket_of(event[time_field]))
+        state = self._states.get(key)
+        if state is None:
+            self._states[key] = [a.lift(event) for _, a in self._aggregations]
+            return
+        for i, (_, aggregation) in enumerate(self._aggregations):
+            state[i] = aggregation.plus(state[i], aggregation.lift(event))
+
+    def merge(self, entity: Any, bucket: int, state: Mapping[str, Any]) -> None:
+        """Fold a precomputed state (a batch view row) into (entity, bucket)."""
+        current = self._states.get((entity, bucket))
+        values = [state[name] for name, _ in self._aggregations]
+        if current is None:
+            self._states[(entity, bucket)] = values
+            return
+        for i, (_, aggregation) in enumerate(self._aggregations):
+            current[i] = aggregation.plus(current[i], values[i])
+
+    def read(self, entity: Any, event_time_ms: int) -> dict[str, Any]:
+        """The states of an entity over the window an event at `event_time_ms` sees."""
+        totals = [a.zero for _, a in self._aggregations]
+        for bucket in self.view.window_buckets_of(event_time_ms):
+            state = self._states.get((entity, bucket))
+            if state is None:
+                continue
+            for i, (_, aggregation) in enumerate(self._aggregations):
+                totals[i] = aggregation.plus(totals[i], state[i])
+        return {name: total for (name, _), total in zip(self._aggregations, totals, strict=True)}
+
+
+def replay(views: Sequence[FeatureView], events: Iterable[Mapping[str, Any]],
+           time_field: str) -> Iterator[States]:
+    """For each event, in the order given, the states of `views` before it (it is added
+    after it has been read)."""
+    tables = [ViewStates(view) for view in views]
+    for event in events:
+        time_ms = event[time_field]
+        yield {t.view.name: t.read(event[t.view.entity], time_ms) for t in tables}
+        for table in tables:
+            table.add(event, time_field)
+
+
+def arrival_order(spec: PlatformSpec, view: FeatureView) -> tuple[str, ...]:
+    """The columns that order one entity's events by arrival, as `FeatureView` defines it:
+    Kafka (partition, offset) for the entity that keys the messages, (event time, partition,
+    offset) for any other."""
+    if view.entity == spec.events.key_field:
+        return (PARTITION, OFFSET)
+    return (spec.events.time_field, PARTITION, OFFSET)
+
+
+def views_by_entity(spec: PlatformSpec) -> dict[str, list[FeatureView]]:
+    """The spec's views grouped by the entity they aggregate over, in declaration order."""
+    grouped: dict[str, list[FeatureView]] = {}
+    for view in spec.views:
+        grouped.setdefault(view.entity, []).append(view)
+    return grouped
+
+
+def state_column(view: str, aggregation: str) -> str:
+    """Column name of one aggregation's point-in-time state in a flat table."""
+    return f"{view}__{aggregation}"
+
+
+def states_from_row(spec: PlatformSpec, row: Mapping[str, Any]) -> States:
+    """Nested states from a flat row of `state_column` columns."""
+    return {v.name: {a: row[state_column(v.name, a)] for a in v.aggregations} for v in spec.views}
