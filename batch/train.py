@@ -17,10 +17,12 @@ Steps (`train_model`):
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -160,7 +162,11 @@ def run_distributed(spark: SparkSession, options: TrainOptions, job: dict[str, A
     local = spark.conf.get("spark.master", "local").startswith("local")
     distributor = TorchDistributor(num_processes=options.num_processes, local_mode=local,
                                    use_gpu=options.use_gpu)
-    result = distributor.run(train_worker, job)
+    with warnings.catch_warnings():
+        # pyspark leaves the torchrun pipe for the garbage collector to close
+        warnings.simplefilter("ignore", ResourceWarning)
+        result = distributor.run(train_worker, job)
+        gc.collect()
     if not isinstance(result, dict):
         raise PlatformError(f"training returned {type(result).__name__}, not the model weights")
     return result
@@ -202,6 +208,7 @@ def train_model(
     settings: Settings,
     spec: PlatformSpec,
     *,
+    lakehouse: Lakehouse | None = None,
     options: TrainOptions | None = None,
     label_cutoff_ms: int | None = None,
     training_set: TrainingSet | None = None,
@@ -212,12 +219,15 @@ def train_model(
     from lakehouse.model import ScoringModel, predict
 
     options = options or TrainOptions.from_settings(settings)
-    lakehouse = Lakehouse(settings.delta_uri)
+    lakehouse = lakehouse or Lakehouse(settings.delta_uri)
     durations: dict[str, float] = {}
     started = time.monotonic()
     run = latest_run(spark, lakehouse)
     if run is None:
         raise PlatformError("no published batch run: run `lambdalake batch views` first")
+    if training_set is not None and training_set.batch_run_id != run.run_id:
+        raise PlatformError(f"the training set was built from batch run {training_set.batch_run_id}, "
+                            f"but the latest published run is {run.run_id}: rebuild it")
     if training_set is None:
         training_set = build_training_set(spark, lakehouse, spec, run,
                                           label_cutoff_ms=label_cutoff_ms, echo=echo)
