@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lakehouse.config import Settings
@@ -48,6 +49,17 @@ def spark_session(settings: Settings, *, app_name: str = "lambdalake") -> SparkS
         .config("spark.databricks.delta.snapshotPartitions", "2")
         .config("spark.sql.adaptive.enabled", "true")
     )
+    if settings.train_use_gpu:
+        # TorchDistributor takes its GPUs from Spark's resource scheduling: the driver's in
+        # local mode; on a cluster one per barrier task (executors' GPUs are cluster config)
+        if settings.spark_master.startswith("local"):
+            discovery = Path(__file__).resolve().parent.parent / "infra" / "bin" / "gpu-discovery.sh"
+            builder = (
+                builder.config("spark.driver.resource.gpu.amount", str(settings.train_num_processes))
+                .config("spark.driver.resource.gpu.discoveryScript", str(discovery))
+            )
+        else:
+            builder = builder.config("spark.task.resource.gpu.amount", "1")
     session = builder.getOrCreate()
     session.sparkContext.setLogLevel("WARN")
     return session
