@@ -87,3 +87,14 @@ def register(mlflow: MlflowClient, name: str, run_id: str, tags: dict[str, str],
     source = f"{mlflow.get_run(run_id).info.artifact_uri}/{BUNDLE_ARTIFACT_PATH}"
     return mlflow.create_model_version(name, source=source, run_id=run_id, tags=tags,
                                        description=description)
+
+
+def publish_bundle(mlflow: MlflowClient, name: str, run_id: str, bundle_dir: Path, *,
+                   tags: dict[str, str], description: str, alias: str | None = None) -> Any:
+    """Log a signed bundle as the run's `model/` artifacts, register it as a new version of
+    `name`, and point `alias` at it (if given)."""
+    mlflow.log_artifacts(run_id, str(bundle_dir), BUNDLE_ARTIFACT_PATH)
+    version = register(mlflow, name, run_id, tags=tags, description=description)
+    if alias is not None:
+        mlflow.set_registered_model_alias(name, alias, version.version)
+    return version

@@ -21,6 +21,7 @@ import gc
 import json
 import math
 import os
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -191,8 +192,9 @@ def score_champion(client: Any, settings: Settings, spec: PlatformSpec, x: np.nd
     version = registry.version_by_alias(client, settings.model_name, registry.CHAMPION)
     if version is None:
         return None, None
-    bundle = registry.download_bundle(client, version)
-    model, manifest = load_bundle(bundle, load_verify_key(settings.verify_key_path))
+    with tempfile.TemporaryDirectory(prefix="lambdalake-champion-") as scratch:
+        bundle = registry.download_bundle(client, version, Path(scratch))
+        model, manifest = load_bundle(bundle, load_verify_key(settings.verify_key_path))
     if manifest["feature_names"] != list(spec.feature_names):
         echo(f"champion v{version.version} takes other inputs ({manifest['spec_fingerprint']}); "
              "not comparable")

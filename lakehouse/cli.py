@@ -276,6 +276,42 @@ def batch_run(
     }))
 
 
+model_app = typer.Typer(help="The model service: the champion model on Ray Serve.",
+                        no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+
+def _service_args():  # type: ignore[no-untyped-def]
+    from speed.model_service import ServiceArgs
+
+    return ServiceArgs.from_settings(settings())
+
+
+@model_app.command("serve")
+def model_serve() -> None:
+    """Deploy (or update) the model service on the platform's Ray Serve and wait until it
+    answers; prints the version it serves."""
+    import os
+
+    from infra.services import ray_local_env
+
+    os.environ.update(ray_local_env())  # before Ray is imported
+    from speed.model_service import serve_on_ray
+
+    config = settings()
+    _echo(f"deploying the model service on Ray at {config.ray_address}")
+    info = serve_on_ray(config.ray_address, _service_args())
+    print(json.dumps({**info, "url": f"http://127.0.0.1:{config.serve_http_port}/model"}))
+
+
+@model_app.command("config")
+def model_config() -> None:
+    """Print a Ray Serve config file for the model service (`serve deploy FILE`)."""
+    from speed.model_service import serve_config
+
+    print(serve_config(_service_args()), end="")
+
+
 @app.command()
 def jars() -> None:
     """Fetch the Kafka broker and Spark extra jars with Maven (once per pom change)."""

@@ -1,0 +1,266 @@
+"""The model service: one Ray Serve deployment that every score goes through.
+
+`ModelScorer` serves the registry's `champion` version of the model. Each replica downloads
+the signed bundle from MLflow, verifies it with the public key (an unsigned or changed bundle
+is refused: the replica does not start, or keeps its current model), and scores on the GPU
+when Ray gave it one. Calls from the speed layer (`score` through a deployment handle) and
+HTTP `/predict` requests are batched together with `@serve.batch`. A background task polls
+the registry; when the alias moves, the new version is loaded and verified beside the old
+one and swapped in between two batches, so no request fails or is dropped.
+
+Deploy with `lambdalake model serve`, or with a standard Serve config file:
+
+    applications:
+      - name: model
+        route_prefix: /model
+        import_path: speed.model_service:build_app
+        args: {tracking_uri: "http://127.0.0.1:5000", model_name: fraud,
+               verify_key_pem: "-----BEGIN PUBLIC KEY-----..."}
+
+(`serve run config.yaml` / `serve deploy config.yaml`; `lambdalake model config` prints one
+for the current settings.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from lakehouse.errors import PlatformError
+
+log = logging.getLogger("lambdalake.model_service")
+
+APP_NAME = "model"
+ROUTE_PREFIX = "/model"
+DEPLOYMENT = "ModelScorer"
+
+
+@dataclass(frozen=True)
+class ServiceArgs:
+    """What a replica needs to find, verify and serve the model (the app's `args`)."""
+
+    tracking_uri: str
+    model_name: str
+    verify_key_pem: str
+    alias: str = "champion"
+    poll_s: float = 5.0
+    max_batch_size: int = 256
+    batch_wait_timeout_s: float = 0.005
+    min_replicas: int = 1
+    max_replicas: int = 2
+    target_ongoing_requests: float = 8.0
+    num_gpus: float = 0.0
+    num_cpus: float = 0.25
+
+    @classmethod
+    def from_settings(cls, settings: Any, **overrides: Any) -> ServiceArgs:
+        from lakehouse.bundle import load_verify_key, public_pem
+
+        pem = public_pem(load_verify_key(settings.verify_key_path)).decode()
+        base = {"tracking_uri": settings.mlflow_uri, "model_name": settings.model_name,
+                "verify_key_pem": pem, "min_replicas": settings.serve_min_replicas,
+                "max_replicas": settings.serve_max_replicas, "num_gpus": settings.serve_num_gpus}
+        return cls(**{**base, **overrides})
+
+
+class BadRequest(ValueError):
+    """A scoring request that cannot be served as sent; the message says why."""
+
+
+class LoadedModel:
+    """A verified model version on its device."""
+
+    def __init__(self, args: ServiceArgs, version: Any) -> None:
+        import torch
+        from cryptography.hazmat.primitives import serialization
+
+        from batch import registry
+        from lakehouse.bundle import load_bundle
+
+        key = serialization.load_pem_public_key(args.verify_key_pem.encode())
+        client = registry.client(args.tracking_uri)
+        with tempfile.TemporaryDirectory(prefix="lambdalake-serve-") as scratch:
+            bundle = registry.download_bundle(client, version, Path(scratch))
+            model, manifest = load_bundle(bundle, key)  # type: ignore[arg-type]
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = model.to(self.device)
+        self.version = int(version.version)
+        self.feature_names: list[str] = manifest["feature_names"]
+        self.spec_fingerprint: str = manifest["lineage"]["spec_fingerprint"]
+
+    def score(self, rows: list[list[float]]) -> list[float]:
+        import torch
+
+        with torch.no_grad():
+            x = torch.as_tensor(rows, dtype=torch.float32, device=self.device)
+            return self.model.probability(x).cpu().tolist()
+
+
+def check_rows(rows: Any, width: int) -> list[list[float]]:
+    """The feature rows of a request, or BadRequest saying what is wrong with them."""
+    if not isinstance(rows, list) or not rows:
+        raise BadRequest("'features' must be a non-empty list of feature vectors")
+    for i, row in enumerate(rows):
+        if not isinstance(row, list) or len(row) != width:
+            raise BadRequest(f"features[{i}] must be a list of {width} numbers")
+        for value in row:
+            if isinstance(value, bool) or not isinstance(value, int | float) or value != value \
+                    or value in (float("inf"), float("-inf")):
+                raise BadRequest(f"features[{i}] holds {value!r}: every feature must be a finite number")
+    return rows
+
+
+def _scorer_class():  # type: ignore[no-untyped-def]
+    """The deployment class (built lazily so that importing this module needs no Ray)."""
+    from ray import serve
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+
+    class ModelScorer:
+        def __init__(self, args: dict[str, Any]) -> None:
+            self.args = ServiceArgs(**args)
+            self.client = None
+            self.loaded = self._load_current()
+            if self.loaded is None:
+                raise PlatformError(f"model {self.args.model_name!r} has no {self.args.alias!r} "
+                                    "version to serve: train one first (`lambdalake batch train`)")
+            self.swaps = 0
+            self.last_error = ""
+            self._score_batched.set_max_batch_size(self.args.max_batch_size)
+            self._score_batched.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
+            self._poller = asyncio.get_running_loop().create_task(self._follow_alias())
+            log.info("serving %s v%s on %s", self.args.model_name, self.loaded.version,
+                     self.loaded.device)
+
+        def _load_current(self) -> LoadedModel | None:
+            from batch import registry
+
+            client = registry.client(self.args.tracking_uri)
+            version = registry.version_by_alias(client, self.args.model_name, self.args.alias)
+            return None if version is None else LoadedModel(self.args, version)
+
+        async def _follow_alias(self) -> None:
+            """Swap in a newly promoted version; keep the current one if it fails to verify."""
+            from batch import registry
+
+            while True:
+                await asyncio.sleep(self.args.poll_s)
+                try:
+                    client = registry.client(self.args.tracking_uri)
+                    version = await asyncio.to_thread(
+                        registry.version_by_alias, client, self.args.model_name, self.args.alias)
+                    if version is None or int(version.version) == self.loaded.version:
+                        continue
+                    fresh = await asyncio.to_thread(LoadedModel, self.args, version)
+                    self.loaded, self.swaps = fresh, self.swaps + 1  # atomic between batches
+                    log.info("now serving %s v%s", self.args.model_name, fresh.version)
+                except Exception as exc:  # noqa: BLE001 - keep serving what was verified
+                    self.last_error = f"{type(exc).__name__}: {exc}"
+                    log.error("keeping v%s: %s", self.loaded.version, self.last_error)
+
+        @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.005)
+        async def _score_batched(self, requests: list[list[list[float]]]) -> list[dict[str, Any]]:
+            model = self.loaded  # one version for the whole batch
+            flat = [row for rows in requests for row in rows]
+            started = time.perf_counter()
+            scores = await asyncio.to_thread(model.score, flat) if len(flat) > 512 else model.score(flat)
+            elapsed_ms = (time.perf_counter() - started) * 1000
+            out, at = [], 0
+            for rows in requests:
+                out.append({"scores": scores[at:at + len(rows)], "model_version": model.version,
+                            "model_ms": elapsed_ms, "batch_rows": len(flat)})
+                at += len(rows)
+            return out
+
+        async def score(self, rows: list[list[float]]) -> dict[str, Any]:
+            """Probabilities for raw model input vectors, and the version that scored them."""
+            return await self._score_batched(check_rows(rows, len(self.loaded.feature_names)))
+
+        async def info(self) -> dict[str, Any]:
+            return {"model_name": self.args.model_name, "version": self.loaded.version,
+                    "feature_names": self.loaded.feature_names, "device": str(self.loaded.device),
+                    "spec_fingerprint": self.loaded.spec_fingerprint, "swaps": self.swaps,
+                    "last_error": self.last_error}
+
+        async def __call__(self, request: Request) -> JSONResponse:
+            if request.method == "GET":
+                return JSONResponse(await self.info())
+            try:
+                body = await request.json()
+            except ValueError:
+                return JSONResponse({"error": "the body must be JSON: {\"features\": [[...], ...]}"},
+                                    status_code=400)
+            if not isinstance(body, dict) or "features" not in body:
+                return JSONResponse({"error": "expected a JSON object with 'features'"}, status_code=400)
+            try:
+                return JSONResponse(await self.score(body["features"]))
+            except BadRequest as exc:
+                return JSONResponse({"error": str(exc), "feature_names": self.loaded.feature_names},
+                                    status_code=422)
+
+        async def check_health(self) -> None:
+            if self._poller.done() and self._poller.exception() is not None:
+                raise RuntimeError(f"the registry poller died: {self._poller.exception()}")
+
+    return ModelScorer
+
+
+def build_app(args: dict[str, Any]):  # type: ignore[no-untyped-def]
+    """The Serve application (the `import_path` of a Serve config file)."""
+    from ray import serve
+
+    service = ServiceArgs(**args)
+    deployment = serve.deployment(
+        _scorer_class(),
+        name=DEPLOYMENT,
+        ray_actor_options={"num_cpus": service.num_cpus, "num_gpus": service.num_gpus},
+        autoscaling_config={"min_replicas": service.min_replicas,
+                            "max_replicas": service.max_replicas,
+                            "target_ongoing_requests": service.target_ongoing_requests},
+        max_ongoing_requests=max(64, service.max_batch_size),
+        health_check_period_s=10,
+        max_constructor_retry_count=3,  # a model that fails verification will not pass later
+    )
+    return deployment.bind(asdict(service))
+
+
+def serve_on_ray(address: str, service: ServiceArgs, *, timeout_s: float = 180.0) -> dict[str, Any]:
+    """Deploy the application on a running Ray cluster (Serve already started), wait until
+    it is healthy, and return what it serves."""
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=False)
+    handle = serve.run(build_app(asdict(service)), name=APP_NAME, route_prefix=ROUTE_PREFIX,
+                       blocking=False)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return handle.info.remote().result(timeout_s=max(1.0, deadline - time.monotonic()))
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
+
+
+def serve_config(service: ServiceArgs) -> str:
+    """A Serve config file (YAML) deploying this application with these arguments."""
+    import yaml
+
+    config = {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": "127.0.0.1"},
+        "applications": [{
+            "name": APP_NAME,
+            "route_prefix": ROUTE_PREFIX,
+            "import_path": "speed.model_service:build_app",
+            "args": asdict(service),
+        }],
+    }
+    return yaml.safe_dump(config, sort_keys=False)

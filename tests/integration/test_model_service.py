@@ -1,0 +1,173 @@
+"""The model service on the platform's Ray Serve: it serves the verified champion over HTTP
+and through a handle, answers bad requests with 4xx, follows a promotion without failing a
+request, and refuses a tampered model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from batch import registry
+from infra.services import ray_local_env
+from lakehouse.bundle import load_or_create_signing_key, write_bundle
+from lakehouse.config import Settings
+from lakehouse.fraud import FRAUD_SPEC
+from lakehouse.model import ScoringModel, predict
+
+pytestmark = pytest.mark.integration
+
+WIDTH = len(FRAUD_SPEC.feature_names)
+ROWS = np.random.default_rng(5).normal(0.0, 2.0, size=(6, WIDTH))
+
+
+def _model(seed: int) -> ScoringModel:
+    import torch
+
+    torch.manual_seed(seed)
+    model = ScoringModel(WIDTH, (8,))
+    model.fit_standardization(np.random.default_rng(seed).normal(1.0, 3.0, size=(100, WIDTH)))
+    return model
+
+
+def publish(settings: Settings, model: ScoringModel, root: Path, *, tamper: bool = False,
+            alias: str | None = "champion") -> int:
+    """Sign and register a model version the way training does (real MLflow)."""
+    client = registry.client(settings.mlflow_uri)
+    experiment = client.get_experiment_by_name("model-service-tests")
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment("model-service-tests")
+    run_id = client.create_run(experiment_id).info.run_id
+    bundle = root / run_id
+    write_bundle(bundle, model, {"feature_names": list(FRAUD_SPEC.feature_names),
+                                 "lineage": {"spec_fingerprint": FRAUD_SPEC.fingerprint()}},
+                 load_or_create_signing_key(settings.signing_key_path))
+    if tamper:
+        weights = bundle / "model.pt"
+        data = bytearray(weights.read_bytes())
+        data[-20] ^= 0x01
+        weights.write_bytes(bytes(data))
+    version = registry.publish_bundle(client, settings.model_name, run_id, bundle, tags={},
+                                      description="test", alias=alias)
+    client.set_terminated(run_id)
+    return int(version.version)
+
+
+@pytest.fixture(scope="module")
+def service(platform: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    os.environ.update(ray_local_env())  # before Ray is imported
+    import ray
+    from ray import serve
+
+    from speed.model_service import APP_NAME, ServiceArgs, serve_on_ray
+
+    settings = platform.model_copy(update={"model_name": f"serve-it-{uuid.uuid4().hex[:6]}"})
+    root = tmp_path_factory.mktemp("bundles")
+    first = _model(1)
+    v1 = publish(settings, first, root)
+    ray.init(address=settings.ray_address, log_to_driver=False)
+    args = ServiceArgs.from_settings(settings, poll_s=1.0, max_replicas=1)
+    info = serve_on_ray(settings.ray_address, args)
+    yield {"settings": settings, "root": root, "args": args, "info": info, "v1": v1, "first": first,
+           "url": f"http://127.0.0.1:{settings.serve_http_port}/model"}
+    serve.delete(APP_NAME)
+    ray.shutdown()
+
+
+def _post(url: str, body: bytes) -> tuple[int, dict[str, Any]]:
+    request = urllib.request.Request(url, data=body, headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+
+
+def test_serves_the_verified_champion_over_http(service: dict[str, Any]) -> None:
+    assert service["info"]["version"] == service["v1"]
+    assert service["info"]["feature_names"] == list(FRAUD_SPEC.feature_names)
+    status, answer = _post(service["url"], json.dumps({"features": ROWS.tolist()}).encode())
+    assert status == 200 and answer["model_version"] == service["v1"]
+    assert np.allclose(answer["scores"], predict(service["first"], ROWS), atol=1e-6)
+
+
+@pytest.mark.parametrize(("body", "status"), [
+    (b"{not json", 400),
+    (b'{"rows": []}', 400),
+    (json.dumps({"features": []}).encode(), 422),
+    (json.dumps({"features": [[1.0, 2.0]]}).encode(), 422),
+    (json.dumps({"features": [["x"] * WIDTH]}).encode(), 422),
+])
+def test_bad_requests_get_a_4xx_with_the_reason(service: dict[str, Any], body: bytes, status: int) -> None:
+    got, answer = _post(service["url"], body)
+    assert got == status and answer["error"]
+
+
+def test_a_promotion_is_followed_without_failing_a_request(service: dict[str, Any]) -> None:
+    from ray import serve
+
+    from speed.model_service import APP_NAME
+
+    handle = serve.get_app_handle(APP_NAME)
+    seen: list[int] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def keep_scoring() -> None:
+        while not stop.is_set():
+            try:
+                seen.append(handle.score.remote(ROWS.tolist()).result(timeout_s=30)["model_version"])
+            except Exception as exc:  # noqa: BLE001 - every failure is recorded and fails the test
+                failures.append(repr(exc))
+
+    worker = threading.Thread(target=keep_scoring)
+    worker.start()
+    try:
+        time.sleep(1.0)
+        second = _model(2)
+        v2 = publish(service["settings"], second, service["root"])
+        deadline = time.monotonic() + 60
+        while (not seen or seen[-1] != v2) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        worker.join()
+    assert not failures
+    assert seen[0] == service["v1"] and seen[-1] == v2
+    assert seen == sorted(seen)  # one switch, never back
+    answer = handle.score.remote(ROWS.tolist()).result(timeout_s=30)
+    assert np.allclose(answer["scores"], predict(second, ROWS), atol=1e-6)
+    service["v2"] = v2
+
+
+def test_a_tampered_model_is_refused(service: dict[str, Any]) -> None:
+    from ray import serve
+
+    from speed.model_service import APP_NAME, build_app
+
+    current = serve.get_app_handle(APP_NAME).info.remote().result(timeout_s=30)["version"]
+    tampered = publish(service["settings"], _model(3), service["root"], tamper=True)
+    deadline = time.monotonic() + 30
+    info = {}
+    while time.monotonic() < deadline:
+        info = serve.get_app_handle(APP_NAME).info.remote().result(timeout_s=30)
+        if "changed after signing" in info["last_error"]:
+            break
+        time.sleep(0.5)
+    assert "changed after signing" in info["last_error"]
+    assert info["version"] == current != tampered  # it keeps serving the verified model
+    # a fresh deployment whose champion is the tampered version does not start
+    with pytest.raises(Exception, match="changed after signing"):
+        serve.run(build_app(dataclasses.asdict(service["args"])), name="model-tampered",
+                  route_prefix="/model-tampered")
+    serve.delete("model-tampered")
