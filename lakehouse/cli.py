@@ -8,6 +8,7 @@ or arguments, 1 for everything else; `status` exits 3 when a service is not heal
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import signal
 import sys
@@ -310,6 +311,57 @@ def model_config() -> None:
     from speed.model_service import serve_config
 
     print(serve_config(_service_args()), end="")
+
+
+speed_app = typer.Typer(help="The speed layer: Kafka → features → Ray Serve → Delta, exactly once.",
+                        no_args_is_help=True)
+app.add_typer(speed_app, name="speed")
+
+
+@speed_app.command("run")
+def speed_run(
+    group: Annotated[str, typer.Option(help="Kafka consumer group; members share the partitions")] = "lambdalake-speed",
+    max_batch: Annotated[int, typer.Option(min=1, help="records per micro-batch at most")] = 2000,
+    max_wait_ms: Annotated[int, typer.Option(min=1, help="longest wait for a micro-batch to fill")] = 200,
+    max_events: Annotated[int | None, typer.Option(min=1, help="stop after this many records")] = None,
+    idle_exit: Annotated[float | None, typer.Option(min=0.1, help="stop after this many idle seconds")] = None,
+    metrics_port: Annotated[int, typer.Option(min=0, max=65535, help="serve Prometheus metrics on 127.0.0.1:PORT (0: off)")] = 0,
+    topic: Annotated[str | None, typer.Option(help="events topic (default: the spec's); the DLQ is TOPIC.dlq")] = None,
+) -> None:
+    """Score every event of the events topic through the model service, exactly once,
+    until SIGTERM/SIGINT (the current micro-batch completes first)."""
+    import os
+    import threading
+
+    from infra.services import ray_local_env
+
+    os.environ.update(ray_local_env())  # before Ray is imported
+    import logging
+
+    import ray
+
+    from lakehouse.fraud import FRAUD_SPEC
+    from speed.consumer import SpeedLayer, SpeedOptions, serve_scorer
+
+    config = settings()
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    if metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(metrics_port, addr="127.0.0.1")
+    ray.init(address=config.ray_address, log_to_driver=False, logging_level=logging.WARNING)
+    spec = FRAUD_SPEC
+    if topic:
+        spec = dataclasses.replace(spec, events=dataclasses.replace(spec.events, topic=topic),
+                                   dlq_topic=f"{topic}.dlq")
+    options = SpeedOptions(group_id=group, max_batch=max_batch, max_wait_ms=max_wait_ms)
+    _echo(f"speed layer: group {group}, topic {spec.events.topic}")
+    counts = SpeedLayer(config, spec, serve_scorer(), options=options).run(
+        stop, max_events=max_events, idle_exit_s=idle_exit)
+    print(json.dumps(counts))
 
 
 @app.command()

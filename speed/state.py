@@ -37,6 +37,12 @@ class Base:
         return offset <= self.boundary.get(partition, -1)
 
 
+@dataclass
+class PreparedBase:
+    base: Base
+    tables: dict[str, ViewStates]
+
+
 class SpeedState:
     def __init__(self, spec: PlatformSpec) -> None:
         self.spec = spec
@@ -84,19 +90,28 @@ class SpeedState:
         """True when this process has consumed past `boundary` in every partition it owns."""
         return all(self.positions.get(p, 0) > boundary.get(p, -1) for p in owned)
 
-    def adopt(self, run_id: str, boundary: Mapping[int, int], gold: Iterable[GoldRow]) -> int:
-        """Rebuild on a newer batch run: its views, plus the kept events above its boundary.
-        Returns how many kept events were dropped (now inside the batch views)."""
-        base = Base(run_id, dict(boundary))
+    def prepare(self, run_id: str, boundary: Mapping[int, int], gold: Iterable[GoldRow]) -> PreparedBase:
+        """Build a run's view states (slow for big views; safe in a background thread)."""
         tables = self._empty()
         for view_name, entity, bucket, state in gold:
             tables[view_name].merge(entity, bucket, state)
+        return PreparedBase(Base(run_id, dict(boundary)), tables)
+
+    def install(self, prepared: PreparedBase) -> int:
+        """Switch to a prepared base: keep the events above its boundary, drop the rest
+        (now inside the batch views). Returns how many were dropped."""
+        base = prepared.base
         before = sum(len(events) for events in self.kept.values())
         self.kept = {p: [(o, e) for o, e in events if not base.includes(p, o)]
                      for p, events in self.kept.items()}
-        self.base, self.base_tables = base, tables
+        self.base, self.base_tables = base, prepared.tables
         self._rebuild_increments()
         return before - sum(len(events) for events in self.kept.values())
+
+    def adopt(self, run_id: str, boundary: Mapping[int, int], gold: Iterable[GoldRow]) -> int:
+        """Rebuild on a newer batch run: its views, plus the kept events above its boundary.
+        Returns how many kept events were dropped (now inside the batch views)."""
+        return self.install(self.prepare(run_id, boundary, gold))
 
     def release(self, partitions: Iterable[int]) -> None:
         """Forget partitions this process no longer owns: their events leave the state."""

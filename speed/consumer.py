@@ -1,0 +1,330 @@
+"""The speed layer: Kafka → validation → point-in-time features → Ray Serve → Delta, exactly once.
+
+One `SpeedLayer` is one member of a Kafka consumer group on the events topic. Each
+micro-batch (bounded by `max_batch` records and `max_wait_ms`):
+
+1. parses every record with the spec's validation routine (the batch layer's); an invalid
+   record, or a later copy of an event id already scored, goes to the DLQ topic with its
+   reason, original key and bytes, and source topic/partition/offset in the headers;
+2. computes each valid event's features in offset order from `SpeedState` (the adopted
+   batch run's views ⊕ the increments after its boundary), then folds the event in;
+3. scores the batch through the model service's deployment handle (the `/predict` path);
+4. appends the scored rows to Delta `speed/scored_events` with one app transaction per
+   (group, topic, partition) = the last offset consumed; only then commits Kafka offsets.
+
+On (re)assignment a member seeks each partition to what Delta recorded and rebuilds its
+state from the newest batch run it has consumed past plus the events scored above that run's
+boundary, so a crash anywhere, or a rebalance, scores every event once. DLQ delivery is
+at-least-once: a record can reach the DLQ twice after a crash between produce and commit
+(its headers name the source partition and offset, the key to deduplicate on).
+
+A newer published batch run is loaded in a background thread and swapped in between two
+micro-batches once this member has consumed past its boundary in every partition it owns
+(`SpeedState.adopt`): scoring never pauses for it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from lakehouse.config import Settings
+from lakehouse.errors import ServiceError, ValidationError
+from lakehouse.spec import PlatformSpec
+from lakehouse.tables import Lakehouse
+from speed import lake, metrics
+from speed.state import SpeedState
+
+log = logging.getLogger("lambdalake.speed")
+
+Scorer = Callable[[list[list[float]]], tuple[list[float], int]]
+
+
+@dataclass(frozen=True)
+class SpeedOptions:
+    group_id: str = "lambdalake-speed"
+    max_batch: int = 2000
+    max_wait_ms: int = 200
+    run_check_s: float = 5.0  # how often to look for a newer published batch run
+    score_retries: int = 5
+
+
+def serve_scorer(app_name: str = "model") -> Scorer:
+    """Scores through the model service's deployment handle (Ray must be initialised)."""
+    from ray import serve
+
+    handle = serve.get_app_handle(app_name)
+
+    def score(rows: list[list[float]]) -> tuple[list[float], int]:
+        answer = handle.score.remote(rows).result(timeout_s=60)
+        return answer["scores"], int(answer["model_version"])
+
+    return score
+
+
+class SpeedLayer:
+    def __init__(self, settings: Settings, spec: PlatformSpec, scorer: Scorer, *,
+                 lakehouse: Lakehouse | None = None, options: SpeedOptions = SpeedOptions()) -> None:
+        self.settings = settings
+        self.spec = spec
+        self.scorer = scorer
+        self.lakehouse = lakehouse or Lakehouse(settings.delta_uri)
+        self.options = options
+        self.topic = spec.events.topic
+        self.dlq_topic = spec.topics[2]
+        self.schema = lake.scored_schema(spec)
+        self.state = SpeedState(spec)
+        self.owned: set[int] = set()
+        self.seen: dict[int, set[str]] = {}  # partition → event ids scored (duplicates go to the DLQ)
+        self._pending_run: tuple[Any, SpeedState] | None = None
+        self._loading = False
+        self._last_run_check = 0.0
+        self._consumer: Any = None
+        self._producer: Any = None
+        self.counts = {"scored": 0, "dlq": 0, "batches": 0}
+
+    # -------------------------------------------------------------- Kafka plumbing
+    def _connect(self) -> None:
+        from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
+
+        layer = self
+
+        class Listener(ConsumerRebalanceListener):
+            def on_partitions_revoked(self, revoked: Any) -> None:
+                layer._revoke({tp.partition for tp in revoked})
+
+            def on_partitions_assigned(self, assigned: Any) -> None:
+                layer._assign({tp.partition for tp in assigned})
+
+            def on_partitions_lost(self, lost: Any) -> None:
+                layer._revoke({tp.partition for tp in lost})
+
+        self._consumer = KafkaConsumer(
+            bootstrap_servers=self.settings.kafka_bootstrap_servers.split(","),
+            group_id=self.options.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=self.options.max_batch,
+            client_id=f"lambdalake-speed-{threading.get_native_id()}",
+        )
+        self._consumer.subscribe(topics=[self.topic], listener=Listener())
+        self._producer = KafkaProducer(
+            bootstrap_servers=self.settings.kafka_bootstrap_servers.split(","), acks="all", linger_ms=5)
+
+    def _revoke(self, partitions: set[int]) -> None:
+        mine = partitions & self.owned
+        if not mine:
+            return
+        self.owned -= mine
+        for p in mine:
+            self.seen.pop(p, None)
+        self.state.release(mine)
+        metrics.OWNED_PARTITIONS.set(len(self.owned))
+        log.info(json.dumps({"event": "partitions_revoked", "partitions": sorted(mine)}))
+
+    def _assign(self, partitions: set[int]) -> None:
+        """Seek the new partitions to what Delta recorded and rebuild the state."""
+        from kafka import TopicPartition
+
+        self.owned |= partitions
+        resume = lake.resume_offsets(self.lakehouse, self.options.group_id, self.topic, sorted(self.owned))
+        for p in partitions:
+            self._consumer.seek(TopicPartition(self.topic, p), resume[p])
+        self.state = self._rebuild(resume)
+        self._pending_run = None
+        metrics.OWNED_PARTITIONS.set(len(self.owned))
+        log.info(json.dumps({"event": "partitions_assigned", "partitions": sorted(partitions),
+                             "resume": {str(p): resume[p] for p in sorted(partitions)},
+                             "batch_run": self.state.base.run_id}))
+
+    def _rebuild(self, resume: dict[int, int]) -> SpeedState:
+        """State for the owned partitions: the newest run consumed past in all of them, plus
+        the events scored above its boundary."""
+        state = SpeedState(self.spec)
+        state.positions.update(resume)
+        for run in lake.published_runs(self.lakehouse):
+            if run.spec_fingerprint == self.spec.fingerprint() and state.can_adopt(run.boundary, self.owned):
+                state.adopt(run.run_id, run.boundary, lake.gold_rows(self.lakehouse, self.spec, run))
+                break
+        for p in sorted(self.owned):
+            history = lake.scored_history(self.lakehouse, self.spec, p, below=resume[p])
+            self.seen[p] = {event[self.spec.events.id_field] for _, event in history}
+            state.restore(p, history, next_offset=resume[p])
+        return state
+
+    # -------------------------------------------------------------- batch handover
+    def _check_for_new_run(self) -> None:
+        """Start loading a newer published run in the background; install it between two
+        batches once it is ready and this member has consumed past its boundary."""
+        if self._pending_run is not None:
+            run, prepared = self._pending_run
+            if self.state.can_adopt(run.boundary, self.owned):
+                dropped = self.state.install(prepared)
+                self._pending_run = None
+                metrics.BATCH_RUN.info({"run_id": run.run_id})
+                log.info(json.dumps({"event": "batch_run_adopted", "run_id": run.run_id,
+                                     "boundary": {str(p): o for p, o in run.boundary.items()},
+                                     "increments_dropped": dropped}))
+            return
+        if self._loading or time.monotonic() - self._last_run_check < self.options.run_check_s:
+            return
+        self._last_run_check = time.monotonic()
+        runs = lake.published_runs(self.lakehouse)
+        if not runs or runs[0].run_id == self.state.base.run_id:
+            return
+        run = runs[0]
+        if run.spec_fingerprint != self.spec.fingerprint():
+            return
+
+        def load() -> None:
+            try:
+                prepared = self.state.prepare(run.run_id, run.boundary,
+                                              lake.gold_rows(self.lakehouse, self.spec, run))
+                self._pending_run = (run, prepared)
+            except Exception as exc:  # noqa: BLE001 - keep scoring on the current base
+                log.error(json.dumps({"event": "batch_run_load_failed", "run_id": run.run_id,
+                                      "error": f"{type(exc).__name__}: {exc}"}))
+            finally:
+                self._loading = False
+
+        self._loading = True
+        threading.Thread(target=load, name="batch-run-loader", daemon=True).start()
+
+    # -------------------------------------------------------------- the loop
+    def run(self, stop: threading.Event, *, max_events: int | None = None,
+            idle_exit_s: float | None = None) -> dict[str, int]:
+        """Consume until `stop` is set (SIGTERM), `max_events` records were handled, or
+        nothing arrived for `idle_exit_s`; the current batch always completes first."""
+        self._connect()
+        idle_since = time.monotonic()
+        handled = 0
+        try:
+            while not stop.is_set():
+                polled = self._consumer.poll(timeout_ms=self.options.max_wait_ms,
+                                             max_records=self.options.max_batch)
+                self._check_for_new_run()
+                records = [r for tp_records in polled.values() for r in tp_records]
+                if not records:
+                    if idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
+                        break
+                    self._report_lag()
+                    continue
+                idle_since = time.monotonic()
+                self._process(records)
+                handled += len(records)
+                if max_events is not None and handled >= max_events:
+                    break
+        finally:
+            self.close()
+        return dict(self.counts)
+
+    def _process(self, records: list[Any]) -> None:
+        from kafka.structs import OffsetAndMetadata, TopicPartition
+
+        started = time.perf_counter()
+        records.sort(key=lambda r: (r.partition, r.offset))
+        rows: list[dict[str, Any]] = []
+        vectors: list[list[float]] = []
+        last: dict[int, int] = {}
+        dlq = 0
+        id_field, time_field = self.spec.events.id_field, self.spec.events.time_field
+        for record in records:
+            last[record.partition] = record.offset
+            try:
+                event = self.spec.events.parse(record.value)
+            except ValidationError as invalid:
+                self._to_dlq(record, invalid.reasons)
+                self.state.skip(record.partition, record.offset)
+                dlq += 1
+                continue
+            seen = self.seen.setdefault(record.partition, set())
+            if event[id_field] in seen:
+                self._to_dlq(record, [f"duplicate:{id_field}"])
+                self.state.skip(record.partition, record.offset)
+                dlq += 1
+                continue
+            seen.add(event[id_field])
+            vectors.append(self.state.features(event))
+            self.state.add(dict(event), record.partition, record.offset)
+            rows.append({**event, time_field: event[time_field] * 1000,
+                         "partition": record.partition, "offset": record.offset,
+                         "kafka_timestamp": record.timestamp * 1000})
+        feature_ms = (time.perf_counter() - started) * 1000
+        scores, version, model_ms = self._score(vectors)
+        scored_at = lake.now_utc()
+        for row, vector, score in zip(rows, vectors, scores, strict=True):
+            row.update(features=vector, score=score, model_version=version,
+                       batch_run_id=self.state.base.run_id, consumer_group=self.options.group_id,
+                       scored_at=scored_at, feature_ms=feature_ms / max(1, len(rows)),
+                       model_ms=model_ms)
+        if dlq:
+            self._producer.flush()
+        lake.append_scored(self.lakehouse, self.schema, rows, last,
+                           group=self.options.group_id, topic=self.topic)
+        self._consumer.commit({TopicPartition(self.topic, p): OffsetAndMetadata(o + 1, "", -1)
+                               for p, o in last.items()})
+        now_ms = time.time() * 1000
+        for row in rows:
+            metrics.END_TO_END.observe((now_ms - row["kafka_timestamp"] / 1000) / 1000)
+        metrics.EVENTS.labels("scored").inc(len(rows))
+        metrics.EVENTS.labels("dlq").inc(dlq)
+        metrics.BATCH_SIZE.observe(len(records))
+        if rows:
+            metrics.MODEL_VERSION.set(version)
+        self.counts["scored"] += len(rows)
+        self.counts["dlq"] += dlq
+        self.counts["batches"] += 1
+
+    def _score(self, vectors: list[list[float]]) -> tuple[list[float], int, float]:
+        if not vectors:
+            return [], 0, 0.0
+        delay = 0.5
+        for attempt in range(self.options.score_retries + 1):
+            started = time.perf_counter()
+            try:
+                scores, version = self.scorer(vectors)
+                elapsed = time.perf_counter() - started
+                metrics.SCORING_LATENCY.observe(elapsed)
+                return scores, version, elapsed * 1000
+            except Exception as exc:  # noqa: BLE001 - retried, then raised as ServiceError
+                if attempt == self.options.score_retries:
+                    raise ServiceError(f"the model service failed {attempt + 1} times: {exc}") from exc
+                log.warning(json.dumps({"event": "scoring_retry", "attempt": attempt + 1,
+                                        "error": f"{type(exc).__name__}: {exc}"}))
+                time.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")
+
+    def _to_dlq(self, record: Any, reasons: list[str]) -> None:
+        headers = [("reason", "; ".join(reasons).encode()),
+                   ("source_topic", record.topic.encode()),
+                   ("source_partition", str(record.partition).encode()),
+                   ("source_offset", str(record.offset).encode())]
+        self._producer.send(self.dlq_topic, key=record.key, value=record.value, headers=headers)
+
+    def _report_lag(self) -> None:
+        from kafka import TopicPartition
+
+        if not self.owned:
+            return
+        partitions = [TopicPartition(self.topic, p) for p in sorted(self.owned)]
+        try:
+            ends = self._consumer.end_offsets(partitions)
+        except Exception:  # noqa: BLE001 - lag is best-effort observability
+            return
+        for tp in partitions:
+            metrics.LAG.labels(str(tp.partition)).set(ends[tp] - self.state.positions.get(tp.partition, 0))
+
+    def close(self) -> None:
+        if self._consumer is not None:
+            self._consumer.close(autocommit=False)
+            self._consumer = None
+        if self._producer is not None:
+            self._producer.flush()
+            self._producer.close()
+            self._producer = None

@@ -1,0 +1,143 @@
+"""The speed layer's view of the lakehouse, through delta-rs (no JVM in a long-running
+consumer): published batch runs, their gold views, and the `speed/scored_events` table
+with its per-partition app transactions.
+
+scored_events holds one row per scored event: the typed event (every spec field), its
+Kafka partition and offset, the feature vector, score, model version, the batch run whose
+views it was scored on, and timings. Each append carries one Delta app transaction per
+(consumer group, topic, partition) whose version is the last offset it covers, so the
+table itself says where each partition resumes, and a replayed batch is recognised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from typing import Any
+
+import pyarrow as pa
+
+from batch.views import BUCKET, BatchRun
+from lakehouse.spec import PlatformSpec
+from lakehouse.tables import Lakehouse
+from speed.state import GoldRow
+
+PARTITION, OFFSET = "partition", "offset"
+
+
+def _pairs(value: Any) -> dict[Any, Any]:
+    """An Arrow map value as a dict (pyarrow gives a list of (key, value) tuples)."""
+    return dict(value or [])
+
+
+def published_runs(lakehouse: Lakehouse) -> list[BatchRun]:
+    """Every published batch run, newest first ([] before the first)."""
+    from deltalake import DeltaTable
+
+    if not DeltaTable.is_deltatable(lakehouse.batch_runs):
+        return []
+    rows = DeltaTable(lakehouse.batch_runs).to_pyarrow_table().to_pylist()
+    runs = [
+        BatchRun(run_id=r["run_id"], boundary=_pairs(r["boundary"]),
+                 view_versions=_pairs(r["view_versions"]), source_versions=_pairs(r["source_versions"]),
+                 row_counts=_pairs(r["row_counts"]), durations_s=_pairs(r["durations_s"]),
+                 spec_fingerprint=r["spec_fingerprint"],
+                 finished_at=r["finished_at"].astimezone(timezone.utc)
+                 if r["finished_at"].tzinfo else r["finished_at"].replace(tzinfo=timezone.utc))
+        for r in rows
+    ]
+    return sorted(runs, key=lambda run: run.finished_at, reverse=True)
+
+
+def gold_rows(lakehouse: Lakehouse, spec: PlatformSpec, run: BatchRun) -> Iterator[GoldRow]:
+    """Every (view, entity, bucket, state) of a run's views, as it published them."""
+    from deltalake import DeltaTable
+
+    for view in spec.views:
+        table = DeltaTable(lakehouse.gold(view.name), version=run.view_versions[view.name])
+        names = list(view.aggregations)
+        data = table.to_pyarrow_table(columns=[view.entity, BUCKET, *names])
+        columns = [data.column(n).to_pylist() for n in (view.entity, BUCKET, *names)]
+        for entity, bucket, *values in zip(*columns, strict=True):
+            yield view.name, entity, bucket, {
+                n: (int(v) if v is not None and not isinstance(v, int) else v)
+                for n, v in zip(names, values, strict=True)}
+
+
+def app_id(group: str, topic: str, partition: int) -> str:
+    return f"{group}:{topic}:{partition}"
+
+
+def resume_offsets(lakehouse: Lakehouse, group: str, topic: str, partitions: list[int]) -> dict[int, int]:
+    """Next offset to consume per partition, from the table's app transactions (0 where the
+    partition was never written)."""
+    from deltalake import DeltaTable
+
+    path = lakehouse.scored_events
+    if not DeltaTable.is_deltatable(path):
+        return {p: 0 for p in partitions}
+    table = DeltaTable(path)
+    out = {}
+    for p in partitions:
+        last = table.transaction_version(app_id(group, topic, p))
+        out[p] = 0 if last is None else last + 1
+    return out
+
+
+def scored_history(lakehouse: Lakehouse, spec: PlatformSpec, partition: int,
+                   below: int) -> list[tuple[int, dict[str, Any]]]:
+    """(offset, typed event) of every event scored from a partition below an offset, in
+    offset order: what a process taking the partition over folds into its state."""
+    from deltalake import DeltaTable
+
+    path = lakehouse.scored_events
+    if not DeltaTable.is_deltatable(path):
+        return []
+    data = DeltaTable(path).to_pyarrow_table(
+        columns=[*spec.events.field_names, OFFSET],
+        filters=[(PARTITION, "=", partition), (OFFSET, "<", below)])
+    time_field = spec.events.time_field
+    rows = data.to_pylist()
+    rows.sort(key=lambda r: r[OFFSET])
+    out = []
+    for row in rows:
+        offset = row.pop(OFFSET)
+        row[time_field] = int(row[time_field].timestamp() * 1000)
+        out.append((offset, row))
+    return out
+
+
+def scored_schema(spec: PlatformSpec) -> pa.Schema:
+    from batch.validate import parsed_arrow_schema
+
+    event = parsed_arrow_schema(spec.events)
+    return pa.schema([
+        *[event.field(name) for name in spec.events.field_names],
+        pa.field(PARTITION, pa.int32(), nullable=False),
+        pa.field(OFFSET, pa.int64(), nullable=False),
+        pa.field("kafka_timestamp", pa.timestamp("us", tz="UTC")),
+        pa.field("features", pa.list_(pa.float64()), nullable=False),
+        pa.field("score", pa.float64(), nullable=False),
+        pa.field("model_version", pa.int64(), nullable=False),
+        pa.field("batch_run_id", pa.string()),
+        pa.field("consumer_group", pa.string(), nullable=False),
+        pa.field("scored_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("feature_ms", pa.float64(), nullable=False),
+        pa.field("model_ms", pa.float64(), nullable=False),
+    ])
+
+
+def append_scored(lakehouse: Lakehouse, schema: pa.Schema, rows: list[dict[str, Any]],
+                  last_offsets: dict[int, int], *, group: str, topic: str) -> None:
+    """Append scored rows and record, in the same commit, the last offset consumed per
+    partition (also partitions whose records were all invalid: rows may be empty)."""
+    from deltalake import CommitProperties, Transaction, write_deltalake
+
+    transactions = [Transaction(app_id=app_id(group, topic, p), version=o)
+                    for p, o in sorted(last_offsets.items())]
+    write_deltalake(lakehouse.scored_events, pa.Table.from_pylist(rows, schema=schema),
+                    mode="append", commit_properties=CommitProperties(app_transactions=transactions))
+
+
+def now_utc() -> datetime:
+    return datetime.now(timezone.utc)
