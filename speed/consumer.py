@@ -84,6 +84,7 @@ class SpeedLayer:
         self._pending_run: tuple[Any, SpeedState] | None = None
         self._loading = False
         self._last_run_check = 0.0
+        self._last_lag_report = 0.0
         self._consumer: Any = None
         self._producer: Any = None
         self.counts = {"scored": 0, "dlq": 0, "batches": 0}
@@ -104,6 +105,7 @@ class SpeedLayer:
             def on_partitions_lost(self, lost: Any) -> None:
                 layer._revoke({tp.partition for tp in lost})
 
+        lake.ensure_scored_table(self.lakehouse, self.schema)
         self._consumer = KafkaConsumer(
             bootstrap_servers=self.settings.kafka_bootstrap_servers.split(","),
             group_id=self.options.group_id,
@@ -216,6 +218,7 @@ class SpeedLayer:
                     continue
                 idle_since = time.monotonic()
                 self._process(records)
+                self._report_lag()
                 handled += len(records)
                 if max_events is not None and handled >= max_events:
                     break
@@ -264,19 +267,21 @@ class SpeedLayer:
                        model_ms=model_ms)
         if dlq:
             self._producer.flush()
-        lake.append_scored(self.lakehouse, self.schema, rows, last,
-                           group=self.options.group_id, topic=self.topic)
+        written = lake.append_scored(self.lakehouse, self.schema, rows, last,
+                                     group=self.options.group_id, topic=self.topic)
+        if written < len(rows):  # another member owns these partitions now and wrote them
+            log.warning(json.dumps({"event": "stale_rows_skipped", "rows": len(rows) - written}))
         self._consumer.commit({TopicPartition(self.topic, p): OffsetAndMetadata(o + 1, "", -1)
                                for p, o in last.items()})
         now_ms = time.time() * 1000
         for row in rows:
             metrics.END_TO_END.observe((now_ms - row["kafka_timestamp"] / 1000) / 1000)
-        metrics.EVENTS.labels("scored").inc(len(rows))
+        metrics.EVENTS.labels("scored").inc(written)
         metrics.EVENTS.labels("dlq").inc(dlq)
         metrics.BATCH_SIZE.observe(len(records))
         if rows:
             metrics.MODEL_VERSION.set(version)
-        self.counts["scored"] += len(rows)
+        self.counts["scored"] += written
         self.counts["dlq"] += dlq
         self.counts["batches"] += 1
 
@@ -310,8 +315,9 @@ class SpeedLayer:
     def _report_lag(self) -> None:
         from kafka import TopicPartition
 
-        if not self.owned:
+        if not self.owned or time.monotonic() - self._last_lag_report < 5.0:
             return
+        self._last_lag_report = time.monotonic()
         partitions = [TopicPartition(self.topic, p) for p in sorted(self.owned)]
         try:
             ends = self._consumer.end_offsets(partitions)

@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute
 
 from batch.views import BUCKET, BatchRun
 from lakehouse.spec import PlatformSpec
@@ -97,14 +98,12 @@ def scored_history(lakehouse: Lakehouse, spec: PlatformSpec, partition: int,
         columns=[*spec.events.field_names, OFFSET],
         filters=[(PARTITION, "=", partition), (OFFSET, "<", below)])
     time_field = spec.events.time_field
+    index = data.schema.get_field_index(time_field)
+    micros = data.column(time_field).cast(pa.timestamp("us", tz="UTC")).cast(pa.int64())
+    data = data.set_column(index, time_field, pa.compute.divide(micros, 1000))  # exact ms
     rows = data.to_pylist()
     rows.sort(key=lambda r: r[OFFSET])
-    out = []
-    for row in rows:
-        offset = row.pop(OFFSET)
-        row[time_field] = int(row[time_field].timestamp() * 1000)
-        out.append((offset, row))
-    return out
+    return [(row.pop(OFFSET), row) for row in rows]
 
 
 def scored_schema(spec: PlatformSpec) -> pa.Schema:
@@ -127,16 +126,47 @@ def scored_schema(spec: PlatformSpec) -> pa.Schema:
     ])
 
 
-def append_scored(lakehouse: Lakehouse, schema: pa.Schema, rows: list[dict[str, Any]],
-                  last_offsets: dict[int, int], *, group: str, topic: str) -> None:
-    """Append scored rows and record, in the same commit, the last offset consumed per
-    partition (also partitions whose records were all invalid: rows may be empty)."""
-    from deltalake import CommitProperties, Transaction, write_deltalake
+def ensure_scored_table(lakehouse: Lakehouse, schema: pa.Schema) -> None:
+    """Create speed/scored_events if missing (two members may race to: one wins)."""
+    from deltalake import DeltaTable
 
+    path = lakehouse.scored_events
+    if DeltaTable.is_deltatable(path):
+        return
+    try:
+        DeltaTable.create(path, schema, mode="ignore")
+    except Exception:
+        if not DeltaTable.is_deltatable(path):
+            raise
+
+
+def append_scored(lakehouse: Lakehouse, schema: pa.Schema, rows: list[dict[str, Any]],
+                  last_offsets: dict[int, int], *, group: str, topic: str) -> int:
+    """Append scored rows and record, in the same commit, the last offset consumed per
+    partition (also partitions whose records were all invalid: rows may be empty).
+
+    Rows at or below what the table already records for their partition are left out: a
+    member that lost a partition in a rebalance while finishing a batch (a zombie) cannot
+    write its events twice. Returns how many rows were written."""
+    from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
+
+    path = lakehouse.scored_events
+    recorded: dict[int, int] = {}
+    if DeltaTable.is_deltatable(path):
+        table = DeltaTable(path)
+        for p in last_offsets:
+            version = table.transaction_version(app_id(group, topic, p))
+            if version is not None:
+                recorded[p] = version
+    fresh = [r for r in rows if r[OFFSET] > recorded.get(r[PARTITION], -1)]
     transactions = [Transaction(app_id=app_id(group, topic, p), version=o)
-                    for p, o in sorted(last_offsets.items())]
-    write_deltalake(lakehouse.scored_events, pa.Table.from_pylist(rows, schema=schema),
-                    mode="append", commit_properties=CommitProperties(app_transactions=transactions))
+                    for p, o in sorted(last_offsets.items()) if o > recorded.get(p, -1)]
+    if transactions:
+        write_deltalake(path, pa.Table.from_pylist(fresh, schema=schema), mode="append",
+                        commit_properties=CommitProperties(app_transactions=transactions,
+                                                           max_commit_retries=20))
+        return len(fresh)
+    return 0
 
 
 def now_utc() -> datetime:

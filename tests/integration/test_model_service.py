@@ -19,48 +19,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from batch import registry
 from infra.services import ray_local_env
-from lakehouse.bundle import load_or_create_signing_key, write_bundle
 from lakehouse.config import Settings
 from lakehouse.fraud import FRAUD_SPEC
-from lakehouse.model import ScoringModel, predict
+from lakehouse.model import predict
+from tests.integration.models import WIDTH, publish, random_model
 
 pytestmark = pytest.mark.integration
 
-WIDTH = len(FRAUD_SPEC.feature_names)
 ROWS = np.random.default_rng(5).normal(0.0, 2.0, size=(6, WIDTH))
-
-
-def _model(seed: int) -> ScoringModel:
-    import torch
-
-    torch.manual_seed(seed)
-    model = ScoringModel(WIDTH, (8,))
-    model.fit_standardization(np.random.default_rng(seed).normal(1.0, 3.0, size=(100, WIDTH)))
-    return model
-
-
-def publish(settings: Settings, model: ScoringModel, root: Path, *, tamper: bool = False,
-            alias: str | None = "champion") -> int:
-    """Sign and register a model version the way training does (real MLflow)."""
-    client = registry.client(settings.mlflow_uri)
-    experiment = client.get_experiment_by_name("model-service-tests")
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment("model-service-tests")
-    run_id = client.create_run(experiment_id).info.run_id
-    bundle = root / run_id
-    write_bundle(bundle, model, {"feature_names": list(FRAUD_SPEC.feature_names),
-                                 "lineage": {"spec_fingerprint": FRAUD_SPEC.fingerprint()}},
-                 load_or_create_signing_key(settings.signing_key_path))
-    if tamper:
-        weights = bundle / "model.pt"
-        data = bytearray(weights.read_bytes())
-        data[-20] ^= 0x01
-        weights.write_bytes(bytes(data))
-    version = registry.publish_bundle(client, settings.model_name, run_id, bundle, tags={},
-                                      description="test", alias=alias)
-    client.set_terminated(run_id)
-    return int(version.version)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +40,7 @@ def service(platform: Settings, tmp_path_factory: pytest.TempPathFactory) -> Ite
 
     settings = platform.model_copy(update={"model_name": f"serve-it-{uuid.uuid4().hex[:6]}"})
     root = tmp_path_factory.mktemp("bundles")
-    first = _model(1)
+    first = random_model(1)
     v1 = publish(settings, first, root)
     ray.init(address=settings.ray_address, log_to_driver=False)
     args = ServiceArgs.from_settings(settings, poll_s=1.0, max_replicas=1)
@@ -134,7 +101,7 @@ def test_a_promotion_is_followed_without_failing_a_request(service: dict[str, An
     worker.start()
     try:
         time.sleep(1.0)
-        second = _model(2)
+        second = random_model(2)
         v2 = publish(service["settings"], second, service["root"])
         deadline = time.monotonic() + 60
         while (not seen or seen[-1] != v2) and time.monotonic() < deadline:
@@ -156,7 +123,7 @@ def test_a_tampered_model_is_refused(service: dict[str, Any]) -> None:
     from speed.model_service import APP_NAME, build_app
 
     current = serve.get_app_handle(APP_NAME).info.remote().result(timeout_s=30)["version"]
-    tampered = publish(service["settings"], _model(3), service["root"], tamper=True)
+    tampered = publish(service["settings"], random_model(3), service["root"], tamper=True)
     deadline = time.monotonic() + 30
     info = {}
     while time.monotonic() < deadline:

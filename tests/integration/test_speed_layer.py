@@ -1,0 +1,255 @@
+"""The speed layer against real Kafka, Ray Serve, Delta and MLflow: exactly-once scoring
+(also across SIGKILLs and with two members in a group), the DLQ, features equal to the
+batch layer's, and a boundary handover in the middle of a stream."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from batch.ingest import ingest_topics
+from batch.training_set import point_in_time_features
+from batch.validate import validate_topic
+from batch.views import compute_views
+from infra.services import ray_local_env
+from lakehouse.config import Settings
+from lakehouse.fraud import FRAUD_SPEC, TRANSACTIONS
+from lakehouse.generator import GeneratorOptions, Message, generate
+from lakehouse.streams import ensure_topics, producer
+from lakehouse.tables import Lakehouse
+from tests.conftest import REPO
+from tests.integration.models import publish, random_model
+
+pytestmark = pytest.mark.integration
+
+USER_FEATURES = [n for n in FRAUD_SPEC.feature_names if not n.startswith("merchant_")]
+
+
+@dataclasses.dataclass
+class Stream:
+    settings: Settings
+    spec: Any
+    lakehouse: Lakehouse
+    topic: str
+    messages: list[Message]
+
+    @property
+    def valid_ids(self) -> set[str]:
+        return {m.event_id for m in self.messages if m.kind in ("valid", "late")}
+
+
+@pytest.fixture(scope="module")
+def served(platform: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    """A champion model on the platform's Ray Serve, as app `model`."""
+    os.environ.update(ray_local_env())
+    import ray
+    from ray import serve
+
+    from speed.model_service import APP_NAME, ServiceArgs, serve_on_ray
+
+    settings = platform.model_copy(update={"model_name": f"speed-it-{uuid.uuid4().hex[:6]}"})
+    publish(settings, random_model(7), tmp_path_factory.mktemp("bundles"))
+    ray.init(address=settings.ray_address, log_to_driver=False)
+    serve_on_ray(settings.ray_address, ServiceArgs.from_settings(settings, max_replicas=1))
+    yield settings
+    serve.delete(APP_NAME)
+    ray.shutdown()
+
+
+def new_stream(settings: Settings, events: int, seed: int, **options: Any) -> Stream:
+    suffix = uuid.uuid4().hex[:8]
+    topic = f"events-{suffix}"
+    ensure_topics(settings.kafka_bootstrap_servers, [topic, f"{topic}.dlq"],
+                  partitions=settings.kafka_partitions)
+    spec = dataclasses.replace(FRAUD_SPEC, events=dataclasses.replace(TRANSACTIONS, topic=topic),
+                               dlq_topic=f"{topic}.dlq")
+    messages = [m for m in generate(GeneratorOptions(events=events, seed=seed, **options))
+                if m.topic == TRANSACTIONS.topic]
+    return Stream(settings, spec, Lakehouse(f"{settings.delta_uri}/speed-{suffix}"), topic, messages)
+
+
+def send(stream: Stream, messages: list[Message]) -> None:
+    kafka = producer(stream.settings.kafka_bootstrap_servers)
+    for m in messages:
+        kafka.send(stream.topic, key=m.key, value=m.value)
+    kafka.flush()
+    kafka.close()
+
+
+def run_in_process(stream: Stream, group: str = "it", idle_exit_s: float = 4.0) -> dict[str, int]:
+    from speed.consumer import SpeedLayer, SpeedOptions, serve_scorer
+
+    layer = SpeedLayer(stream.settings, stream.spec, serve_scorer(), lakehouse=stream.lakehouse,
+                       options=SpeedOptions(group_id=group, max_batch=500, run_check_s=0.5))
+    return layer.run(threading.Event(), idle_exit_s=idle_exit_s)
+
+
+def scored(stream: Stream) -> list[dict[str, Any]]:
+    from deltalake import DeltaTable
+
+    return DeltaTable(stream.lakehouse.scored_events).to_pyarrow_table().to_pylist()
+
+
+def dlq_messages(stream: Stream, expected: int) -> list[Any]:
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(f"{stream.topic}.dlq", bootstrap_servers=stream.settings.kafka_bootstrap_servers,
+                             auto_offset_reset="earliest", consumer_timeout_ms=5000,
+                             group_id=f"dlq-reader-{uuid.uuid4().hex[:6]}")
+    out = []
+    for record in consumer:
+        out.append(record)
+        if len(out) >= expected:
+            break
+    consumer.close()
+    return out
+
+
+def scored_or_empty(stream: Stream) -> list[dict[str, Any]]:
+    from deltalake import DeltaTable
+
+    if not DeltaTable.is_deltatable(stream.lakehouse.scored_events):
+        return []
+    return scored(stream)
+
+
+def wait_for(condition: Any, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(1.0)
+
+
+def cli_env(stream: Stream) -> dict[str, str]:
+    return {**os.environ, "LAMBDALAKE_DELTA_ROOT": stream.lakehouse.root,
+            "LAMBDALAKE_MODEL_NAME": stream.settings.model_name}
+
+
+def speed_process(stream: Stream, group: str, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [str(Path(sys.executable).parent / "lambdalake"), "speed", "run", "--topic", stream.topic,
+         "--group", group, "--max-batch", "200", *extra],
+        env=cli_env(stream), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def assert_exactly_once(stream: Stream) -> list[dict[str, Any]]:
+    rows = scored(stream)
+    ids = Counter(r["event_id"] for r in rows)
+    assert not [i for i, n in ids.items() if n > 1], "scored twice"
+    assert set(ids) == stream.valid_ids
+    assert len({(r["partition"], r["offset"]) for r in rows}) == len(rows)
+    return rows
+
+
+def test_every_valid_event_is_scored_once_and_invalid_ones_reach_the_dlq(served: Settings) -> None:
+    stream = new_stream(served, 3000, seed=41, malformed_fraction=0.02, duplicate_fraction=0.01,
+                        late_fraction=0.02)
+    send(stream, stream.messages)
+    counts = run_in_process(stream)
+    rows = assert_exactly_once(stream)
+    assert counts["scored"] == len(rows) == len(stream.valid_ids)
+    assert {r["model_version"] for r in rows} == {1}
+    assert all(0.0 < r["score"] < 1.0 and len(r["features"]) == len(FRAUD_SPEC.feature_names) for r in rows)
+    rejected = [m for m in stream.messages if m.kind.startswith("malformed:") or m.kind == "duplicate"]
+    dlq = dlq_messages(stream, len(rejected))
+    assert counts["dlq"] == len(dlq) == len(rejected)
+    by_value: dict[bytes, list[str]] = {}
+    for record in dlq:
+        headers = dict(record.headers)
+        by_value.setdefault(record.value, []).append(headers["reason"].decode())
+        assert headers["source_topic"].decode() == stream.topic and headers["source_offset"]
+    for message in rejected:
+        reasons = by_value[message.value]
+        if message.kind == "duplicate":
+            assert "duplicate:event_id" in reasons
+        else:
+            rule = message.kind.split(":", 1)[1]
+            assert any(r.split(":")[0] == rule for r in reasons), (message.kind, reasons)
+
+
+def test_sigkill_at_random_points_still_scores_each_event_once(served: Settings) -> None:
+    stream = new_stream(served, 6000, seed=42, malformed_fraction=0.0, duplicate_fraction=0.0)
+    send(stream, stream.messages)
+    rng = random.Random(7)
+    for _ in range(3):
+        process = speed_process(stream, "killed")
+        time.sleep(rng.uniform(8.0, 14.0))  # start-up is ~6 s: kill while it scores
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    final = speed_process(stream, "killed", "--idle-exit", "5")
+    out, err = final.communicate(timeout=600)
+    assert final.returncode == 0, err[-3000:]
+    assert_exactly_once(stream)
+
+
+def test_two_members_of_a_group_share_the_partitions_exactly_once(served: Settings) -> None:
+    stream = new_stream(served, 6000, seed=43, malformed_fraction=0.0, duplicate_fraction=0.0)
+    members = [speed_process(stream, "pair", "--idle-exit", "12") for _ in range(2)]
+    time.sleep(8.0)
+    send(stream, stream.messages)
+    for member in members:
+        _, err = member.communicate(timeout=600)
+        assert member.returncode == 0, err[-3000:]
+    rows = assert_exactly_once(stream)
+    assert len({r["consumer_group"] for r in rows}) == 1
+
+
+def test_features_equal_the_batch_layers_across_a_handover(served: Settings, spark) -> None:  # type: ignore[no-untyped-def]
+    """Half the stream, a batch run over it, the other half: the speed layer adopts the
+    run mid-stream, and every event's user features (the entity that keys Kafka) equal
+    the batch layer's point-in-time ones exactly; merchant features are reported."""
+    from speed.consumer import SpeedLayer, SpeedOptions, serve_scorer
+
+    stream = new_stream(served, 4000, seed=44)
+    half = len(stream.messages) // 2
+    first_ids = {m.event_id for m in stream.messages[:half] if m.kind in ("valid", "late")}
+    layer = SpeedLayer(stream.settings, stream.spec, serve_scorer(), lakehouse=stream.lakehouse,
+                       options=SpeedOptions(group_id="live", max_batch=200, run_check_s=0.5))
+    stop = threading.Event()
+    worker = threading.Thread(target=layer.run, args=(stop,))
+    worker.start()
+    try:
+        send(stream, stream.messages[:half])
+        wait_for(lambda: len(scored_or_empty(stream)) >= len(first_ids))
+        ingest_topics(spark, stream.lakehouse, bootstrap_servers=served.kafka_bootstrap_servers,
+                      topics=[stream.topic])
+        gx = Path(stream.lakehouse.root) / "gx"
+        validate_topic(spark, stream.lakehouse, stream.spec.events, gx_dir=gx)
+        run = compute_views(spark, stream.lakehouse, stream.spec)  # published while it scores
+        assert sum(run.boundary.values()) + len(run.boundary) == half
+        send(stream, stream.messages[half:])
+        wait_for(lambda: len(scored_or_empty(stream)) >= len(stream.valid_ids))
+    finally:
+        stop.set()
+        worker.join(timeout=120)
+    rows = assert_exactly_once(stream)
+    after = [r for r in rows if r["offset"] > run.boundary[r["partition"]]]
+    assert layer.state.base.run_id == run.run_id  # adopted live
+    assert any(r["batch_run_id"] == run.run_id for r in after)
+
+    ingest_topics(spark, stream.lakehouse, bootstrap_servers=served.kafka_bootstrap_servers,
+                  topics=[stream.topic])
+    validate_topic(spark, stream.lakehouse, stream.spec.events, gx_dir=gx)
+    batch = {r["event_id"]: r for r in point_in_time_features(
+        spark.read.format("delta").load(stream.lakehouse.silver("transaction")), stream.spec).collect()}
+    names = list(FRAUD_SPEC.feature_names)
+    skewed = 0
+    for row in rows:
+        expected = batch[row["event_id"]]
+        speed = dict(zip(names, row["features"], strict=True))
+        assert {n: speed[n] for n in USER_FEATURES} == {n: expected[n] for n in USER_FEATURES}, row["event_id"]
+        skewed += any(speed[n] != expected[n] for n in names if n not in USER_FEATURES)
+    print(f"merchant-feature skew: {skewed} of {len(rows)} events ({skewed / len(rows):.2%})")
