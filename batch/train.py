@@ -301,14 +301,11 @@ def train_model(
         write_bundle(work / registry.BUNDLE_ARTIFACT_PATH, model, manifest,
                      load_or_create_signing_key(settings.signing_key_path))
         durations["bundle"] = round(time.monotonic() - phase, 3)
-        client.log_artifacts(run_id, str(work / registry.BUNDLE_ARTIFACT_PATH),
-                             registry.BUNDLE_ARTIFACT_PATH)
-        version = registry.register(
-            client, settings.model_name, run_id,
+        version = registry.publish_bundle(
+            client, settings.model_name, run_id, work / registry.BUNDLE_ARTIFACT_PATH,
             tags={"spec_fingerprint": spec.fingerprint(), "batch_run_id": run.run_id,
                   "roc_auc": f"{found['roc_auc']:.6f}", "promotion": promotion.alias},
-            description=promotion.reason)
-        client.set_registered_model_alias(settings.model_name, promotion.alias, version.version)
+            description=promotion.reason, alias=promotion.alias)
         client.set_terminated(run_id, "FINISHED")
     except BaseException:
         client.set_terminated(run_id, "FAILED")

@@ -231,8 +231,8 @@ class KafkaService(Service):
                     jvm.kafka_classpath(self.settings.jars_dir),
                     "kafka.tools.StorageTool",
                     "format",
-                    "-t",
-                    cluster_id,
+                    # one token: a random id may start with "-", which would read as an option
+                    f"--cluster-id={cluster_id}",
                     "-c",
                     str(self.home / "server.properties"),
                 ],
@@ -384,9 +384,14 @@ def ray_local_env() -> dict[str, str]:
     """Environment for processes that start or join the local Ray head.
 
     Ray resolves "127.0.0.1" to the machine's outward address unless told that this is a
-    single-machine cluster; the local platform talks only to loopback.
+    single-machine cluster; the local platform talks only to loopback. Ray's token
+    authentication is off for the same reason: with it on, every process that joins needs
+    the token file Ray keeps in ~/.ray, state outside the platform's state dir that a
+    second platform (tests) or an older head can leave stale. A real cluster configures
+    its own authentication.
     """
     return {
+        "RAY_AUTH_MODE": "disabled",
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_DEDUP_LOGS": "0",

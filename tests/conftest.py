@@ -92,6 +92,20 @@ def platform(settings: Settings, test_env: dict[str, str]) -> Iterator[Settings]
 
 
 @pytest.fixture(scope="session")
+def ray_cluster(platform: Settings) -> Iterator[Settings]:
+    """This process joined to the platform's Ray head, once per session (Serve handles keep
+    background tasks bound to the session that made them)."""
+    from infra.services import ray_local_env
+
+    os.environ.update(ray_local_env())  # before Ray is imported: it reads them at import
+    import ray
+
+    ray.init(address=platform.ray_address, log_to_driver=False)
+    yield platform
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
 def spark(settings: Settings):  # type: ignore[no-untyped-def]
     """One Spark session (local, Delta + Kafka jars) for the whole test run."""
     from infra.jvm import ensure_jars

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import threading
 import time
 import urllib.error
@@ -19,7 +18,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from infra.services import ray_local_env
 from lakehouse.config import Settings
 from lakehouse.fraud import FRAUD_SPEC
 from lakehouse.model import predict
@@ -31,24 +29,20 @@ ROWS = np.random.default_rng(5).normal(0.0, 2.0, size=(6, WIDTH))
 
 
 @pytest.fixture(scope="module")
-def service(platform: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    os.environ.update(ray_local_env())  # before Ray is imported
-    import ray
+def service(ray_cluster: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     from ray import serve
 
     from speed.model_service import APP_NAME, ServiceArgs, serve_on_ray
 
-    settings = platform.model_copy(update={"model_name": f"serve-it-{uuid.uuid4().hex[:6]}"})
+    settings = ray_cluster.model_copy(update={"model_name": f"serve-it-{uuid.uuid4().hex[:6]}"})
     root = tmp_path_factory.mktemp("bundles")
     first = random_model(1)
     v1 = publish(settings, first, root)
-    ray.init(address=settings.ray_address, log_to_driver=False)
     args = ServiceArgs.from_settings(settings, poll_s=1.0, max_replicas=1)
     info = serve_on_ray(settings.ray_address, args)
     yield {"settings": settings, "root": root, "args": args, "info": info, "v1": v1, "first": first,
            "url": f"http://127.0.0.1:{settings.serve_http_port}/model"}
     serve.delete(APP_NAME)
-    ray.shutdown()
 
 
 def _post(url: str, body: bytes) -> tuple[int, dict[str, Any]]:
@@ -134,7 +128,11 @@ def test_a_tampered_model_is_refused(service: dict[str, Any]) -> None:
     assert "changed after signing" in info["last_error"]
     assert info["version"] == current != tampered  # it keeps serving the verified model
     # a fresh deployment whose champion is the tampered version does not start
-    with pytest.raises(Exception, match="changed after signing"):
+    with pytest.raises(RuntimeError, match="Deploying application model-tampered failed"):
         serve.run(build_app(dataclasses.asdict(service["args"])), name="model-tampered",
                   route_prefix="/model-tampered")
-    serve.delete("model-tampered")
+    try:
+        why = serve.status().applications["model-tampered"].deployments["ModelScorer"].message
+        assert "changed after signing" in why, why
+    finally:
+        serve.delete("model-tampered")

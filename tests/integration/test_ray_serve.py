@@ -6,27 +6,21 @@ import json
 import os
 import sys
 import urllib.request
-from collections.abc import Iterator
 
 import pytest
 
-from infra.services import ray_local_env
 from lakehouse.config import Settings
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def ray_client(platform: Settings) -> Iterator[Settings]:
-    os.environ.update(ray_local_env())  # before Ray is imported: it reads them at import
-    import ray
+def ray_client(ray_cluster: Settings) -> Settings:
     from ray import cloudpickle
 
     # the deployment below is defined in this test module, which Ray's workers cannot import
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(address=platform.ray_address, log_to_driver=False)
-    yield platform
-    ray.shutdown()
+    return ray_cluster
 
 
 def test_deployment_answers_over_http(ray_client: Settings) -> None:

@@ -24,7 +24,6 @@ from batch.ingest import ingest_topics
 from batch.training_set import point_in_time_features
 from batch.validate import validate_topic
 from batch.views import compute_views
-from infra.services import ray_local_env
 from lakehouse.config import Settings
 from lakehouse.fraud import FRAUD_SPEC, TRANSACTIONS
 from lakehouse.generator import GeneratorOptions, Message, generate
@@ -52,21 +51,17 @@ class Stream:
 
 
 @pytest.fixture(scope="module")
-def served(platform: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+def served(ray_cluster: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     """A champion model on the platform's Ray Serve, as app `model`."""
-    os.environ.update(ray_local_env())
-    import ray
     from ray import serve
 
     from speed.model_service import APP_NAME, ServiceArgs, serve_on_ray
 
-    settings = platform.model_copy(update={"model_name": f"speed-it-{uuid.uuid4().hex[:6]}"})
+    settings = ray_cluster.model_copy(update={"model_name": f"speed-it-{uuid.uuid4().hex[:6]}"})
     publish(settings, random_model(7), tmp_path_factory.mktemp("bundles"))
-    ray.init(address=settings.ray_address, log_to_driver=False)
     serve_on_ray(settings.ray_address, ServiceArgs.from_settings(settings, max_replicas=1))
     yield settings
     serve.delete(APP_NAME)
-    ray.shutdown()
 
 
 def new_stream(settings: Settings, events: int, seed: int, **options: Any) -> Stream:
@@ -188,7 +183,7 @@ def test_sigkill_at_random_points_still_scores_each_event_once(served: Settings)
         process = speed_process(stream, "killed")
         time.sleep(rng.uniform(8.0, 14.0))  # start-up is ~6 s: kill while it scores
         process.send_signal(signal.SIGKILL)
-        process.wait(timeout=30)
+        process.communicate(timeout=30)
     final = speed_process(stream, "killed", "--idle-exit", "5")
     out, err = final.communicate(timeout=600)
     assert final.returncode == 0, err[-3000:]
