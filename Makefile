@@ -54,12 +54,14 @@ unit: install  ## the unit tests only (no services)
 test: install  ## the whole suite: unit tests and integration tests against real services
 	$(BIN)/pytest tests $(TEST_ARGS)
 
-demo: up  ## start the platform and stream the fraud example (the end-to-end demo grows with each layer)
+demo: up  ## start the platform, stream the fraud example, run the batch layer (train), serve the model, score the stream
 	$(BIN)/lambdalake generate --events 20000 --seed 42
 	$(BIN)/lambdalake batch run
+	$(BIN)/lambdalake model serve
+	$(BIN)/lambdalake speed run --idle-exit 10
 	$(BIN)/lambdalake status
 	@echo "The platform keeps running: Airflow http://127.0.0.1:8080 (admin / admin)," \
-	  "MLflow http://127.0.0.1:5000, Kafka 127.0.0.1:9092;" \
+	  "MLflow http://127.0.0.1:5000, Kafka 127.0.0.1:9092, model service http://127.0.0.1:8000/model;" \
 	  "Data Docs: var/great_expectations/gx/uncommitted/data_docs/local_site/index.html. 'make down' stops it."
 
 clean: down  ## remove the local state (Kafka data, Delta tables, MLflow, Airflow) and the venv

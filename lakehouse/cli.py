@@ -341,18 +341,20 @@ def speed_run(
     import ray
 
     from lakehouse.fraud import FRAUD_SPEC
+    from lakehouse.logs import json_logging
     from speed.consumer import SpeedLayer, SpeedOptions, serve_scorer
 
     config = settings()
-    logging.basicConfig(level=config.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+    json_logging(config.log_level)
     if metrics_port:
         from prometheus_client import start_http_server
 
         start_http_server(metrics_port, addr="127.0.0.1")
     ray.init(address=config.ray_address, log_to_driver=False, logging_level=logging.WARNING)
+    # after ray.init, which installs a SIGTERM handler that exits at once, mid-batch
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
     spec = FRAUD_SPEC
     if topic:
         spec = dataclasses.replace(spec, events=dataclasses.replace(spec.events, topic=topic),

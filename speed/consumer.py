@@ -88,6 +88,8 @@ class SpeedLayer:
         self._consumer: Any = None
         self._producer: Any = None
         self.counts = {"scored": 0, "dlq": 0, "batches": 0}
+        # called after each Delta commit with the rows it wrote and the commit's wall time (s)
+        self.on_commit: Callable[[list[dict[str, Any]], float], None] | None = None
 
     # -------------------------------------------------------------- Kafka plumbing
     def _connect(self) -> None:
@@ -273,7 +275,10 @@ class SpeedLayer:
             log.warning(json.dumps({"event": "stale_rows_skipped", "rows": len(rows) - written}))
         self._consumer.commit({TopicPartition(self.topic, p): OffsetAndMetadata(o + 1, "", -1)
                                for p, o in last.items()})
-        now_ms = time.time() * 1000
+        committed = time.time()
+        if self.on_commit is not None:
+            self.on_commit(rows, committed)
+        now_ms = committed * 1000
         for row in rows:
             metrics.END_TO_END.observe((now_ms - row["kafka_timestamp"] / 1000) / 1000)
         metrics.EVENTS.labels("scored").inc(written)

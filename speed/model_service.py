@@ -155,6 +155,7 @@ def _scorer_class():  # type: ignore[no-untyped-def]
                     version = await asyncio.to_thread(
                         registry.version_by_alias, client, self.args.model_name, self.args.alias)
                     if version is None or int(version.version) == self.loaded.version:
+                        self.last_error = ""  # what the alias names is what is served
                         continue
                     fresh = await asyncio.to_thread(LoadedModel, self.args, version)
                     self.loaded, self.swaps = fresh, self.swaps + 1  # atomic between batches

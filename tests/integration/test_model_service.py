@@ -136,3 +136,30 @@ def test_a_tampered_model_is_refused(service: dict[str, Any]) -> None:
         assert "changed after signing" in why, why
     finally:
         serve.delete("model-tampered")
+
+
+def test_the_serve_config_file_deploys_the_same_application(service: dict[str, Any], tmp_path: Path) -> None:
+    """`lambdalake model config` → `serve run --non-blocking FILE`: a standard Serve
+    deployment of the same application (here over the fixture's, on the good version)."""
+    import subprocess
+    import sys
+
+    from batch import registry
+    from tests.conftest import lambdalake
+
+    settings = service["settings"]
+    client = registry.client(settings.mlflow_uri)
+    client.set_registered_model_alias(settings.model_name, "champion", str(service["v2"]))
+    config = lambdalake("model", "config", env={"LAMBDALAKE_MODEL_NAME": settings.model_name}).stdout
+    (tmp_path / "serve.yaml").write_text(config)
+    assert "import_path: speed.model_service:build_app" in config
+    deployed = subprocess.run(
+        [str(Path(sys.executable).parent / "serve"), "run", "--non-blocking",
+         f"--address={settings.ray_address}", str(tmp_path / "serve.yaml")],
+        capture_output=True, text=True, timeout=300)
+    assert deployed.returncode == 0, deployed.stderr[-3000:]
+    with urllib.request.urlopen(service["url"], timeout=30) as response:
+        info = json.load(response)
+    assert info["version"] == service["v2"] and info["last_error"] == ""
+    status, answer = _post(service["url"], json.dumps({"features": ROWS.tolist()}).encode())
+    assert status == 200 and answer["model_version"] == service["v2"]

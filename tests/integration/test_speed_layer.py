@@ -5,6 +5,7 @@ batch layer's, and a boundary handover in the middle of a stream."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import random
 import signal
@@ -248,3 +249,36 @@ def test_features_equal_the_batch_layers_across_a_handover(served: Settings, spa
         assert {n: speed[n] for n in USER_FEATURES} == {n: expected[n] for n in USER_FEATURES}, row["event_id"]
         skewed += any(speed[n] != expected[n] for n in names if n not in USER_FEATURES)
     print(f"merchant-feature skew: {skewed} of {len(rows)} events ({skewed / len(rows):.2%})")
+
+
+def test_sigterm_stops_cleanly_and_metrics_are_served(served: Settings) -> None:
+    import socket
+    import urllib.request
+
+    with socket.socket() as probe:  # a free port for the metrics endpoint
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    stream = new_stream(served, 3000, seed=45, malformed_fraction=0.01, duplicate_fraction=0.0)
+    send(stream, stream.messages)
+    process = speed_process(stream, "metered", "--metrics-port", str(port))
+    try:
+        wait_for(lambda: len(scored_or_empty(stream)) > 0, timeout=120)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            exposed = response.read().decode()
+        for name in ("lambdalake_speed_events_total", "lambdalake_speed_batch_records",
+                     "lambdalake_speed_scoring_seconds", "lambdalake_speed_end_to_end_seconds",
+                     "lambdalake_speed_consumer_lag", "lambdalake_speed_model_version"):
+            assert name in exposed, name
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, err[-3000:]
+    counts = json.loads(out.strip().splitlines()[-1])
+    assert counts["scored"] == len(scored(stream))  # what it says it wrote is in Delta
+    rest = speed_process(stream, "metered", "--idle-exit", "5")
+    _, err = rest.communicate(timeout=600)
+    assert rest.returncode == 0, err[-3000:]
+    assert_exactly_once(stream)

@@ -1,0 +1,155 @@
+"""Speed layer benchmark, on a running platform (`lambdalake up`) with a model service.
+
+1. Saturation: N generated events already in a topic; the speed layer (Kafka → validation →
+   features → Ray Serve → Delta commit) against a bare kafka-python consume + JSON decode
+   loop over the same topic, run one after the other; events/s and the ratio.
+2. Latency: events produced at a fixed rate (default 2,000/s) while the speed layer runs;
+   p50/p99/max from the producer's record timestamp to the Delta commit that holds the event.
+
+If the registry has no champion for LAMBDALAKE_MODEL_NAME, a random signed model is
+registered (throughput does not depend on the weights). Run:
+
+    .venv/bin/python tests/benchmarks/speed_layer.py --events 50000 --rate 2000 --seconds 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from infra.services import ray_local_env
+
+os.environ.update(ray_local_env())  # before Ray is imported
+
+from batch import registry  # noqa: E402
+from lakehouse.config import load_settings  # noqa: E402
+from lakehouse.fraud import FRAUD_SPEC, TRANSACTIONS  # noqa: E402
+from lakehouse.generator import GeneratorOptions, generate, produce  # noqa: E402
+from lakehouse.streams import ensure_topics, producer  # noqa: E402
+from lakehouse.tables import Lakehouse  # noqa: E402
+
+
+def spec_for(topic: str):  # type: ignore[no-untyped-def]
+    return dataclasses.replace(FRAUD_SPEC, events=dataclasses.replace(TRANSACTIONS, topic=topic),
+                               dlq_topic=f"{topic}.dlq")
+
+
+def events_of(n: int, seed: int) -> list:  # type: ignore[type-arg]
+    return [m for m in generate(GeneratorOptions(events=n, seed=seed)) if m.topic == TRANSACTIONS.topic]
+
+
+def bare_loop(settings, topic: str, n: int) -> float:  # type: ignore[no-untyped-def]
+    """kafka-python consume + json.loads of every record; seconds for n records."""
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(topic, bootstrap_servers=settings.kafka_bootstrap_servers,
+                             group_id=f"bare-{uuid.uuid4().hex[:6]}", auto_offset_reset="earliest",
+                             enable_auto_commit=False, max_poll_records=2000)
+    seen, started = 0, None
+    while seen < n:
+        for records in consumer.poll(timeout_ms=500).values():
+            if started is None:
+                started = time.monotonic()
+            for record in records:
+                try:
+                    json.loads(record.value)
+                except ValueError:
+                    pass
+                seen += 1
+    consumer.close()
+    return time.monotonic() - (started or time.monotonic())
+
+
+def speed_layer(settings, topic: str, lakehouse: Lakehouse, group: str):  # type: ignore[no-untyped-def]
+    from speed.consumer import SpeedLayer, SpeedOptions, serve_scorer
+
+    return SpeedLayer(settings, spec_for(topic), serve_scorer(), lakehouse=lakehouse,
+                      options=SpeedOptions(group_id=group))
+
+
+def saturation(settings, n: int) -> None:  # type: ignore[no-untyped-def]
+    topic = f"bench-sat-{uuid.uuid4().hex[:6]}"
+    ensure_topics(settings.kafka_bootstrap_servers, [topic, f"{topic}.dlq"], partitions=settings.kafka_partitions)
+    messages = events_of(n, seed=5)
+    kafka = producer(settings.kafka_bootstrap_servers)
+    for m in messages:
+        kafka.send(topic, key=m.key, value=m.value)
+    kafka.flush()
+    kafka.close()
+    bare = bare_loop(settings, topic, len(messages))
+    lakehouse = Lakehouse(tempfile.mkdtemp(prefix="bench-speed-", dir=settings.state_path))
+    layer = speed_layer(settings, topic, lakehouse, "bench-sat")
+    first: list[float] = []
+    layer.on_commit = lambda rows, at: first.append(at) if not first else None
+    started = time.time()
+    counts = layer.run(threading.Event(), max_events=len(messages))
+    elapsed = time.time() - started
+    steady = time.time() - first[0] if first else elapsed  # from the first commit: no start-up
+    print(f"saturation, {len(messages):,} events: speed layer {len(messages) / elapsed:8,.0f} events/s "
+          f"({elapsed:.1f}s incl. start-up; {counts['scored']:,} scored, {counts['dlq']} to the DLQ; "
+          f"{len(messages) / steady:,.0f}/s after the first commit) | bare consume+decode "
+          f"{len(messages) / bare:9,.0f} events/s ({bare:.1f}s) | ratio {bare / elapsed:.3f} "
+          f"({bare / steady:.3f} after start-up)", flush=True)
+
+
+def latency(settings, rate: float, seconds: float) -> None:  # type: ignore[no-untyped-def]
+    topic = f"bench-lat-{uuid.uuid4().hex[:6]}"
+    ensure_topics(settings.kafka_bootstrap_servers, [topic, f"{topic}.dlq"], partitions=settings.kafka_partitions)
+    lakehouse = Lakehouse(tempfile.mkdtemp(prefix="bench-speed-", dir=settings.state_path))
+    layer = speed_layer(settings, topic, lakehouse, "bench-lat")
+    delays: list[float] = []
+    layer.on_commit = lambda rows, at: delays.extend(at * 1000 - r["kafka_timestamp"] / 1000 for r in rows)
+    stop = threading.Event()
+    worker = threading.Thread(target=layer.run, args=(stop,))
+    worker.start()
+    time.sleep(8.0)  # let it join the group before the clock starts
+    messages = events_of(int(rate * seconds), seed=6)
+    kafka = producer(settings.kafka_bootstrap_servers)
+    sent = produce([m._replace(topic=topic) for m in messages], producer=kafka, rate=rate)
+    kafka.close()
+    deadline = time.monotonic() + 120
+    valid = sum(1 for m in messages if m.kind in ("valid", "late"))
+    while len(delays) < valid and time.monotonic() < deadline:
+        time.sleep(0.5)
+    stop.set()
+    worker.join()
+    d = np.array(delays)
+    print(f"latency at {rate:,.0f} events/s for {seconds:.0f}s ({sent.messages:,} sent, {len(d):,} scored): "
+          f"produce → Delta commit p50 {np.percentile(d, 50):.0f} ms, p99 {np.percentile(d, 99):.0f} ms, "
+          f"max {d.max():.0f} ms", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--events", type=int, default=50_000)
+    parser.add_argument("--rate", type=float, default=2000.0)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    args = parser.parse_args()
+    settings = load_settings()
+    import ray
+
+    from speed.model_service import ServiceArgs, serve_on_ray
+
+    client = registry.client(settings.mlflow_uri)
+    if registry.version_by_alias(client, settings.model_name, registry.CHAMPION) is None:
+        from tests.integration.models import publish, random_model
+
+        publish(settings, random_model(0), Path(tempfile.mkdtemp()))
+    ray.init(address=settings.ray_address, log_to_driver=False)
+    info = serve_on_ray(settings.ray_address, ServiceArgs.from_settings(settings))
+    print(f"model service: {settings.model_name} v{info['version']} on {info['device']}", flush=True)
+    saturation(settings, args.events)
+    latency(settings, args.rate, args.seconds)
+
+
+if __name__ == "__main__":
+    main()
