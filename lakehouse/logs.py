@@ -32,3 +32,4 @@ def json_logging(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    logging.getLogger("kafka").setLevel(max(logging.WARNING, root.level))  # per-connection chatter
