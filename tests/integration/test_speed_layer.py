@@ -192,15 +192,24 @@ def test_sigkill_at_random_points_still_scores_each_event_once(served: Settings)
 
 
 def test_two_members_of_a_group_share_the_partitions_exactly_once(served: Settings) -> None:
-    stream = new_stream(served, 6000, seed=43, malformed_fraction=0.0, duplicate_fraction=0.0)
-    members = [speed_process(stream, "pair", "--idle-exit", "12") for _ in range(2)]
-    time.sleep(8.0)
-    send(stream, stream.messages)
+    """Both members join, then the stream arrives; each owns some partitions and scores
+    its share. (A member restarting mid-stream is the SIGKILL test's rebalance.)"""
+    from lakehouse.generator import produce
+
+    stream = new_stream(served, 8000, seed=43, malformed_fraction=0.0, duplicate_fraction=0.0)
+    members = [speed_process(stream, "pair", "--idle-exit", "15") for _ in range(2)]
+    time.sleep(10.0)  # both in the group before the first record
+    kafka = producer(stream.settings.kafka_bootstrap_servers)
+    produce([m._replace(topic=stream.topic) for m in stream.messages], producer=kafka, rate=1000.0)
+    kafka.close()
+    scored_by = []
     for member in members:
-        _, err = member.communicate(timeout=600)
+        out, err = member.communicate(timeout=600)
         assert member.returncode == 0, err[-3000:]
+        scored_by.append(json.loads(out.strip().splitlines()[-1])["scored"])
     rows = assert_exactly_once(stream)
     assert len({r["consumer_group"] for r in rows}) == 1
+    assert all(n > 0 for n in scored_by) and sum(scored_by) == len(rows)  # both took part
 
 
 def test_features_equal_the_batch_layers_across_a_handover(served: Settings, spark) -> None:  # type: ignore[no-untyped-def]
