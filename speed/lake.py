@@ -19,11 +19,10 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401 - pa.compute
 
 from batch.views import BUCKET, BatchRun
+from lakehouse.features import OFFSET, PARTITION
 from lakehouse.spec import PlatformSpec
 from lakehouse.tables import Lakehouse
 from speed.state import GoldRow
-
-PARTITION, OFFSET = "partition", "offset"
 
 
 def _pairs(value: Any) -> dict[Any, Any]:
