@@ -53,6 +53,7 @@ class SpeedOptions:
     max_wait_ms: int = 200
     run_check_s: float = 5.0  # how often to look for a newer published batch run
     score_retries: int = 5
+    session_timeout_s: float = 10.0  # a member that stops heartbeating leaves the group after this
 
 
 def serve_scorer(app_name: str = "model") -> Scorer:
@@ -86,6 +87,7 @@ class SpeedLayer:
         self._loading = False
         self._last_run_check = 0.0
         self._last_lag_report = 0.0
+        self._idle_since = time.monotonic()
         self._consumer: Any = None
         self._producer: Any = None
         self.counts = {"scored": 0, "dlq": 0, "batches": 0}
@@ -115,6 +117,7 @@ class SpeedLayer:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=self.options.max_batch,
+            session_timeout_ms=int(self.options.session_timeout_s * 1000),
             client_id=f"lambdalake-speed-{threading.get_native_id()}",
         )
         self._consumer.subscribe(topics=[self.topic], listener=Listener())
@@ -126,6 +129,7 @@ class SpeedLayer:
         if not mine:
             return
         self.owned -= mine
+        self._idle_since = time.monotonic()
         for p in mine:
             self.seen.pop(p, None)
         self.state.release(mine)
@@ -137,6 +141,7 @@ class SpeedLayer:
         from kafka import TopicPartition
 
         self.owned |= partitions
+        self._idle_since = time.monotonic()
         resume = lake.resume_offsets(self.lakehouse, self.options.group_id, self.topic, sorted(self.owned))
         for p in partitions:
             self._consumer.seek(TopicPartition(self.topic, p), resume[p])
@@ -204,9 +209,13 @@ class SpeedLayer:
     def run(self, stop: threading.Event, *, max_events: int | None = None,
             idle_exit_s: float | None = None) -> dict[str, int]:
         """Consume until `stop` is set (SIGTERM), `max_events` records were handled, or
-        nothing arrived for `idle_exit_s`; the current batch always completes first."""
+        nothing arrived for `idle_exit_s`; the current batch always completes first.
+
+        Idle time counts from the last record or the last rebalance. While this member owns
+        no partitions (joining, or a killed member not yet timed out of the group) it waits
+        two session timeouts longer, so a restart does not give up before its assignment."""
         self._connect()
-        idle_since = time.monotonic()
+        self._idle_since = time.monotonic()
         handled = 0
         try:
             while not stop.is_set():
@@ -215,11 +224,11 @@ class SpeedLayer:
                 self._check_for_new_run()
                 records = [r for tp_records in polled.values() for r in tp_records]
                 if not records:
-                    if idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
+                    if idle_exit_s is not None and self._idle(idle_exit_s):
                         break
                     self._report_lag()
                     continue
-                idle_since = time.monotonic()
+                self._idle_since = time.monotonic()
                 self._process(records)
                 self._report_lag()
                 handled += len(records)
@@ -228,6 +237,10 @@ class SpeedLayer:
         finally:
             self.close()
         return dict(self.counts)
+
+    def _idle(self, idle_exit_s: float) -> bool:
+        allowed = idle_exit_s if self.owned else idle_exit_s + 2 * self.options.session_timeout_s
+        return time.monotonic() - self._idle_since > allowed
 
     def _process(self, records: list[Any]) -> None:
         from kafka.structs import OffsetAndMetadata, TopicPartition
