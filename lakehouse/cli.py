@@ -282,14 +282,20 @@ model_app = typer.Typer(help="The model service: the champion model on Ray Serve
 app.add_typer(model_app, name="model")
 
 
-def _service_args():  # type: ignore[no-untyped-def]
+AliasOption = Annotated[str, typer.Option(
+    help="registry alias to serve: champion (app `model`) or challenger (app `model-challenger`)")]
+
+
+def _service_args(alias: str):  # type: ignore[no-untyped-def]
     from speed.model_service import ServiceArgs
 
-    return ServiceArgs.from_settings(settings())
+    if alias not in ("champion", "challenger"):
+        raise typer.BadParameter(f"--alias must be champion or challenger, got {alias!r}")
+    return ServiceArgs.from_settings(settings(), alias=alias)
 
 
 @model_app.command("serve")
-def model_serve() -> None:
+def model_serve(alias: AliasOption = "champion") -> None:
     """Deploy (or update) the model service on the platform's Ray Serve and wait until it
     answers; prints the version it serves."""
     import os
@@ -297,20 +303,21 @@ def model_serve() -> None:
     from infra.services import ray_local_env
 
     os.environ.update(ray_local_env())  # before Ray is imported
-    from speed.model_service import serve_on_ray
+    from speed.model_service import app_name, serve_on_ray
 
     config = settings()
-    _echo(f"deploying the model service on Ray at {config.ray_address}")
-    info = serve_on_ray(config.ray_address, _service_args())
-    print(json.dumps({**info, "url": f"http://127.0.0.1:{config.serve_http_port}/model"}))
+    service = _service_args(alias)
+    _echo(f"deploying the model service ({alias}) on Ray at {config.ray_address}")
+    info = serve_on_ray(config.ray_address, service)
+    print(json.dumps({**info, "url": f"http://127.0.0.1:{config.serve_http_port}/{app_name(alias)}"}))
 
 
 @model_app.command("config")
-def model_config() -> None:
+def model_config(alias: AliasOption = "champion") -> None:
     """Print a Ray Serve config file for the model service (`serve deploy FILE`)."""
     from speed.model_service import serve_config
 
-    print(serve_config(_service_args()), end="")
+    print(serve_config(_service_args(alias)), end="")
 
 
 speed_app = typer.Typer(help="The speed layer: Kafka → features → Ray Serve → Delta, exactly once.",
@@ -320,7 +327,8 @@ app.add_typer(speed_app, name="speed")
 
 @speed_app.command("run")
 def speed_run(
-    group: Annotated[str, typer.Option(help="Kafka consumer group; members share the partitions")] = "lambdalake-speed",
+    group: Annotated[str | None, typer.Option(
+        help="Kafka consumer group; members share the partitions [default: LAMBDALAKE_SPEED_GROUP]")] = None,
     max_batch: Annotated[int, typer.Option(min=1, help="records per micro-batch at most")] = 2000,
     max_wait_ms: Annotated[int, typer.Option(min=1, help="longest wait for a micro-batch to fill")] = 200,
     max_events: Annotated[int | None, typer.Option(min=1, help="stop after this many records")] = None,
@@ -359,11 +367,81 @@ def speed_run(
     if topic:
         spec = dataclasses.replace(spec, events=dataclasses.replace(spec.events, topic=topic),
                                    dlq_topic=f"{topic}.dlq")
+    group = group or config.speed_group
     options = SpeedOptions(group_id=group, max_batch=max_batch, max_wait_ms=max_wait_ms)
     _echo(f"speed layer: group {group}, topic {spec.events.topic}")
     counts = SpeedLayer(config, spec, serve_scorer(), options=options).run(
         stop, max_events=max_events, idle_exit_s=idle_exit)
     print(json.dumps(counts))
+
+
+@app.command()
+def sql(
+    query: Annotated[str, typer.Argument(help="one SELECT over merged.*, gold.*, speed.*, bronze.*, ...")],
+    as_json: Annotated[bool, typer.Option("--json", help="the rows as JSON lines")] = False,
+    engine: Annotated[str, typer.Option(help="duckdb (embedded) or spark (Spark SQL)")] = "duckdb",
+    max_rows: Annotated[int | None, typer.Option(min=1, help="at most this many rows [default: LAMBDALAKE_SQL_ROW_CAP]")] = None,
+) -> None:
+    """Query the merged views (batch ⊕ speed, exact) and the raw tables, read-only."""
+    from serving.duck import SqlError
+
+    if engine not in ("duckdb", "spark"):
+        raise typer.BadParameter(f"--engine must be duckdb or spark, got {engine!r}")
+    config = settings()
+    cap = min(max_rows or config.sql_row_cap, config.sql_row_cap)
+    try:
+        table, truncated, snapshot = _run_sql(engine, query, cap)
+    except SqlError as exc:
+        err.print(f"[red]query refused:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    from serving.api import jsonable
+
+    rows = [jsonable(r) for r in table.to_pylist()]
+    if as_json:
+        for row in rows:
+            print(json.dumps(row))
+    else:
+        grid = Table(*table.column_names, show_lines=False)
+        for row in rows:
+            grid.add_row(*["" if v is None else str(v) for v in row.values()])
+        out.print(grid)
+    _echo(f"{len(rows)} rows{' (truncated: raise --max-rows)' if truncated else ''}; "
+          f"batch run {snapshot.run_id}, {snapshot.increments} speed events above its boundary")
+
+
+def _run_sql(engine: str, query: str, cap: int):  # type: ignore[no-untyped-def]
+    from lakehouse.fraud import FRAUD_SPEC
+    from serving.duck import DuckEngine
+
+    config = settings()
+    if engine == "spark":
+        from serving.spark_sql import SparkEngine
+
+        spark_engine = SparkEngine(_spark(), FRAUD_SPEC, _lakehouse(), group=config.speed_group)
+        snapshot = spark_engine.register()
+        table, truncated = spark_engine.query(query, row_cap=cap)
+    else:
+        duck = DuckEngine(FRAUD_SPEC, _lakehouse(), group=config.speed_group,
+                          partitions=config.kafka_partitions, memory_limit=config.duckdb_memory_limit)
+        snapshot = duck.refresh()
+        result = duck.query(query, row_cap=cap, timeout_s=config.sql_timeout_s)
+        table, truncated = result.table, result.truncated
+    return table, truncated, snapshot
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="bind host [default: LAMBDALAKE_API_HOST]")] = None,
+    port: Annotated[int | None, typer.Option(min=1, max=65535, help="port [default: LAMBDALAKE_API_PORT]")] = None,
+) -> None:
+    """Run the HTTP API (/v1/predict, /v1/sql, features, /metrics, /docs) until SIGTERM."""
+    from lakehouse.fraud import FRAUD_SPEC
+    from serving.server import serve_api
+
+    config = settings()
+    host, port = host or config.api_host, port or config.api_port
+    _echo(f"API on http://{host}:{port} (docs at /docs); keys in {config.api_keys_path}")
+    serve_api(config, FRAUD_SPEC, host=host, port=port)
 
 
 @app.command()

@@ -164,9 +164,52 @@ class Settings(BaseSettings):
         default=False, description="Train on GPUs (TorchDistributor use_gpu; NCCL backend).",
     )
 
-    # --- serving API ---------------------------------------------------------------------
+    # --- speed layer ---------------------------------------------------------------------
+    speed_group: str = Field(
+        default="lambdalake-speed", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$",
+        description="Kafka consumer group of the speed layer; the serving layer merges its "
+        "scored events.",
+    )
+
+    # --- serving: merged views, SQL, HTTP API --------------------------------------------
     api_host: str = Field(default="127.0.0.1", description="Bind host of the HTTP API.")
-    api_port: int = Field(default=8000, ge=1, le=65535, description="Port of the HTTP API.")
+    api_port: int = Field(
+        default=8001, ge=1, le=65535, description="Port of the HTTP API (Ray Serve has 8000)."
+    )
+    api_keys: SecretStr = Field(
+        default=SecretStr(""),
+        description="API keys as name:key:scope+scope, comma-separated (scopes: predict, "
+        "features, sql). Empty: read api_keys_file.",
+    )
+    api_keys_file: Path | None = Field(
+        default=None,
+        description="File of API keys, one name:key:scopes per line. Empty means "
+        "<state_dir>/secrets/api-keys, created with one admin key on first `serve`.",
+    )
+    api_max_body_bytes: int = Field(
+        default=1_048_576, ge=1024, description="Largest request body the API reads (413 above)."
+    )
+    api_max_batch: int = Field(
+        default=1000, ge=1, description="Most events in one POST /v1/predict/batch."
+    )
+    sql_row_cap: int = Field(default=10_000, ge=1, description="Most rows a SQL answer holds.")
+    sql_timeout_s: float = Field(
+        default=10.0, gt=0, description="A SQL query running longer is stopped (4xx)."
+    )
+    serving_refresh_s: float = Field(
+        default=1.0, gt=0, description="How often the API re-reads published runs and scored events."
+    )
+    duckdb_memory_limit: str = Field(
+        default="2GB", pattern=r"^\d+(\.\d+)?\s*(KB|MB|GB|KiB|MiB|GiB)$",
+        description="DuckDB memory cap of the embedded SQL engine.",
+    )
+    rollout_challenger_weight: float = Field(
+        default=0.0, ge=0.0, le=1.0,
+        description="Share of /predict traffic (sticky per entity) scored by the challenger.",
+    )
+    prediction_cache_size: int = Field(
+        default=10_000, ge=0, description="Recent predictions kept per (model version, features)."
+    )
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Log level of lambdalake's own loggers."
@@ -254,6 +297,10 @@ class Settings(BaseSettings):
         if self.model_verify_key is not None:
             return self.model_verify_key.resolve()
         return self.signing_key_path.with_name(self.signing_key_path.name + ".pub")
+
+    @property
+    def api_keys_path(self) -> Path:
+        return (self.api_keys_file or self.state_path / "secrets" / "api-keys").resolve()
 
     @property
     def models_dir(self) -> Path:

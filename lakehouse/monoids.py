@@ -14,7 +14,7 @@ computed from states at read time.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -28,6 +28,7 @@ class Aggregation(ABC):
     field: str | None = None
     kind: ClassVar[str]
     spark_type: ClassVar[str] = "bigint"  # SQL type of the state column
+    sql_plus: ClassVar[str] = "SUM"  # the SQL aggregate that adds states (serving's merge)
 
     @property
     def zero(self) -> State:
@@ -44,6 +45,10 @@ class Aggregation(ABC):
     @abstractmethod
     def spark_aggregate(self) -> Any:
         """The same monoid as a Spark aggregate expression over a DataFrame of events."""
+
+    def sql_lift(self, quote: Callable[[str], str]) -> str:
+        """`lift` as a SQL expression over a relation of typed events (any engine)."""
+        return quote(str(self.field))
 
     def sum(self, states: Iterable[State]) -> State:
         total = self.zero
@@ -64,6 +69,9 @@ class Count(Aggregation):
 
     def lift(self, event: Mapping[str, Any]) -> int:
         return 1
+
+    def sql_lift(self, quote: Callable[[str], str]) -> str:
+        return "1"
 
     def plus(self, left: int, right: int) -> int:
         return left + right
@@ -103,6 +111,10 @@ class SumOfSquares(Aggregation):
         value = self._value(event)
         return value * value
 
+    def sql_lift(self, quote: Callable[[str], str]) -> str:
+        value = f"CAST({quote(str(self.field))} AS DECIMAL(38,0))"
+        return f"{value} * {value}"
+
     def plus(self, left: int, right: int) -> int:
         return left + right
 
@@ -118,6 +130,7 @@ class Max(Aggregation):
     """Largest value of an integer field; None is the identity."""
 
     kind: ClassVar[str] = "max"
+    sql_plus: ClassVar[str] = "MAX"
 
     @property
     def zero(self) -> None:
@@ -144,6 +157,7 @@ class Min(Max):
     """Smallest value of an integer field; None is the identity."""
 
     kind: ClassVar[str] = "min"
+    sql_plus: ClassVar[str] = "MIN"
 
     def plus(self, left: int | None, right: int | None) -> int | None:
         if left is None:

@@ -36,8 +36,13 @@ from lakehouse.errors import PlatformError
 log = logging.getLogger("lambdalake.model_service")
 
 APP_NAME = "model"
-ROUTE_PREFIX = "/model"
 DEPLOYMENT = "ModelScorer"
+
+
+def app_name(alias: str = "champion") -> str:
+    """The Serve application serving an alias: `model` for the champion (the speed layer's
+    and /predict's), `model-<alias>` for another (the challenger of a traffic split)."""
+    return APP_NAME if alias == "champion" else f"{APP_NAME}-{alias}"
 
 
 @dataclass(frozen=True)
@@ -238,8 +243,8 @@ def serve_on_ray(address: str, service: ServiceArgs, *, timeout_s: float = 180.0
 
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=False)
-    handle = serve.run(build_app(asdict(service)), name=APP_NAME, route_prefix=ROUTE_PREFIX,
-                       blocking=False)
+    name = app_name(service.alias)
+    handle = serve.run(build_app(asdict(service)), name=name, route_prefix=f"/{name}", blocking=False)
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -258,8 +263,8 @@ def serve_config(service: ServiceArgs) -> str:
         "proxy_location": "EveryNode",
         "http_options": {"host": "127.0.0.1"},
         "applications": [{
-            "name": APP_NAME,
-            "route_prefix": ROUTE_PREFIX,
+            "name": app_name(service.alias),
+            "route_prefix": f"/{app_name(service.alias)}",
             "import_path": "speed.model_service:build_app",
             "args": asdict(service),
         }],

@@ -1,0 +1,401 @@
+"""The embedded SQL engine: DuckDB over the Delta tables, read through delta-rs and Arrow.
+
+`DuckEngine.refresh()` takes a consistent snapshot of the lakehouse into one in-memory
+DuckDB database, in one transaction, so a reader sees either the old or the new snapshot:
+
+- `gold.<view>` and `batch.boundary`: the latest published batch run (of this spec), copied
+  in, sorted by entity so that point lookups skip most of the table;
+- `speed.increments`: the speed layer's scored events (of one consumer group) above that
+  boundary. Only Delta files added since the last refresh are read; a new batch run deletes
+  the increments its boundary now includes;
+- `merged.*`: the views of `serving/views.py`, the same SQL Spark runs;
+- the raw tables (bronze, silver, quarantine, batch runs, scored events, training set) as
+  Arrow datasets at the snapshot's Delta versions, read only when a query touches them;
+- `serving.snapshot`: which run, boundary and coverage the answers reflect.
+
+User SQL is checked and then run under a locked configuration: one SELECT statement; no
+file, network or extension access (`enable_external_access=false`); a row cap and a timeout.
+DuckDB needs no extension for any of this: nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from lakehouse.errors import PlatformError
+from lakehouse.features import OFFSET, PARTITION, ViewStates
+from lakehouse.spec import FeatureView, PlatformSpec
+from lakehouse.tables import Lakehouse
+from serving.views import (
+    BUCKET,
+    DUCKDB,
+    EVENT_TIME_MS,
+    lookup_sql,
+    merged_views,
+    raw_tables,
+    states_name,
+    view_name,
+)
+
+log = logging.getLogger("lambdalake.serving")
+
+SCHEMAS = ("gold", "batch", "speed", "merged", "bronze", "silver", "quarantine", "training", "serving")
+
+
+class SqlError(PlatformError):
+    """A query the engine refuses or cannot answer; the message says why (a 4xx)."""
+
+
+class SqlTimeout(SqlError):
+    pass
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What the merged views include: a batch run, and speed increments above its boundary."""
+
+    run_id: str | None
+    boundary: dict[int, int]
+    scored_version: int | None
+    coverage: dict[int, int]  # partition → highest offset whose events the views include
+    increments: int
+    refreshed_at: float = field(default_factory=time.time)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"batch_run_id": self.run_id, "boundary": {str(p): o for p, o in sorted(self.boundary.items())},
+                "coverage": {str(p): o for p, o in sorted(self.coverage.items())},
+                "scored_events_version": self.scored_version, "speed_increments": self.increments}
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    table: pa.Table
+    truncated: bool
+    elapsed_ms: float
+
+
+@dataclass(frozen=True)
+class EntityStates:
+    states: dict[str, dict[str, Any]]  # view → monoid states over the event's window
+    unknown: list[str]  # entity fields no view holds anything for
+    snapshot: dict[str, Any]  # batch_run_id, boundary, coverage of what was read
+
+
+def _arrow_type(spec: PlatformSpec, name: str) -> pa.DataType:
+    from batch.validate import _arrow_type as typed
+
+    return typed(next(f for f in spec.events.fields if f.name == name))
+
+
+def gold_schema(spec: PlatformSpec, view: FeatureView) -> pa.Schema:
+    """The gold table's columns (what an empty one looks like before the first run)."""
+    def state(a: Any) -> pa.DataType:
+        return pa.decimal128(38, 0) if a.spark_type.startswith("decimal") else pa.int64()
+    return pa.schema([pa.field(view.entity, _arrow_type(spec, view.entity)),
+                      pa.field(BUCKET, pa.int64()),
+                      *[pa.field(n, state(a)) for n, a in view.aggregations.items()],
+                      pa.field("batch_run_id", pa.string())])
+
+
+def increments_schema(spec: PlatformSpec) -> pa.Schema:
+    return pa.schema([*[pa.field(f.name, _arrow_type(spec, f.name)) for f in spec.events.fields],
+                      pa.field(EVENT_TIME_MS, pa.int64()),
+                      pa.field(PARTITION, pa.int32()), pa.field(OFFSET, pa.int64())])
+
+
+class DuckEngine:
+    """Merged views and read-only SQL over one lakehouse, for one speed consumer group."""
+
+    def __init__(self, spec: PlatformSpec, lakehouse: Lakehouse, *, group: str, topic: str | None = None,
+                 partitions: int = 1, threads: int = 2, memory_limit: str = "2GB") -> None:
+        import duckdb
+
+        self.spec = spec
+        self.lakehouse = lakehouse
+        self.group = group
+        self.topic = topic or spec.events.topic
+        self.partitions = partitions
+        self._db = duckdb.connect(":memory:", config={
+            "threads": threads, "memory_limit": memory_limit,
+            "autoinstall_known_extensions": False, "autoload_known_extensions": False})
+        self._lock = threading.Lock()  # one refresh at a time
+        self._local = threading.local()
+        self._raw: dict[str, Any] = {}  # registered name → Arrow dataset
+        self._raw_views: set[str] = set()
+        self._generation = 0
+        self._files: set[str] = set()  # scored_events files already read
+        self._pending_files: set[str] = set()
+        self._run: Any = None
+        self._scored_version: int | None = None
+        self.snapshot = Snapshot(None, {}, None, {}, 0, refreshed_at=0.0)
+        self._create()
+        self._db.execute("SET enable_external_access = false")
+        self._db.execute("SET lock_configuration = true")
+
+    # ------------------------------------------------------------------ set-up
+    def _create(self) -> None:
+        db = self._db
+        for schema in SCHEMAS:
+            db.execute(f"CREATE SCHEMA {schema}")
+        for view in self.spec.views:
+            self._replace_table(db, f"gold.{view.name}", gold_schema(self.spec, view).empty_table())
+        db.execute(f'CREATE TABLE batch.boundary ("{PARTITION}" INTEGER, "{OFFSET}" BIGINT)')
+        self._replace_table(db, "speed.increments", increments_schema(self.spec).empty_table())
+        db.execute("CREATE TABLE serving.snapshot (batch_run_id VARCHAR, boundary VARCHAR, "
+                   "coverage VARCHAR, scored_events_version BIGINT, speed_increments BIGINT, "
+                   "refreshed_at TIMESTAMPTZ)")
+        for name, sql in merged_views(self.spec, DUCKDB).items():
+            db.execute(f"CREATE VIEW {name} AS {sql}")
+
+    @staticmethod
+    def _replace_table(db: Any, name: str, data: pa.Table, order_by: str | None = None) -> None:
+        db.register("_load", data)
+        try:
+            order = f' ORDER BY "{order_by}"' if order_by else ""
+            db.execute(f"CREATE OR REPLACE TABLE {name} AS SELECT * FROM _load{order}")
+        finally:
+            db.unregister("_load")
+
+    # ------------------------------------------------------------------ refresh
+    def refresh(self) -> Snapshot:
+        """Bring the snapshot up to the lakehouse's latest published run and scored events."""
+        from deltalake import DeltaTable
+
+        from speed.lake import app_id, published_runs
+
+        with self._lock:
+            runs = [r for r in published_runs(self.lakehouse)
+                    if r.spec_fingerprint == self.spec.fingerprint()]
+            run = runs[0] if runs else None
+            scored = (DeltaTable(self.lakehouse.scored_events)
+                      if DeltaTable.is_deltatable(self.lakehouse.scored_events) else None)
+            version = scored.version() if scored is not None else None
+            new_run = run is not None and (self._run is None or run.run_id != self._run.run_id)
+            if not new_run and version == self._scored_version and self._raw:
+                return self.snapshot
+            boundary = run.boundary if run is not None else {}
+            # files added since the last refresh; everything again after a rewrite (OPTIMIZE)
+            reload_all = new_run and self._run is not None and any(
+                boundary.get(p, -1) < o for p, o in self._run.boundary.items())
+            fresh: pa.Table | None = None
+            if scored is not None and version != self._scored_version:
+                if not self._appends_only(scored):
+                    reload_all = True
+                fresh = self._read_scored(scored, boundary, everything=reload_all)
+            db = self._db
+            db.execute("BEGIN TRANSACTION")
+            try:
+                if new_run:
+                    for view in self.spec.views:
+                        table = DeltaTable(self.lakehouse.gold(view.name),
+                                           version=run.view_versions[view.name]).to_pyarrow_table()
+                        self._replace_table(db, f"gold.{view.name}", table, order_by=view.entity)
+                    db.execute("DELETE FROM batch.boundary")
+                    if boundary:
+                        db.executemany("INSERT INTO batch.boundary VALUES (?, ?)", sorted(boundary.items()))
+                    db.execute(f'DELETE FROM speed.increments AS i USING batch.boundary AS b '
+                               f'WHERE i."{PARTITION}" = b."{PARTITION}" AND i."{OFFSET}" <= b."{OFFSET}"')
+                if reload_all:
+                    db.execute("DELETE FROM speed.increments")
+                if fresh is not None and fresh.num_rows:
+                    db.register("_fresh", fresh)
+                    db.execute("INSERT INTO speed.increments SELECT * FROM _fresh")
+                    db.unregister("_fresh")
+                increments = db.execute("SELECT count(*) FROM speed.increments").fetchone()[0]
+                coverage = dict(boundary)
+                if scored is not None:
+                    for p in range(max([self.partitions - 1, *boundary]) + 1):
+                        consumed = scored.transaction_version(app_id(self.group, self.topic, p))
+                        if consumed is not None and consumed > coverage.get(p, -1):
+                            coverage[p] = consumed
+                snapshot = Snapshot(run.run_id if run else None, dict(boundary), version, coverage,
+                                    int(increments))
+                db.execute("DELETE FROM serving.snapshot")
+                db.execute("INSERT INTO serving.snapshot VALUES (?, ?, ?, ?, ?, now())",
+                           [snapshot.run_id, json.dumps(snapshot.to_json()["boundary"]),
+                            json.dumps(snapshot.to_json()["coverage"]), version, snapshot.increments])
+                self._register_raw(db)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            if reload_all:
+                self._files = set()
+            self._files |= self._pending_files
+            self._run, self._scored_version, self.snapshot = run, version, snapshot
+            return snapshot
+
+    def _appends_only(self, scored: Any) -> bool:
+        """Whether every commit since the last refresh only appended files."""
+        if self._scored_version is None:
+            return not self._files
+        history = scored.history(limit=max(1, scored.version() - self._scored_version))
+        return all(h.get("operation") in ("WRITE", "CREATE TABLE") and
+                   (h.get("operationParameters") or {}).get("mode", "Append") in ("Append", "ErrorIfExists")
+                   for h in history if h.get("version", self._scored_version + 1) > self._scored_version)
+
+    def _read_scored(self, scored: Any, boundary: Mapping[int, int], *, everything: bool) -> pa.Table:
+        """This group's scored events above the boundary, from files not read yet."""
+        import pyarrow.dataset as ds
+
+        dataset = scored.to_pyarrow_dataset()
+        fragments = [f for f in dataset.get_fragments() if everything or f.path not in self._files]
+        self._pending_files = {f.path for f in fragments}
+        schema = increments_schema(self.spec)
+        if not fragments:
+            return schema.empty_table()
+        columns = [*self.spec.events.field_names, PARTITION, OFFSET]
+        table = ds.FileSystemDataset(fragments, dataset.schema, dataset.format, dataset.filesystem).to_table(
+            columns=columns, filter=pc.field("consumer_group") == self.group)
+        if boundary:
+            lowest = pa.array([boundary.get(p, -1) for p in table.column(PARTITION).to_pylist()], pa.int64())
+            table = table.filter(pc.greater(table.column(OFFSET), lowest))
+        time_field = self.spec.events.time_field
+        ms = pc.divide(table.column(time_field).cast(pa.timestamp("us", tz="UTC")).cast(pa.int64()), 1000)
+        table = table.append_column(EVENT_TIME_MS, ms)
+        return table.select(schema.names).cast(schema)
+
+    def _register_raw(self, db: Any) -> None:
+        from deltalake import DeltaTable
+
+        raw: dict[str, Any] = {}
+        for name, path in raw_tables(self.spec, self.lakehouse).items():
+            if DeltaTable.is_deltatable(path):
+                raw[name] = DeltaTable(path).to_pyarrow_dataset()
+        for name, dataset in raw.items():
+            registered = "raw__" + name.replace(".", "__")
+            db.register(registered, dataset)
+            if name not in self._raw_views:
+                db.execute(f"CREATE VIEW {name} AS SELECT * FROM {registered}")
+                self._raw_views.add(name)
+        self._raw = raw
+        self._generation += 1
+
+    # ------------------------------------------------------------------ reading
+    def _cursor(self) -> Any:
+        """This thread's connection to the database, with the current raw datasets."""
+        local = self._local
+        cursor = getattr(local, "cursor", None)
+        if cursor is None:
+            cursor = local.cursor = self._db.cursor()
+            local.generation = -1
+        if local.generation != self._generation:
+            for name, dataset in self._raw.items():
+                cursor.register("raw__" + name.replace(".", "__"), dataset)
+            local.generation = self._generation
+        return cursor
+
+    def query(self, sql: str, *, row_cap: int = 10_000, timeout_s: float = 10.0) -> QueryResult:
+        """Run one read-only SELECT; at most `row_cap` rows, interrupted after `timeout_s`."""
+        import duckdb
+
+        text = check_select(self._cursor(), sql)
+        cursor = self._cursor()
+        timer = threading.Timer(timeout_s, cursor.interrupt)
+        started = time.perf_counter()
+        timer.start()
+        try:
+            table = cursor.sql(f"SELECT * FROM (\n{text}\n) AS q LIMIT {row_cap + 1}").to_arrow_table()
+        except duckdb.InterruptException:
+            raise SqlTimeout(f"the query ran longer than {timeout_s:g}s and was stopped") from None
+        except duckdb.Error as exc:
+            raise SqlError(f"{type(exc).__name__}: {exc}") from None
+        finally:
+            timer.cancel()
+        elapsed = (time.perf_counter() - started) * 1000
+        truncated = table.num_rows > row_cap
+        return QueryResult(table.slice(0, row_cap) if truncated else table, truncated, elapsed)
+
+    def entity_states(self, event: Mapping[str, Any]) -> EntityStates:
+        """The merged states every view holds for an event's entities over the event's
+        windows (what precedes the event, if it arrived now), the entity fields with no
+        state at all (their features are the monoids' identities), and the snapshot read."""
+        cursor = self._cursor()
+        time_ms = event[self.spec.events.time_field]
+        found: dict[str, bool] = {}
+        states: dict[str, dict[str, Any]] = {}
+        cursor.execute("BEGIN TRANSACTION")  # one snapshot for every view
+        try:
+            for view in self.spec.views:
+                table = ViewStates(view)
+                entity = event[view.entity]
+                buckets = view.window_buckets_of(time_ms)
+                rows = cursor.execute(lookup_sql(view, DUCKDB),
+                                      [entity, buckets[0], buckets[-1]]).fetchall()
+                names = list(view.aggregations)
+                for bucket, *values in rows:
+                    table.merge(entity, bucket, {n: _exact(v) for n, v in zip(names, values, strict=True)})
+                states[view.name] = table.read(entity, time_ms)
+                if rows or not view.windowed:
+                    found[view.entity] = found.get(view.entity, False) or bool(rows)
+            for entity_field in {v.entity for v in self.spec.views} - set(found):
+                # only windowed views aggregate this entity: is it anywhere outside the window?
+                view = next(v for v in self.spec.views if v.entity == entity_field)
+                found[entity_field] = cursor.execute(
+                    f'SELECT 1 FROM {states_name(view)} WHERE "{view.entity}" = ? LIMIT 1',
+                    [event[entity_field]]).fetchone() is not None
+            run_id, boundary, coverage = cursor.execute(
+                "SELECT batch_run_id, boundary, coverage FROM serving.snapshot").fetchone() or (None, "{}", "{}")
+        finally:
+            cursor.execute("COMMIT")
+        return EntityStates(states, sorted(e for e, seen in found.items() if not seen),
+                            {"batch_run_id": run_id, "boundary": json.loads(boundary),
+                             "coverage": json.loads(coverage)})
+
+    def entity_features(self, entity_field: str, entity: Any) -> dict[str, dict[str, Any]]:
+        """merged.<view> rows of one entity, per view that aggregates over `entity_field`
+        ({} for a view that holds nothing for it)."""
+        cursor = self._cursor()
+        out: dict[str, dict[str, Any]] = {}
+        cursor.execute("BEGIN TRANSACTION")
+        try:
+            for view in self.spec.views:
+                if view.entity != entity_field:
+                    continue
+                result = cursor.execute(f'SELECT * FROM {view_name(view)} WHERE "{view.entity}" = ?', [entity])
+                names = [d[0] for d in result.description]
+                row = result.fetchone()
+                out[view.name] = {} if row is None else {
+                    n: _exact(v) if n in view.aggregations else v
+                    for n, v in zip(names, row, strict=True) if n != view.entity}
+        finally:
+            cursor.execute("COMMIT")
+        return out
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def _exact(value: Any) -> Any:
+    """DuckDB hands DECIMAL(38,0) back as Decimal: monoid states are ints."""
+    if value is None or isinstance(value, int):
+        return value
+    return int(value)
+
+
+def check_select(cursor: Any, sql: str) -> str:
+    """The query text if it is exactly one SELECT statement; SqlError saying why not."""
+    import duckdb
+
+    text = sql.strip().rstrip(";").strip()
+    if not text:
+        raise SqlError("the query is empty: send one SELECT statement")
+    try:
+        statements = cursor.extract_statements(text)
+    except duckdb.Error as exc:
+        raise SqlError(f"the query does not parse: {exc}") from None
+    if len(statements) != 1:
+        raise SqlError(f"send exactly one statement, got {len(statements)}")
+    kind = statements[0].type
+    if kind != duckdb.StatementType.SELECT:
+        raise SqlError(f"only SELECT queries are allowed, got {kind.name}: the views are read-only")
+    return text

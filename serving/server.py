@@ -1,0 +1,96 @@
+"""`lambdalake serve`: the HTTP API in uvicorn, scoring through Ray Serve deployment handles.
+
+The API runs in its own process (uvicorn, one worker, async) rather than as a Ray Serve
+ingress: Serve's HTTP proxy would add a hop per request, while a handle call from here goes
+straight to the model replicas, batched with the speed layer's calls by `@serve.batch`.
+Scale out by running more API processes behind a load balancer; each holds its own DuckDB
+snapshot of the lakehouse.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from lakehouse.config import Settings
+from lakehouse.spec import PlatformSpec
+from lakehouse.tables import Lakehouse
+from serving.api import Serving, ServingConfig, create_app
+from serving.auth import load_api_keys
+from serving.duck import DuckEngine
+from serving.rollout import CHALLENGER, CHAMPION, PredictionCache, Rollout, ScoreCall
+
+log = logging.getLogger("lambdalake.serving")
+
+
+def handle_call(app: str) -> ScoreCall:
+    from ray import serve
+
+    handle = serve.get_app_handle(app)
+
+    async def call(rows: list[list[float]]) -> dict[str, Any]:
+        return await handle.score.remote(rows)
+
+    return call
+
+
+def running_apps() -> set[str]:
+    from ray import serve
+
+    return {name for name, app in serve.status().applications.items() if str(app.status) in (
+        "RUNNING", "ApplicationStatus.RUNNING")}
+
+
+def build_serving(settings: Settings, spec: PlatformSpec, *, lakehouse: Lakehouse | None = None,
+                  create_keys: bool = False) -> tuple[Serving, str | None]:
+    """The API's parts, connected to the platform's Ray cluster (initialised here)."""
+    import ray
+
+    from infra.services import ray_local_env
+    from speed.model_service import app_name
+
+    os.environ.update(ray_local_env())
+    if not ray.is_initialized():
+        ray.init(address=settings.ray_address, log_to_driver=False, logging_level=logging.WARNING)
+    keys, created = load_api_keys(settings.api_keys.get_secret_value(), settings.api_keys_path,
+                                  create=create_keys)
+    engine = DuckEngine(spec, lakehouse or Lakehouse(settings.delta_uri), group=settings.speed_group,
+                        partitions=settings.kafka_partitions, memory_limit=settings.duckdb_memory_limit)
+    rollout = Rollout({CHAMPION: handle_call(app_name(CHAMPION))}, settings.rollout_challenger_weight,
+                      PredictionCache(settings.prediction_cache_size))
+
+    def discover_arms() -> None:
+        """Follow the challenger app: route its share to it while it runs."""
+        weight = settings.rollout_challenger_weight
+        running = CHALLENGER in rollout.arms
+        if weight <= 0:
+            return
+        available = app_name(CHALLENGER) in running_apps()
+        if available and not running:
+            rollout.arms[CHALLENGER] = handle_call(app_name(CHALLENGER))
+            rollout.challenger_weight = weight
+            log.info("rollout: %.0f%% of entities to the challenger", weight * 100)
+        elif running and not available:
+            rollout.challenger_weight = 0.0
+            del rollout.arms[CHALLENGER]
+            log.warning("rollout: the challenger app is gone; all traffic to the champion")
+
+    discover_arms()
+    serving = Serving(spec, engine, rollout, keys, ServingConfig.from_settings(settings),
+                      discover_arms=discover_arms)
+    return serving, created
+
+
+def serve_api(settings: Settings, spec: PlatformSpec, *, host: str, port: int) -> None:
+    """Run the API until SIGTERM/SIGINT."""
+    import uvicorn
+
+    from lakehouse.logs import json_logging
+
+    json_logging(settings.log_level)
+    serving, created = build_serving(settings, spec, create_keys=True)
+    if created:
+        log.warning("created %s with an admin API key (all scopes): use header X-API-Key: <key from "
+                    "that file>", settings.api_keys_path)
+    uvicorn.run(create_app(serving), host=host, port=port, log_level="warning", access_log=False)

@@ -1,0 +1,147 @@
+"""The merged views on Spark SQL, for data that outgrows one machine (`--engine spark`).
+
+The same relations as the DuckDB engine, under the same names, as catalog objects of the
+session: each Delta table is an external table in the hidden database `lake_tables`, and
+`gold.<view>` pins the version the published run wrote (`VERSION AS OF`). `speed.increments`
+filters the scored events of one consumer group by the run's boundary, and the `merged.*`
+views are `serving/views.py`'s SQL, unchanged but for identifier quoting.
+
+User queries are parsed as queries only (`parseQuery`: no DDL, DML, SET or CACHE) and run
+with `spark.sql.runSQLOnFiles=false`, so ``csv.`/path` `` and the like cannot read files.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from lakehouse.features import OFFSET, PARTITION
+from lakehouse.spec import PlatformSpec
+from lakehouse.tables import Lakehouse
+from serving.duck import Snapshot, SqlError
+from serving.views import EVENT_TIME_MS, SPARK, merged_views, raw_tables
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+HIDDEN = "lake_tables"
+
+
+def _q(name: str) -> str:
+    return SPARK.quote(name)
+
+
+def _literal(path: str) -> str:
+    return "'" + path.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+class SparkEngine:
+    def __init__(self, spark: SparkSession, spec: PlatformSpec, lakehouse: Lakehouse, *, group: str,
+                 topic: str | None = None) -> None:
+        self.spark = spark
+        self.spec = spec
+        self.lakehouse = lakehouse
+        self.group = group
+        self.topic = topic or spec.events.topic
+        logging.getLogger("SQLQueryContextLogger").setLevel(logging.CRITICAL)  # errors are raised
+
+    def _table(self, name: str, path: str) -> str | None:
+        """An external catalog table over a Delta path (None where no table exists yet)."""
+        from delta.tables import DeltaTable
+
+        if not DeltaTable.isDeltaTable(self.spark, path):
+            return None
+        hidden = f"{HIDDEN}.{name.replace('.', '__')}"
+        self.spark.sql(f"CREATE TABLE IF NOT EXISTS {hidden} USING delta LOCATION {_literal(path)}")
+        self.spark.sql(f"REFRESH TABLE {hidden}")
+        return hidden
+
+    def register(self) -> Snapshot:
+        """(Re)create every relation at the latest published run and scored events."""
+        from deltalake import DeltaTable
+
+        from speed.lake import app_id, published_runs
+
+        spark, spec, lake = self.spark, self.spec, self.lakehouse
+        spark.conf.set("spark.sql.runSQLOnFiles", "true")
+        for schema in (HIDDEN, "gold", "batch", "speed", "merged", "bronze", "silver", "quarantine",
+                       "training", "serving"):
+            spark.sql(f"CREATE DATABASE IF NOT EXISTS {schema}")
+        runs = [r for r in published_runs(lake) if r.spec_fingerprint == spec.fingerprint()]
+        run = runs[0] if runs else None
+        boundary = run.boundary if run else {}
+        for view in spec.views:
+            hidden = self._table(f"gold.{view.name}", lake.gold(view.name))
+            if run is None or hidden is None:
+                columns = ", ".join(
+                    [f"CAST(NULL AS STRING) AS {_q(view.entity)}", f"CAST(NULL AS BIGINT) AS {_q('bucket_start_ms')}"]
+                    + [f"CAST(NULL AS {a.spark_type.upper()}) AS {_q(n)}" for n, a in view.aggregations.items()])
+                spark.sql(f"CREATE OR REPLACE VIEW gold.{view.name} AS SELECT {columns} WHERE false")
+            else:
+                spark.sql(f"CREATE OR REPLACE VIEW gold.{view.name} AS SELECT * FROM {hidden} "
+                          f"VERSION AS OF {run.view_versions[view.name]}")
+        rows = ", ".join(f"({p}, {o})" for p, o in sorted(boundary.items())) or "(-1, -1)"
+        spark.sql(f"CREATE OR REPLACE VIEW batch.boundary AS SELECT * FROM VALUES {rows} "
+                  f"AS t({_q(PARTITION)}, {_q(OFFSET)}) WHERE {_q(PARTITION)} >= 0")
+        scored = self._table("speed.scored_events", lake.scored_events)
+        fields = ", ".join(f"s.{_q(f)}" for f in spec.events.field_names)
+        time_field = _q(spec.events.time_field)
+        if scored is None:
+            source = ("SELECT * FROM (SELECT " + ", ".join(
+                [f"CAST(NULL AS {t}) AS {_q(f)}" for f, t in self._event_types()]
+                + [f"CAST(NULL AS INT) AS {_q(PARTITION)}", f"CAST(NULL AS BIGINT) AS {_q(OFFSET)}",
+                   f"CAST(NULL AS STRING) AS {_q('consumer_group')}"]) + ") WHERE false")
+        else:
+            version = DeltaTable(lake.scored_events).version()
+            source = f"SELECT * FROM {scored} VERSION AS OF {version}"
+        spark.sql(
+            f"CREATE OR REPLACE VIEW speed.increments AS SELECT {fields}, "
+            f"unix_millis(s.{time_field}) AS {_q(EVENT_TIME_MS)}, s.{_q(PARTITION)}, s.{_q(OFFSET)} "
+            f"FROM ({source}) s LEFT JOIN batch.boundary b ON s.{_q(PARTITION)} = b.{_q(PARTITION)} "
+            f"WHERE s.consumer_group = {_literal(self.group)} AND s.{_q(OFFSET)} > COALESCE(b.{_q(OFFSET)}, -1)")
+        for name, sql in merged_views(spec, SPARK).items():
+            spark.sql(f"CREATE OR REPLACE VIEW {name} AS {sql}")
+        for name, path in raw_tables(self.spec, self.lakehouse).items():
+            hidden = self._table(name, path)
+            if hidden is not None:
+                spark.sql(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM {hidden}")
+        spark.conf.set("spark.sql.runSQLOnFiles", "false")
+        coverage = dict(boundary)
+        scored_version = None
+        if scored is not None:
+            table = DeltaTable(lake.scored_events)
+            scored_version = table.version()
+            for p in range(max([-1, *boundary]) + 1):
+                consumed = table.transaction_version(app_id(self.group, self.topic, p))
+                if consumed is not None and consumed > coverage.get(p, -1):
+                    coverage[p] = consumed
+        increments = spark.sql("SELECT count(*) AS n FROM speed.increments").collect()[0]["n"]
+        return Snapshot(run.run_id if run else None, dict(boundary), scored_version, coverage, int(increments))
+
+    def _event_types(self) -> list[tuple[str, str]]:
+        types = {"string": "STRING", "long": "BIGINT", "double": "DOUBLE", "money": "BIGINT",
+                 "boolean": "BOOLEAN", "timestamp": "TIMESTAMP"}
+        return [(f.name, types[f.type]) for f in self.spec.events.fields]
+
+    def query(self, sql: str, *, row_cap: int = 10_000) -> tuple[pa.Table, bool]:
+        """One read-only query; at most `row_cap` rows (and whether more existed)."""
+        from pyspark.errors import PySparkException
+        from py4j.protocol import Py4JJavaError
+
+        text = sql.strip().rstrip(";").strip()
+        if not text:
+            raise SqlError("the query is empty: send one SELECT statement")
+        try:
+            self.spark._jsparkSession.sessionState().sqlParser().parseQuery(text)
+        except Py4JJavaError as exc:
+            first = str(exc.java_exception.getMessage()).splitlines()[0]
+            raise SqlError(f"only one SELECT query is allowed (the views are read-only): {first}") from None
+        try:
+            frame = self.spark.sql(f"SELECT * FROM (\n{text}\n) AS q LIMIT {row_cap + 1}")
+            table: Any = frame.toArrow()
+        except (PySparkException, Py4JJavaError) as exc:
+            raise SqlError(str(exc).splitlines()[0]) from None
+        truncated = table.num_rows > row_cap
+        return (table.slice(0, row_cap) if truncated else table), truncated

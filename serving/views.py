@@ -1,0 +1,161 @@
+"""The merged views, defined once as SQL that DuckDB and Spark SQL both run.
+
+Every engine provides the same input relations (see `serving/duck.py`, `serving/spark_sql.py`):
+
+    gold.<view>        the batch view's monoid states per (entity, bucket_start_ms), as the
+                       latest published batch run wrote them (Delta version pinned)
+    batch.boundary     (partition, offset): the highest offset per partition that run includes
+    speed.increments   the speed layer's scored events whose offset lies above the boundary of
+                       their partition: the typed event fields (money in integer cents) plus
+                       event_time_ms, partition, offset
+
+and on top of them the views defined here:
+
+    merged.<view>_states  batch states ⊕ the increments' states per (entity, bucket_start_ms),
+                          added with each aggregation's own SQL plus (SUM, MAX, MIN): exact,
+                          since the boundary splits the events by Kafka offset and the
+                          increments hold exactly the events above it;
+    merged.<view>         one row per entity: the states over the view's window and the
+                          features derived from them (mean and std of each summed field,
+                          events per minute over a window). A window ends at the view's newest
+                          bucket, i.e. at stream time (the latest event time merged), so the
+                          answer is a function of the data, not of the wall clock.
+
+Identifiers are quoted per engine (`Dialect.quote`); everything else is SQL both accept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from lakehouse.monoids import Count, Max, Min, Sum, SumOfSquares
+from lakehouse.spec import FeatureView, PlatformSpec
+from lakehouse.tables import Lakehouse
+
+BUCKET = "bucket_start_ms"
+EVENT_TIME_MS = "event_time_ms"
+WINDOW_END = "window_end_ms"
+
+
+@dataclass(frozen=True)
+class Dialect:
+    name: str
+    quote: Callable[[str], str]
+
+
+DUCKDB = Dialect("duckdb", lambda n: '"' + n.replace('"', '""') + '"')
+SPARK = Dialect("spark", lambda n: "`" + n.replace("`", "``") + "`")
+
+
+def states_name(view: FeatureView) -> str:
+    return f"merged.{view.name}_states"
+
+
+def view_name(view: FeatureView) -> str:
+    return f"merged.{view.name}"
+
+
+def states_sql(spec: PlatformSpec, view: FeatureView, d: Dialect) -> str:
+    """merged.<view>_states: batch states ⊕ speed increments per (entity, bucket)."""
+    q = d.quote
+    names = list(view.aggregations)
+    if view.bucket_ms:
+        t, width = q(EVENT_TIME_MS), view.bucket_ms
+        bucket = f"{t} - ((({t} % {width}) + {width}) % {width})"
+    else:
+        bucket = "0"
+    lifted = ", ".join(f"{a.sql_lift(q)} AS {q(n)}" for n, a in view.aggregations.items())
+    added = ", ".join(
+        f"CAST({a.sql_plus}({q(n)}) AS {a.spark_type.upper()}) AS {q(n)}"
+        for n, a in view.aggregations.items())
+    columns = ", ".join(q(n) for n in names)
+    entity = q(view.entity)
+    return (
+        f"SELECT {entity}, {q(BUCKET)}, {added} FROM ("
+        f"SELECT {entity}, CAST({q(BUCKET)} AS BIGINT) AS {q(BUCKET)}, {columns} FROM gold.{view.name} "
+        f"UNION ALL "
+        f"SELECT {entity}, CAST({bucket} AS BIGINT) AS {q(BUCKET)}, {lifted} FROM speed.increments"
+        f") AS states GROUP BY {entity}, {q(BUCKET)}"
+    )
+
+
+def derived_columns(spec: PlatformSpec, view: FeatureView, d: Dialect) -> list[str]:
+    """SQL select items of the features derived from a row of (windowed) states."""
+    q = d.quote
+    money = {f.name for f in spec.events.fields if f.type == "money"}
+    count = next((n for n, a in view.aggregations.items() if isinstance(a, Count)), None)
+    if count is None:
+        return []
+    n = f"CAST({q(count)} AS DOUBLE)"
+    items = []
+    for name, aggregation in view.aggregations.items():
+        field = aggregation.field
+        unit = " / 100.0" if field in money else ""
+        if isinstance(aggregation, Sum):
+            items.append(f"CASE WHEN {q(count)} > 0 THEN CAST({q(name)} AS DOUBLE) / {n}{unit} END "
+                         f"AS {q('mean_' + str(field))}")
+            squares = next((s for s, a in view.aggregations.items()
+                            if isinstance(a, SumOfSquares) and a.field == field), None)
+            if squares is not None:
+                total = f"CAST({q(name)} AS DOUBLE)"
+                spread = f"{n} * CAST({q(squares)} AS DOUBLE) - {total} * {total}"
+                items.append(f"CASE WHEN {q(count)} > 1 THEN SQRT(GREATEST({spread}, 0.0)) / {n}{unit} "
+                             f"ELSE 0.0 END AS {q('std_' + str(field))}")
+        elif isinstance(aggregation, Max | Min) and field in money:
+            items.append(f"{q(name)} / 100.0 AS {q(name + '_units')}")
+    if view.bucket_ms and view.window_buckets:
+        minutes = view.bucket_ms * view.window_buckets / 60_000
+        items.append(f"{n} / {minutes!r} AS {q('events_per_minute')}")
+    return items
+
+
+def view_sql(spec: PlatformSpec, view: FeatureView, d: Dialect) -> str:
+    """merged.<view>: per entity, the states over its window and the derived features."""
+    q = d.quote
+    entity = q(view.entity)
+    states = states_name(view)
+    added = ", ".join(
+        f"CAST({a.sql_plus}(s.{q(n)}) AS {a.spark_type.upper()}) AS {q(n)}"
+        for n, a in view.aggregations.items())
+    if view.bucket_ms and view.window_buckets:
+        span = view.bucket_ms * view.window_buckets
+        windowed = (
+            f"SELECT s.{entity}, {added}, MAX(c.{q(WINDOW_END)}) AS {q(WINDOW_END)} "
+            f"FROM {states} s CROSS JOIN (SELECT MAX({q(BUCKET)}) AS {q(WINDOW_END)} FROM {states}) c "
+            f"WHERE s.{q(BUCKET)} > c.{q(WINDOW_END)} - {span} GROUP BY s.{entity}"
+        )
+    else:
+        windowed = f"SELECT s.{entity}, {added} FROM {states} s GROUP BY s.{entity}"
+    derived = derived_columns(spec, view, d)
+    return f"SELECT w.*{''.join(', ' + item for item in derived)} FROM ({windowed}) AS w"
+
+
+def merged_views(spec: PlatformSpec, d: Dialect) -> dict[str, str]:
+    """Qualified name → SQL of every merged relation, in creation order."""
+    out: dict[str, str] = {}
+    for view in spec.views:
+        out[states_name(view)] = states_sql(spec, view, d)
+    for view in spec.views:
+        out[view_name(view)] = view_sql(spec, view, d)
+    return out
+
+
+def raw_tables(spec: PlatformSpec, lakehouse: Lakehouse) -> dict[str, str]:
+    """The raw tables both engines expose read-only: qualified name → Delta path."""
+    out = {f"bronze.{t.replace('.', '_')}": lakehouse.bronze(t) for t in spec.topics[:2]}
+    for schema in (spec.events, spec.labels):
+        out[f"silver.{schema.name}"] = lakehouse.silver(schema.name)
+        out[f"quarantine.{schema.name}"] = lakehouse.quarantine(schema.name)
+    out["batch.batch_runs"] = lakehouse.batch_runs
+    out["speed.scored_events"] = lakehouse.scored_events
+    out[f"training.{spec.name}"] = lakehouse.training_set(spec.name)
+    return out
+
+
+def lookup_sql(view: FeatureView, d: Dialect) -> str:
+    """One entity's merged states over a bucket range (parameters: entity, first, last)."""
+    q = d.quote
+    columns = ", ".join(q(n) for n in view.aggregations)
+    return (f"SELECT {q(BUCKET)}, {columns} FROM {states_name(view)} "
+            f"WHERE {q(view.entity)} = ? AND {q(BUCKET)} BETWEEN ? AND ?")
