@@ -26,6 +26,7 @@ Identifiers are quoted per engine (`Dialect.quote`); everything else is SQL both
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -143,7 +144,7 @@ def merged_views(spec: PlatformSpec, d: Dialect) -> dict[str, str]:
 
 def raw_tables(spec: PlatformSpec, lakehouse: Lakehouse) -> dict[str, str]:
     """The raw tables both engines expose read-only: qualified name → Delta path."""
-    out = {f"bronze.{t.replace('.', '_')}": lakehouse.bronze(t) for t in spec.topics[:2]}
+    out = {f"bronze.{re.sub(r'[^A-Za-z0-9_]', '_', t)}": lakehouse.bronze(t) for t in spec.topics[:2]}
     for schema in (spec.events, spec.labels):
         out[f"silver.{schema.name}"] = lakehouse.silver(schema.name)
         out[f"quarantine.{schema.name}"] = lakehouse.quarantine(schema.name)

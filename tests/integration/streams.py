@@ -1,0 +1,110 @@
+"""Streams of generated events on fresh topics, a champion on Ray Serve, and the speed layer
+run in-process: what the speed and serving integration tests share."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+from lakehouse.config import Settings
+from lakehouse.fraud import FRAUD_SPEC, TRANSACTIONS
+from lakehouse.generator import GeneratorOptions, Message, generate
+from lakehouse.streams import ensure_topics, producer
+from lakehouse.tables import Lakehouse
+from tests.integration.models import publish, random_model
+
+
+def serve_champion(ray_cluster: Settings, bundles: Any) -> Iterator[Settings]:
+    """A champion model on the platform's Ray Serve, as app `model` (a fixture's body)."""
+    from ray import serve
+
+    from speed.model_service import APP_NAME, ServiceArgs, serve_on_ray
+
+    settings = ray_cluster.model_copy(update={"model_name": f"it-{uuid.uuid4().hex[:6]}"})
+    publish(settings, random_model(7), bundles)
+    serve_on_ray(settings.ray_address, ServiceArgs.from_settings(settings, max_replicas=1))
+    yield settings
+    serve.delete(APP_NAME)
+
+
+@dataclasses.dataclass
+class Stream:
+    settings: Settings
+    spec: Any
+    lakehouse: Lakehouse
+    topic: str
+    messages: list[Message]
+
+    @property
+    def valid_ids(self) -> set[str]:
+        return {m.event_id for m in self.messages if m.kind in ("valid", "late")}
+
+
+def new_stream(settings: Settings, events: int, seed: int, **options: Any) -> Stream:
+    suffix = uuid.uuid4().hex[:8]
+    topic = f"events-{suffix}"
+    ensure_topics(settings.kafka_bootstrap_servers, [topic, f"{topic}.dlq"],
+                  partitions=settings.kafka_partitions)
+    spec = dataclasses.replace(FRAUD_SPEC, events=dataclasses.replace(TRANSACTIONS, topic=topic),
+                               dlq_topic=f"{topic}.dlq")
+    messages = [m for m in generate(GeneratorOptions(events=events, seed=seed, **options))
+                if m.topic == TRANSACTIONS.topic]
+    return Stream(settings, spec, Lakehouse(f"{settings.delta_uri}/speed-{suffix}"), topic, messages)
+
+
+def send(stream: Stream, messages: list[Message]) -> None:
+    kafka = producer(stream.settings.kafka_bootstrap_servers)
+    for m in messages:
+        kafka.send(stream.topic, key=m.key, value=m.value)
+    kafka.flush()
+    kafka.close()
+
+
+def run_in_process(stream: Stream, group: str = "it", idle_exit_s: float = 4.0) -> dict[str, int]:
+    from speed.consumer import SpeedLayer, SpeedOptions, serve_scorer
+
+    layer = SpeedLayer(stream.settings, stream.spec, serve_scorer(), lakehouse=stream.lakehouse,
+                       options=SpeedOptions(group_id=group, max_batch=500, run_check_s=0.5))
+    return layer.run(threading.Event(), idle_exit_s=idle_exit_s)
+
+
+def scored(stream: Stream) -> list[dict[str, Any]]:
+    from deltalake import DeltaTable
+
+    return DeltaTable(stream.lakehouse.scored_events).to_pyarrow_table().to_pylist()
+
+
+def dlq_messages(stream: Stream, expected: int) -> list[Any]:
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(f"{stream.topic}.dlq", bootstrap_servers=stream.settings.kafka_bootstrap_servers,
+                             auto_offset_reset="earliest", consumer_timeout_ms=5000,
+                             group_id=f"dlq-reader-{uuid.uuid4().hex[:6]}")
+    out = []
+    for record in consumer:
+        out.append(record)
+        if len(out) >= expected:
+            break
+    consumer.close()
+    return out
+
+
+def scored_or_empty(stream: Stream) -> list[dict[str, Any]]:
+    from deltalake import DeltaTable
+
+    if not DeltaTable.is_deltatable(stream.lakehouse.scored_events):
+        return []
+    return scored(stream)
+
+
+def wait_for(condition: Any, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(1.0)
+
+
