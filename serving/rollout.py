@@ -93,6 +93,7 @@ class Rollout:
             version = int(answer["model_version"])
             if version != known and len(missing) < len(vectors):
                 # the hits were the old version's: one version answers the whole request
+                self.cache.hits -= len(vectors) - len(missing)
                 missing = list(range(len(vectors)))
                 answer = await self.arms[alias](vectors)
                 version = int(answer["model_version"])

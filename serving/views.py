@@ -92,7 +92,7 @@ def derived_columns(spec: PlatformSpec, view: FeatureView, d: Dialect) -> list[s
     items = []
     for name, aggregation in view.aggregations.items():
         field = aggregation.field
-        unit = " / 100.0" if field in money else ""
+        unit = " / 100" if field in money else ""  # cents → currency units (a DOUBLE)
         if isinstance(aggregation, Sum):
             items.append(f"CASE WHEN {q(count)} > 0 THEN CAST({q(name)} AS DOUBLE) / {n}{unit} END "
                          f"AS {q('mean_' + str(field))}")
@@ -104,7 +104,7 @@ def derived_columns(spec: PlatformSpec, view: FeatureView, d: Dialect) -> list[s
                 items.append(f"CASE WHEN {q(count)} > 1 THEN SQRT(GREATEST({spread}, 0.0)) / {n}{unit} "
                              f"ELSE 0.0 END AS {q('std_' + str(field))}")
         elif isinstance(aggregation, Max | Min) and field in money:
-            items.append(f"{q(name)} / 100.0 AS {q(name + '_units')}")
+            items.append(f"CAST({q(name)} AS DOUBLE) / 100 AS {q(name + '_units')}")
     if view.bucket_ms and view.window_buckets:
         minutes = view.bucket_ms * view.window_buckets / 60_000
         items.append(f"{n} / {minutes!r} AS {q('events_per_minute')}")

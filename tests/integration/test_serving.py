@@ -212,6 +212,9 @@ def test_predict_scores_an_event_as_the_speed_layer_does(api: Api) -> None:
     assert answer.status_code == 200, answer.text
     body = answer.json()
     assert body["defaults_used_for"] == [] and body["batch_run_id"] and body["model_version"] == 1
+    with api.client() as client:  # the same event again: the cache answers, with the same score
+        again = client.post("/v1/predict", json=event).json()
+    assert again["cached"] is True and again["score"] == body["score"]
     kafka = producer(stream.settings.kafka_bootstrap_servers)
     kafka.send(stream.topic, key=event["user_id"].encode(), value=json.dumps(event).encode())
     kafka.flush()
@@ -222,12 +225,10 @@ def test_predict_scores_an_event_as_the_speed_layer_does(api: Api) -> None:
     assert row["model_version"] == body["model_version"]
     assert body["score"] == pytest.approx(row["score"], rel=1e-6, abs=1e-9)
 
-    with api.client() as client:  # the same event again: the cache answers, with the same score
-        again = client.post("/v1/predict", json=event).json()
+    with api.client() as client:
         stranger = client.post("/v1/predict", json={**event, "user_id": "nobody-known",
                                                    "merchant_id": "nowhere"}).json()
         many = client.post("/v1/predict/batch", json={"events": [event, {**event, "event_id": "b2"}]})
-    assert again["cached"] is True and again["score"] == body["score"]
     assert stranger["defaults_used_for"] == ["merchant_id", "user_id"]
     assert stranger["features"]["user_count_24h"] == 0.0
     assert many.status_code == 200 and len(many.json()["predictions"]) == 2
