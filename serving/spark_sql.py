@@ -135,8 +135,8 @@ class SparkEngine:
             raise SqlError("the query is empty: send one SELECT statement")
         try:
             self.spark._jsparkSession.sessionState().sqlParser().parseQuery(text)
-        except Py4JJavaError as exc:
-            first = str(exc.java_exception.getMessage()).splitlines()[0]
+        except (PySparkException, Py4JJavaError) as exc:  # pyspark converts ParseException
+            first = next((line for line in str(exc).splitlines() if line.strip()), "")
             raise SqlError(f"only one SELECT query is allowed (the views are read-only): {first}") from None
         try:
             frame = self.spark.sql(f"SELECT * FROM (\n{text}\n) AS q LIMIT {row_cap + 1}")
