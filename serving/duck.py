@@ -32,17 +32,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from lakehouse.errors import PlatformError
-from lakehouse.features import OFFSET, PARTITION, ViewStates
+from lakehouse.features import OFFSET, PARTITION
 from lakehouse.spec import FeatureView, PlatformSpec
 from lakehouse.tables import Lakehouse
+from serving.point import PointIndex
 from serving.views import (
     BUCKET,
     DUCKDB,
     EVENT_TIME_MS,
-    lookup_sql,
     merged_views,
     raw_tables,
-    states_name,
     view_name,
 )
 
@@ -137,6 +136,7 @@ class DuckEngine:
         self._run: Any = None
         self._scored_version: int | None = None
         self.snapshot = Snapshot(None, {}, None, {}, 0, refreshed_at=0.0)
+        self.point = PointIndex.empty(spec)
         self._create()
         self._db.execute("SET enable_external_access = false")
         self._db.execute("SET lock_configuration = true")
@@ -191,6 +191,7 @@ class DuckEngine:
                 if not self._appends_only(scored):
                     reload_all = True
                 fresh = self._read_scored(scored, boundary, everything=reload_all)
+            gold: dict[str, pa.Table] = {}
             db = self._db
             db.execute("BEGIN TRANSACTION")
             try:
@@ -199,6 +200,7 @@ class DuckEngine:
                         table = DeltaTable(self.lakehouse.gold(view.name),
                                            version=run.view_versions[view.name]).to_pyarrow_table()
                         self._replace_table(db, f"gold.{view.name}", table, order_by=view.entity)
+                        gold[view.name] = table
                     db.execute("DELETE FROM batch.boundary")
                     if boundary:
                         db.executemany("INSERT INTO batch.boundary VALUES (?, ?)", sorted(boundary.items()))
@@ -228,10 +230,13 @@ class DuckEngine:
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
+            point = self.point.with_run(run.run_id, boundary, gold) if new_run else self.point
+            point = point.with_events(fresh if fresh is not None else increments_schema(self.spec).empty_table(),
+                                      coverage, replace=reload_all)
             if reload_all:
                 self._files = set()
             self._files |= self._pending_files
-            self._run, self._scored_version, self.snapshot = run, version, snapshot
+            self._run, self._scored_version, self.snapshot, self.point = run, version, snapshot, point
             return snapshot
 
     def _appends_only(self, scored: Any) -> bool:
@@ -316,40 +321,12 @@ class DuckEngine:
         return QueryResult(table.slice(0, row_cap) if truncated else table, truncated, elapsed)
 
     def entity_states(self, event: Mapping[str, Any]) -> EntityStates:
-        """The merged states every view holds for an event's entities over the event's
-        windows (what precedes the event, if it arrived now), the entity fields with no
-        state at all (their features are the monoids' identities), and the snapshot read."""
-        cursor = self._cursor()
-        time_ms = event[self.spec.events.time_field]
-        found: dict[str, bool] = {}
-        states: dict[str, dict[str, Any]] = {}
-        cursor.execute("BEGIN TRANSACTION")  # one snapshot for every view
-        try:
-            for view in self.spec.views:
-                table = ViewStates(view)
-                entity = event[view.entity]
-                buckets = view.window_buckets_of(time_ms)
-                rows = cursor.execute(lookup_sql(view, DUCKDB),
-                                      [entity, buckets[0], buckets[-1]]).fetchall()
-                names = list(view.aggregations)
-                for bucket, *values in rows:
-                    table.merge(entity, bucket, {n: _exact(v) for n, v in zip(names, values, strict=True)})
-                states[view.name] = table.read(entity, time_ms)
-                if rows or not view.windowed:
-                    found[view.entity] = found.get(view.entity, False) or bool(rows)
-            for entity_field in {v.entity for v in self.spec.views} - set(found):
-                # only windowed views aggregate this entity: is it anywhere outside the window?
-                view = next(v for v in self.spec.views if v.entity == entity_field)
-                found[entity_field] = cursor.execute(
-                    f'SELECT 1 FROM {states_name(view)} WHERE "{view.entity}" = ? LIMIT 1',
-                    [event[entity_field]]).fetchone() is not None
-            run_id, boundary, coverage = cursor.execute(
-                "SELECT batch_run_id, boundary, coverage FROM serving.snapshot").fetchone() or (None, "{}", "{}")
-        finally:
-            cursor.execute("COMMIT")
-        return EntityStates(states, sorted(e for e, seen in found.items() if not seen),
-                            {"batch_run_id": run_id, "boundary": json.loads(boundary),
-                             "coverage": json.loads(coverage)})
+        """The states every view holds for an event's entities over the event's windows, as
+        the speed layer computes them (see `serving/point.py`), the entity fields nothing is
+        known about (their features are the monoids' identities), and the snapshot read."""
+        point = self.point  # one immutable snapshot for the whole lookup
+        states, unknown = point.states(event)
+        return EntityStates(states, unknown, point.snapshot())
 
     def entity_features(self, entity_field: str, entity: Any) -> dict[str, dict[str, Any]]:
         """merged.<view> rows of one entity, per view that aggregates over `entity_field`

@@ -152,11 +152,3 @@ def raw_tables(spec: PlatformSpec, lakehouse: Lakehouse) -> dict[str, str]:
     out["speed.scored_events"] = lakehouse.scored_events
     out[f"training.{spec.name}"] = lakehouse.training_set(spec.name)
     return out
-
-
-def lookup_sql(view: FeatureView, d: Dialect) -> str:
-    """One entity's merged states over a bucket range (parameters: entity, first, last)."""
-    q = d.quote
-    columns = ", ".join(q(n) for n in view.aggregations)
-    return (f"SELECT {q(BUCKET)}, {columns} FROM {states_name(view)} "
-            f"WHERE {q(view.entity)} = ? AND {q(BUCKET)} BETWEEN ? AND ?")

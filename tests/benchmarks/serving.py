@@ -245,12 +245,12 @@ def main() -> None:
         lakehouse, users = write_lakehouse(Path(scratch) / "delta", args.entities, args.speed_events)
         sql_figures(lakehouse, users)
         if not args.skip_http:
-            import ray
-
             from infra.services import ray_local_env
             from lakehouse.config import load_settings
 
-            os.environ.update(ray_local_env())
+            os.environ.update(ray_local_env())  # before Ray is imported: it reads them then
+            import ray
+
             ray.init(address=load_settings().ray_address, log_to_driver=False)
             http_figures(lakehouse, users, args.seconds)
 
