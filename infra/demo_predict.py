@@ -30,14 +30,16 @@ def main() -> None:
             if api.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit("the API did not become ready; see the lines above")
             time.sleep(0.5)
-        keys = settings.api_keys.get_secret_value() or settings.api_keys_path.read_text()
-        key = next(line.split(":")[1] for line in keys.replace(",", "\n").splitlines()
-                   if line.strip() and not line.startswith("#"))
+        configured = settings.api_keys.get_secret_value()
+        entries = configured.split(",") if configured else settings.api_keys_path.read_text().splitlines()
+        key = next(e.strip().split(":")[1] for e in entries if e.strip() and not e.startswith("#"))
         headers = {"X-API-Key": key}
         top = httpx.post(f"{url}/v1/sql", headers=headers, timeout=30, json={
             "query": "SELECT user_id, count, mean_amount FROM merged.user_all ORDER BY count DESC LIMIT 1"}).json()
         user = top["rows"][0]["user_id"]
-        event = {"event_id": "demo-1", "user_id": user, "merchant_id": "m0001",
+        merchant = httpx.post(f"{url}/v1/sql", headers=headers, timeout=30, json={
+            "query": "SELECT merchant_id FROM merged.merchant_all ORDER BY count DESC LIMIT 1"}).json()
+        event = {"event_id": "demo-1", "user_id": user, "merchant_id": merchant["rows"][0]["merchant_id"],
                  "merchant_category": "gift_cards", "amount": 899.99, "currency": "EUR", "country": "BR",
                  "channel": "online", "event_time": format_timestamp_ms(int(time.time() * 1000))}
         prediction = httpx.post(f"{url}/v1/predict", headers=headers, json=event, timeout=30).json()

@@ -36,16 +36,17 @@ class ApiKeys:
         self._by_digest = {_digest(key): Caller(name, scopes) for name, key, scopes in entries}
 
     @classmethod
-    def parse(cls, text: str, *, where: str) -> ApiKeys:
+    def parse(cls, text: str, *, where: str, separator: str = "\n") -> ApiKeys:
+        """Entries `name:key:scope+scope`, one per line (or per `separator`), `#` comments."""
         entries = []
-        for number, raw in enumerate(re.split(r"[,\n]", text), start=1):
+        for number, raw in enumerate(text.split(separator), start=1):
             line = raw.strip()
             if not line or line.startswith("#"):
                 continue
             parts = line.split(":")
             if len(parts) != 3 or not _NAME.match(parts[0]) or len(parts[1]) < 16:
-                raise ConfigError(f"{where}, entry {number}: expected name:key:scope+scope with a key "
-                                  "of at least 16 characters")
+                raise ConfigError(f"{where}, entry {number}: expected <name>:<key>:<scope>+<scope> "
+                                  "with a key of at least 16 characters")
             scopes = frozenset(s for s in parts[2].split("+") if s)
             unknown = scopes - set(SCOPES)
             if unknown or not scopes:
@@ -72,13 +73,14 @@ def _digest(key: str) -> str:
 def load_api_keys(configured: str, path: Path, *, create: bool = False) -> tuple[ApiKeys, str | None]:
     """The API keys, and the admin key when this call created the keys file."""
     if configured.strip():
-        return ApiKeys.parse(configured, where="LAMBDALAKE_API_KEYS"), None
+        return ApiKeys.parse(configured, where="LAMBDALAKE_API_KEYS", separator=","), None
     created = None
     if not path.is_file():
         if not create:
             raise ConfigError(f"no API keys: set LAMBDALAKE_API_KEYS or create {path}")
         path.parent.mkdir(parents=True, exist_ok=True)
         created = secrets.token_urlsafe(24)
-        path.write_text(f"# name:key:scopes (predict, features, sql)\nadmin:{created}:{'+'.join(SCOPES)}\n")
+        path.write_text(f"# <name>:<key>:<scope>+<scope>, scopes among {'/'.join(SCOPES)}\n"
+                        f"admin:{created}:{'+'.join(SCOPES)}\n")
         path.chmod(0o600)
     return ApiKeys.parse(path.read_text(), where=str(path)), created

@@ -45,12 +45,12 @@ def running_apps() -> set[str]:
 def build_serving(settings: Settings, spec: PlatformSpec, *, lakehouse: Lakehouse | None = None,
                   create_keys: bool = False) -> tuple[Serving, str | None]:
     """The API's parts, connected to the platform's Ray cluster (initialised here)."""
-    import ray
-
     from infra.services import ray_local_env
     from speed.model_service import app_name
 
-    os.environ.update(ray_local_env())
+    os.environ.update(ray_local_env())  # before Ray is imported: it reads them then
+    import ray
+
     if not ray.is_initialized():
         ray.init(address=settings.ray_address, log_to_driver=False, logging_level=logging.WARNING)
     keys, created = load_api_keys(settings.api_keys.get_secret_value(), settings.api_keys_path,

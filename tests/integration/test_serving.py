@@ -239,7 +239,9 @@ ROUTES = [("post", "/v1/predict", "predict"), ("post", "/v1/predict/batch", "pre
 
 
 @pytest.mark.parametrize(("method", "path", "scope"), ROUTES)
-def test_every_protected_route_needs_a_key_with_its_scope(api: Api, method: str, path: str, scope: str) -> None:
+def test_every_protected_route_needs_a_key_with_its_scope(api: Api, method: str, path: str, scope: str,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="lambdalake.audit")
     body = {"query": "SELECT 1 AS one"} if scope == "sql" else (
         next_event(api.world.stream) if path == "/v1/predict" else {"events": [next_event(api.world.stream)]})
     kwargs: dict[str, Any] = {"json": body} if method == "post" else {}
@@ -248,6 +250,11 @@ def test_every_protected_route_needs_a_key_with_its_scope(api: Api, method: str,
         with api.client(key) as client:
             response = getattr(client, method)(path, **kwargs)
         assert response.status_code == expected, (key, response.text)
+    audited = [json.loads(r.getMessage()) for r in caplog.records if r.name == "lambdalake.audit"]
+    assert [a["status"] for a in audited if a["route"] == path.replace("user_id/u001", "{entity}/{entity_id}")
+            or a["route"] == path][-4:] == [401, 401, 200 if scope == "sql" else 403, 200]
+    assert {"admin", "reader"} <= {a["caller"] for a in audited}
+    assert not any(ADMIN in r.getMessage() or READER in r.getMessage() for r in caplog.records)
     for open_path in ("/healthz", "/readyz", "/metrics", "/openapi.json", "/docs"):
         assert httpx.get(api.url + open_path, timeout=30).status_code == 200
 
