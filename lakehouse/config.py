@@ -164,6 +164,21 @@ class Settings(BaseSettings):
         default=False, description="Train on GPUs (TorchDistributor use_gpu; NCCL backend).",
     )
 
+    # --- drift and maintenance (Airflow DAGs) -------------------------------------------
+    drift_window_hours: float = Field(
+        default=24.0, gt=0, description="Scored events of this many past hours are compared "
+        "with the champion's training rows.",
+    )
+    drift_psi_threshold: float = Field(
+        default=0.2, gt=0, description="A feature whose PSI exceeds this is drift (retrain).",
+    )
+    drift_min_events: int = Field(
+        default=200, ge=1, description="Fewer scored events in the window are too few to judge.",
+    )
+    delta_vacuum_retention_hours: int = Field(
+        default=168, ge=0, description="VACUUM keeps files younger than this (Delta time travel).",
+    )
+
     # --- speed layer ---------------------------------------------------------------------
     speed_group: str = Field(
         default="lambdalake-speed", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$",

@@ -1,0 +1,43 @@
+"""
+### lambdalake_maintenance — Delta table upkeep, daily
+
+**optimize_vacuum_checkpoint**: for every table of the lakehouse (bronze, silver,
+quarantine, gold, training set, batch runs, scored events): OPTIMIZE (compacts small files
+without changing a row), VACUUM (files unreferenced for longer than
+`LAMBDALAKE_DELTA_VACUUM_RETENTION_HOURS`, which bounds time travel) and a Delta log
+checkpoint. delta-rs does the work; no Spark is started. The logic lives in
+`lakehouse/maintenance.py`.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from airflow.sdk import dag, task
+
+
+@dag(
+    dag_id="lambdalake_maintenance",
+    schedule="@daily",
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    tags=["lambdalake", "maintenance"],
+    doc_md=__doc__,
+    default_args={"retries": 2, "retry_delay": timedelta(minutes=5),
+                  "execution_timeout": timedelta(minutes=60)},
+)
+def lambdalake_maintenance() -> None:
+    @task
+    def optimize_vacuum_checkpoint() -> list[dict[str, Any]]:
+        from batch import jobs
+        from lakehouse.config import load_settings
+        from lakehouse.fraud import FRAUD_SPEC
+
+        return jobs.maintenance(load_settings(), FRAUD_SPEC)
+
+    optimize_vacuum_checkpoint()
+
+
+lambdalake_maintenance()
