@@ -54,17 +54,8 @@ unit: install  ## the unit tests only (no services)
 test: install  ## the whole suite: unit tests and integration tests against real services
 	$(BIN)/pytest tests $(TEST_ARGS)
 
-demo: up  ## start the platform, stream the fraud example, run the batch layer (train), serve the model, score the stream, query the merged views and /predict
-	$(BIN)/lambdalake generate --events 20000 --seed 42
-	$(BIN)/lambdalake batch run
-	$(BIN)/lambdalake model serve
-	$(BIN)/lambdalake speed run --idle-exit 10
-	$(BIN)/lambdalake sql "SELECT user_id, count, mean_amount, std_amount FROM merged.user_all ORDER BY count DESC LIMIT 5"
-	$(BIN)/python -m infra.demo_predict
-	$(BIN)/lambdalake status
-	@echo "The platform keeps running: Airflow http://127.0.0.1:8080 (admin / admin)," \
-	  "MLflow http://127.0.0.1:5000, Kafka 127.0.0.1:9092, model service http://127.0.0.1:8000/model;" \
-	  "Data Docs: var/great_expectations/gx/uncommitted/data_docs/local_site/index.html. 'make down' stops it."
+demo: up  ## start the platform and run the whole architecture end to end (Airflow batch + training, speed layer, API, SQL, /predict, exact-merge check)
+	$(BIN)/lambdalake demo
 
 clean: down  ## remove the local state (Kafka data, Delta tables, MLflow, Airflow) and the venv
 	rm -rf var $(VENV)

@@ -54,7 +54,7 @@ def airflow_env(settings: Settings) -> dict[str, str]:
         "AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES": "1",
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
         "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(home / "logs"),
-        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": str(settings.airflow_pause_new_dags),
         # our packages (batch/, speed/, serving/, lakehouse/) for tasks and the DAG parser
         "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p),
         # lambdalake's own settings reach tasks unchanged
@@ -129,3 +129,68 @@ class AirflowService(Service):
             return False
         parts = ("metadatabase", "scheduler", "dag_processor", "triggerer")
         return all((report.get(part) or {}).get("status") == "healthy" for part in parts)
+
+
+class AirflowClient:
+    """The Airflow REST API (v2) as the demo and operators' scripts use it."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.base = f"http://{LOCALHOST}:{settings.airflow_port}"
+        self._login = {"username": settings.airflow_user,
+                       "password": settings.airflow_password.get_secret_value()}
+        self._token: str | None = None
+
+    def call(self, method: str, path: str, body: object = None) -> dict:  # type: ignore[type-arg]
+        if self._token is None and path != "/auth/token":
+            self._token = str(self.call("POST", "/auth/token", self._login)["access_token"])
+        headers = {"content-type": "application/json"}
+        if self._token and path != "/auth/token":
+            headers["authorization"] = f"Bearer {self._token}"
+        request = urllib.request.Request(f"{self.base}{path}", method=method, headers=headers,
+                                         data=None if body is None else json.dumps(body).encode())
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return json.load(response)  # type: ignore[no-any-return]
+        except urllib.error.HTTPError as failed:
+            detail = failed.read().decode(errors="replace")[:500]
+            failed.close()
+            raise ServiceError(f"Airflow {method} {path} answered {failed.code}: {detail}") from None
+
+    def run_dag(self, dag_id: str, *, timeout_s: float = 3600.0,
+                echo: Callable[[str], None] = lambda line: None) -> dict:  # type: ignore[type-arg]
+        """Unpause, trigger and await one run; its final state and task states."""
+        import time
+        from datetime import datetime, timezone
+
+        deadline = time.monotonic() + 300
+        while True:  # the dag-processor may not have parsed the DAG yet
+            try:
+                self.call("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False})
+                break
+            except ServiceError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(3)
+        run = self.call("POST", f"/api/v2/dags/{dag_id}/dagRuns",
+                        {"logical_date": datetime.now(timezone.utc).isoformat()})
+        run_id = run["dag_run_id"]
+        echo(f"airflow: triggered {dag_id} ({run_id})")
+        deadline = time.monotonic() + timeout_s
+        seen: dict[str, str] = {}
+        state = run["state"]
+        while state not in ("success", "failed"):
+            if time.monotonic() > deadline:
+                raise ServiceError(f"{dag_id} run {run_id} not finished after {timeout_s:.0f}s")
+            time.sleep(3)
+            state = self.call("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")["state"]
+            for ti in self.call("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances")["task_instances"]:
+                if ti["state"] and seen.get(ti["task_id"]) != ti["state"]:
+                    seen[ti["task_id"]] = ti["state"]
+                    echo(f"airflow: {dag_id}.{ti['task_id']} {ti['state']}")
+        return {"dag_id": dag_id, "run_id": run_id, "state": state, "tasks": seen}
+
+    def xcom(self, dag_id: str, run_id: str, task_id: str) -> object:
+        entry = self.call("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}"
+                                 "/xcomEntries/return_value?deserialize=true")
+        value = entry.get("value")
+        return json.loads(value) if isinstance(value, str) else value

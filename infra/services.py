@@ -422,9 +422,13 @@ class Platform:
             service for service in (factory(settings) for factory in _all_services())
             if managed[service.name]
         ]
+        from infra.apps import ApiApp, SpeedApp
 
-    def up(self, *, echo: Callable[[str], None] = lambda line: None) -> list[Health]:
-        """Start every service that is not running; all or nothing."""
+        self.apps: list[Service] = [SpeedApp(settings), ApiApp(settings)]
+
+    def up(self, *, apps: bool = False, echo: Callable[[str], None] = lambda line: None) -> list[Health]:
+        """Start every service that is not running, all or nothing; with `apps`, then the
+        speed layer and the API (they need a champion model on Ray Serve)."""
         jvm.java_binary()  # Maven and Kafka both need it: say how to install it first
         jvm.ensure_jars(self.settings.jars_dir)
         started: list[Service] = []
@@ -451,7 +455,22 @@ class Platform:
             for service in reversed(started):
                 service.stop()
             raise
+        if apps:
+            self.start_apps(echo=echo)
         return self.status()
+
+    def start_apps(self, *, echo: Callable[[str], None] = lambda line: None) -> None:
+        """Start the speed layer and the API (each only if not running)."""
+        for app in self.apps:
+            if app.running():
+                echo(f"{app.name}: already running")
+                continue
+            app.stop()
+            self._check_ports_free(app)
+            echo(f"{app.name}: starting")
+            app.start()
+            app.wait_ready()
+            echo(f"{app.name}: ready at {app.url}")
 
     def _check_ports_free(self, service: Service) -> None:
         for port in service.ports:
@@ -463,17 +482,22 @@ class Platform:
                 )
 
     def status(self) -> list[Health]:
-        return [service.health() for service in self.services]
+        """Every service, and the apps that run."""
+        return [s.health() for s in self.services] + [a.health() for a in self.apps if a.pids()]
 
     def down(self, *, echo: Callable[[str], None] = lambda line: None) -> None:
         """Stop every service; raise if one of our ports still listens afterwards."""
+        for app in self.apps:  # they use the services: stop them first
+            if app.pids():
+                echo(f"{app.name}: stopping")
+                app.stop()
         running = [service for service in self.services if service.pids()]
         for service in running:
             echo(f"{service.name}: stopping")
         with ThreadPoolExecutor(max_workers=len(self.services) or 1) as pool:
             list(pool.map(lambda service: service.stop(), self.services))
         busy = [
-            (s.name, port) for s in self.services for port in s.ports
+            (s.name, port) for s in [*self.apps, *self.services] for port in s.ports
             if wait_until(lambda port=port: not port_open(LOCALHOST, port), timeout=10) is False
         ]
         if busy:

@@ -51,14 +51,17 @@ def _echo(line: str) -> None:
 
 
 @app.command()
-def up() -> None:
+def up(
+    apps: Annotated[bool, typer.Option("--apps", help="then start the speed layer and the API "
+                                       "(they need a champion model on Ray Serve)")] = False,
+) -> None:
     """Start the local platform (Kafka, MLflow, Ray + Serve, Airflow). Idempotent."""
     from infra.services import Platform
 
     # a SIGTERM mid-start unwinds like Ctrl-C, so `up` stops what it had started
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = time.monotonic()
-    healths = Platform(settings()).up(echo=_echo)
+    healths = Platform(settings()).up(apps=apps, echo=_echo)
     _print_status(healths)
     _echo(f"platform up in {time.monotonic() - started:.1f}s")
 
@@ -442,6 +445,36 @@ def serve(
     host, port = host or config.api_host, port or config.api_port
     _echo(f"API on http://{host}:{port} (docs at /docs); keys in {config.api_keys_path}")
     serve_api(config, FRAUD_SPEC, host=host, port=port)
+
+
+@app.command()
+def verify() -> None:
+    """Recompute every merged view from the Kafka topic itself and compare (exact merge)."""
+    from lakehouse.fraud import FRAUD_SPEC
+    from serving.verify import check_exact_merge
+
+    report = check_exact_merge(settings(), FRAUD_SPEC, echo=_echo)
+    print(json.dumps(report))
+    if not report["ok"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def demo(
+    events: Annotated[int, typer.Option(min=1000, help="transactions generated before the batch run")] = 200_000,
+    stream: Annotated[int, typer.Option(min=1, help="transactions streamed while the speed layer runs")] = 5_000,
+    rate: Annotated[float, typer.Option(min=1, help="messages per second of that stream")] = 1_000.0,
+) -> None:
+    """The whole architecture end to end on the running platform (`lambdalake up` first):
+    stream → Airflow batch and training → speed layer and API → SQL, /predict, exact merge."""
+    from infra.demo import print_summary, run_demo
+    from lakehouse.fraud import FRAUD_SPEC
+
+    config = settings()
+    summary = run_demo(config, FRAUD_SPEC, events=events, stream=stream, rate=rate, echo=_echo)
+    print_summary(summary, config, lambda line: print(line, flush=True))
+    if not summary["exact_merge"]["passed"]:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -122,6 +122,9 @@ class Settings(BaseSettings):
     airflow_password: SecretStr = Field(
         default=SecretStr("admin"), description="Airflow UI login password."
     )
+    airflow_pause_new_dags: bool = Field(
+        default=False, description="New DAGs start paused (their schedules wait for an unpause).",
+    )
     manage_airflow: bool = Field(
         default=True, description="`lambdalake up` starts Airflow's processes."
     )
@@ -184,6 +187,11 @@ class Settings(BaseSettings):
         default="lambdalake-speed", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$",
         description="Kafka consumer group of the speed layer; the serving layer merges its "
         "scored events.",
+    )
+
+    speed_metrics_port: int = Field(
+        default=9108, ge=1, le=65535,
+        description="Prometheus metrics of the speed layer `lambdalake up --apps` runs.",
     )
 
     # --- serving: merged views, SQL, HTTP API --------------------------------------------

@@ -36,6 +36,12 @@ class ViewStates:
     def __len__(self) -> int:
         return len(self._states)
 
+    def items(self) -> Iterator[tuple[tuple[Any, int], dict[str, Any]]]:
+        """((entity, bucket start), states by aggregation name) of every state held."""
+        names = [name for name, _ in self._aggregations]
+        for key, values in self._states.items():
+            yield key, dict(zip(names, values, strict=True))
+
     def add(self, event: Mapping[str, Any], time_field: str) -> None:
         """Fold one event into its (entity, bucket) state."""
         key = (event[self.view.entity], self.view.bucket_of(event[time_field]))

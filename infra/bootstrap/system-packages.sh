@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Debian packages lambdalake needs on the machine itself: a Java 17+ runtime (Kafka, Spark)
-# and Maven (fetches the JVM jars once). Installs only what is missing; needs root or sudo.
+# Debian packages lambdalake needs on the machine itself: a Java 17+ runtime (Kafka, Spark),
+# Maven (fetches the JVM jars once), and Chromium with its WebDriver (the tests' headless
+# check of the Airflow UI). Installs only what is missing; needs root or sudo.
 set -euo pipefail
 
 missing=()
@@ -13,6 +14,8 @@ java_ok() {
 }
 java_ok || missing+=(openjdk-17-jdk-headless)
 command -v mvn >/dev/null 2>&1 || missing+=(maven)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 echo "installing Debian packages: ${missing[*]}"

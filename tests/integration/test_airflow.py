@@ -21,6 +21,8 @@ from lakehouse.fraud import FRAUD_SPEC
 
 pytestmark = pytest.mark.integration
 
+LAMBDALAKE_DAGS = {"lambdalake_batch", "lambdalake_train", "lambdalake_drift", "lambdalake_maintenance"}
+
 
 def _api(settings: Settings, method: str, path: str, body: Any = None, token: str | None = None) -> Any:
     request = urllib.request.Request(
@@ -55,7 +57,7 @@ def test_dags_parse_offline_with_zero_import_errors(settings: Settings) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     parsed = json.loads(result.stdout.strip().splitlines()[-1])
     assert parsed["errors"] == {}
-    assert "lambdalake_setup" in parsed["dags"]
+    assert {"lambdalake_setup", *LAMBDALAKE_DAGS} <= set(parsed["dags"])
 
 
 def test_wrong_password_is_refused(platform: Settings) -> None:
@@ -78,6 +80,7 @@ def test_scheduler_sees_dags_without_import_errors(platform: Settings, token: st
 
 def test_setup_dag_runs_to_success(platform: Settings, token: str) -> None:
     test_scheduler_sees_dags_without_import_errors(platform, token)
+    _api(platform, "PATCH", "/api/v2/dags/lambdalake_setup", {"is_paused": False}, token=token)
     run = _api(platform, "POST", "/api/v2/dags/lambdalake_setup/dagRuns",
                {"logical_date": datetime.now(timezone.utc).isoformat()}, token=token)
     run_id = run["dag_run_id"]
@@ -94,3 +97,33 @@ def test_setup_dag_runs_to_success(platform: Settings, token: str) -> None:
         assert set(FRAUD_SPEC.topics) <= set(admin.list_topics())
     finally:
         admin.close()
+
+
+def test_headless_chromium_logs_into_the_ui_and_sees_the_dags(platform: Settings, token: str) -> None:
+    """What an operator does: open the UI, log in with the README's login, see the DAGs."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service as DriverService
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    test_scheduler_sees_dags_without_import_errors(platform, token)
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                 "--window-size=1400,1000"):
+        options.add_argument(flag)
+    browser = webdriver.Chrome(service=DriverService("/usr/bin/chromedriver"), options=options)
+    try:
+        base = f"http://127.0.0.1:{platform.airflow_port}"
+        browser.get(f"{base}/dags")
+        wait = WebDriverWait(browser, 90)
+        user = wait.until(expected_conditions.visibility_of_element_located((By.NAME, "username")))
+        user.send_keys(platform.airflow_user)
+        browser.find_element(By.NAME, "password").send_keys(
+            platform.airflow_password.get_secret_value(), Keys.ENTER)
+        wait.until(lambda b: all(dag in b.page_source for dag in LAMBDALAKE_DAGS))
+        assert "lambdalake_setup" in browser.page_source
+    finally:
+        browser.quit()

@@ -96,8 +96,8 @@ class Lake:
             for a in arrived:
                 if a.offset <= boundary.get(a.partition, -1):
                     table.add(a.event, "event_time")
-            rows = [{view.entity: entity, BUCKET: bucket, **dict(zip(view.aggregations, state, strict=True)),
-                     "batch_run_id": f"run-{self.runs}"} for (entity, bucket), state in table._states.items()]
+            rows = [{view.entity: entity, BUCKET: bucket, **state,
+                     "batch_run_id": f"run-{self.runs}"} for (entity, bucket), state in table.items()]
             write_deltalake(self.lakehouse.gold(view.name),
                             pa.Table.from_pylist(rows, schema=gold_schema(SPEC, view)), mode="overwrite")
             from deltalake import DeltaTable

@@ -1,0 +1,77 @@
+"""The platform's own long-running applications, managed like its services: the speed layer
+(`lambdalake speed run`) and the HTTP API (`lambdalake serve`).
+
+They need a champion model on Ray Serve, so `lambdalake up` starts them only when asked
+(`lambdalake up --apps`, which `make demo` uses after training); `lambdalake down` always
+stops them first. Each keeps a pid file under <state_dir>/run and a log under
+<state_dir>/logs like any service.
+"""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+
+from infra.process import ManagedProcess
+from infra.services import LOCALHOST, REPO_ROOT, VENV_BIN, Service
+
+
+class SpeedApp(Service):
+    name = "speed"
+    start_timeout = 120.0
+
+    @property
+    def home(self):  # type: ignore[no-untyped-def]
+        return REPO_ROOT
+
+    @property
+    def ports(self) -> tuple[int, ...]:
+        return (self.settings.speed_metrics_port,)
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOCALHOST}:{self.settings.speed_metrics_port}/metrics"
+
+    def processes(self) -> list[ManagedProcess]:
+        return [self.process("speed", [str(VENV_BIN / "lambdalake"), "speed", "run",
+                                       "--metrics-port", str(self.settings.speed_metrics_port)])]
+
+    def prepare(self) -> None:
+        pass
+
+    def ready(self) -> bool:
+        return _answers(self.url)
+
+
+class ApiApp(Service):
+    name = "api"
+    start_timeout = 180.0
+
+    @property
+    def home(self):  # type: ignore[no-untyped-def]
+        return REPO_ROOT
+
+    @property
+    def ports(self) -> tuple[int, ...]:
+        return (self.settings.api_port,)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.settings.api_host}:{self.settings.api_port}"
+
+    def processes(self) -> list[ManagedProcess]:
+        return [self.process("api", [str(VENV_BIN / "lambdalake"), "serve"])]
+
+    def prepare(self) -> None:
+        pass
+
+    def ready(self) -> bool:
+        return _answers(f"{self.url}/readyz")
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=3) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
