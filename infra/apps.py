@@ -16,13 +16,20 @@ from infra.process import ManagedProcess
 from infra.services import LOCALHOST, REPO_ROOT, VENV_BIN, Service
 
 
-class SpeedApp(Service):
-    name = "speed"
-    start_timeout = 120.0
+class _App(Service):
+    """A lambdalake command run as a service: it keeps no state of its own."""
 
     @property
     def home(self):  # type: ignore[no-untyped-def]
         return REPO_ROOT
+
+    def prepare(self) -> None:
+        pass
+
+
+class SpeedApp(_App):
+    name = "speed"
+    start_timeout = 120.0
 
     @property
     def ports(self) -> tuple[int, ...]:
@@ -36,20 +43,13 @@ class SpeedApp(Service):
         return [self.process("speed", [str(VENV_BIN / "lambdalake"), "speed", "run",
                                        "--metrics-port", str(self.settings.speed_metrics_port)])]
 
-    def prepare(self) -> None:
-        pass
-
     def ready(self) -> bool:
         return _answers(self.url)
 
 
-class ApiApp(Service):
+class ApiApp(_App):
     name = "api"
     start_timeout = 180.0
-
-    @property
-    def home(self):  # type: ignore[no-untyped-def]
-        return REPO_ROOT
 
     @property
     def ports(self) -> tuple[int, ...]:
@@ -61,9 +61,6 @@ class ApiApp(Service):
 
     def processes(self) -> list[ManagedProcess]:
         return [self.process("api", [str(VENV_BIN / "lambdalake"), "serve"])]
-
-    def prepare(self) -> None:
-        pass
 
     def ready(self) -> bool:
         return _answers(f"{self.url}/readyz")
