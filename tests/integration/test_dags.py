@@ -33,7 +33,7 @@ pytestmark = pytest.mark.integration
 RUNNER = """
 import json, sys
 from airflow.dag_processing.dagbag import DagBag
-bag = DagBag(dag_folder=sys.argv[1], include_examples=False)
+bag = DagBag(dag_folder=sys.argv[1])
 assert not bag.import_errors, bag.import_errors
 run = bag.get_dag(sys.argv[2]).test()
 states = {ti.task_id: str(ti.state) for ti in run.get_task_instances()}
