@@ -1,5 +1,5 @@
 """
-### lambdalake_batch — the batch layer, hourly
+### lambdalake_batch — the batch layer, hourly at :00 UTC
 
 **ingest** (Kafka → bronze, exactly once) → **validate** (bronze → silver + quarantine,
 Great Expectations Data Docs; fails above `LAMBDALAKE_BATCH_MAX_FAILURE_RATE`) → **views**
@@ -11,18 +11,18 @@ layer pick the new run up by themselves. The logic lives in `batch/jobs.py`.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
-from airflow.sdk import Asset, dag, task
+from airflow.sdk import Asset, CronTriggerTimetable, dag, task
 
 BATCH_VIEWS = Asset("lambdalake/batch_views")
 
 
 @dag(
     dag_id="lambdalake_batch",
-    schedule="@hourly",
-    start_date=datetime(2026, 1, 1),
+    # no start_date: the first run waits for the next slot instead of running at once
+    schedule=CronTriggerTimetable("0 * * * *", timezone="UTC"),
     catchup=False,
     max_active_runs=1,
     tags=["lambdalake", "batch"],

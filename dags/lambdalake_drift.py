@@ -1,5 +1,5 @@
 """
-### lambdalake_drift — feature drift of the scored stream, hourly
+### lambdalake_drift — feature drift of the scored stream, hourly at :30
 
 **measure**: the feature vectors the speed layer scored in the last
 `LAMBDALAKE_DRIFT_WINDOW_HOURS` against the champion's training rows: PSI and the
@@ -13,18 +13,18 @@ The logic lives in `batch/drift.py`.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
-from airflow.sdk import Asset, dag, task
+from airflow.sdk import Asset, CronTriggerTimetable, dag, task
 
 DRIFT = Asset("lambdalake/drift")
 
 
 @dag(
     dag_id="lambdalake_drift",
-    schedule="@hourly",
-    start_date=datetime(2026, 1, 1),
+    # no start_date: the first run waits for the next slot instead of running at once
+    schedule=CronTriggerTimetable("30 * * * *", timezone="UTC"),
     catchup=False,
     max_active_runs=1,
     tags=["lambdalake", "monitoring"],

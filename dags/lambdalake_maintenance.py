@@ -1,5 +1,5 @@
 """
-### lambdalake_maintenance — Delta table upkeep, daily
+### lambdalake_maintenance — Delta table upkeep, daily at 02:00 UTC
 
 **optimize_vacuum_checkpoint**: for every table of the lakehouse (bronze, silver,
 quarantine, gold, training set, batch runs, scored events): OPTIMIZE (compacts small files
@@ -11,16 +11,16 @@ checkpoint. delta-rs does the work; no Spark is started. The logic lives in
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
-from airflow.sdk import dag, task
+from airflow.sdk import CronTriggerTimetable, dag, task
 
 
 @dag(
     dag_id="lambdalake_maintenance",
-    schedule="@daily",
-    start_date=datetime(2026, 1, 1),
+    # no start_date: the first run waits for the next slot instead of running at once
+    schedule=CronTriggerTimetable("0 2 * * *", timezone="UTC"),
     catchup=False,
     max_active_runs=1,
     tags=["lambdalake", "maintenance"],

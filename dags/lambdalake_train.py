@@ -15,7 +15,7 @@ holdout scores and one MLflow run. The logic lives in `batch/jobs.py` and `batch
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, dag, task
@@ -28,7 +28,7 @@ CHAMPION = Asset("lambdalake/champion")
     dag_id="lambdalake_train",
     schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable("0 3 * * *", timezone="UTC"),
                                  assets=DRIFT),
-    start_date=datetime(2026, 1, 1),
+    # no start_date: the first run waits for the next slot instead of running at once
     catchup=False,
     max_active_runs=1,
     tags=["lambdalake", "training"],

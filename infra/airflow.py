@@ -158,19 +158,22 @@ class AirflowClient:
 
     def run_dag(self, dag_id: str, *, timeout_s: float = 3600.0,
                 echo: Callable[[str], None] = lambda line: None) -> dict:  # type: ignore[type-arg]
-        """Unpause, trigger and await one run; its final state and task states."""
+        """Trigger one run and await it (unpausing the DAG meanwhile if it was paused);
+        its final state and task states."""
         import time
         from datetime import datetime, timezone
 
         deadline = time.monotonic() + 300
         while True:  # the dag-processor may not have parsed the DAG yet
             try:
-                self.call("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False})
+                was_paused = bool(self.call("GET", f"/api/v2/dags/{dag_id}")["is_paused"])
                 break
             except ServiceError:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(3)
+        if was_paused:  # a paused DAG's runs do not start
+            self.call("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False})
         run = self.call("POST", f"/api/v2/dags/{dag_id}/dagRuns",
                         {"logical_date": datetime.now(timezone.utc).isoformat()})
         run_id = run["dag_run_id"]
@@ -187,6 +190,8 @@ class AirflowClient:
                 if ti["state"] and seen.get(ti["task_id"]) != ti["state"]:
                     seen[ti["task_id"]] = ti["state"]
                     echo(f"airflow: {dag_id}.{ti['task_id']} {ti['state']}")
+        if was_paused:
+            self.call("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": True})
         return {"dag_id": dag_id, "run_id": run_id, "state": state, "tasks": seen}
 
     def xcom(self, dag_id: str, run_id: str, task_id: str) -> object:
