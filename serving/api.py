@@ -250,7 +250,8 @@ def create_app(serving: Serving) -> FastAPI:
 
     async def predict_events(request: Request, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
         started = time.perf_counter()
-        looked_up = [await asyncio.to_thread(engine.entity_states, e) for e in events]
+        # in-memory lookups (~0.2 ms each): one hop off the event loop for the whole request
+        looked_up = await asyncio.to_thread(lambda: [engine.entity_states(e) for e in events])
         key_field = spec.events.key_field
         by_alias: dict[str, list[int]] = {}
         vectors = []
