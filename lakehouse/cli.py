@@ -420,7 +420,8 @@ def _run_sql(engine: str, query: str, cap: int):  # type: ignore[no-untyped-def]
     if engine == "spark":
         from serving.spark_sql import SparkEngine
 
-        spark_engine = SparkEngine(_spark(), FRAUD_SPEC, _lakehouse(), group=config.speed_group)
+        spark_engine = SparkEngine(_spark(), FRAUD_SPEC, _lakehouse(), group=config.speed_group,
+                                   partitions=config.kafka_partitions)
         snapshot = spark_engine.register()
         table, truncated = spark_engine.query(query, row_cap=cap)
     else:

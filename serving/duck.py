@@ -35,7 +35,7 @@ from lakehouse.errors import PlatformError
 from lakehouse.features import OFFSET, PARTITION
 from lakehouse.spec import FeatureView, PlatformSpec
 from lakehouse.tables import Lakehouse
-from serving.point import PointIndex
+from serving.point import PointIndex, exact_int
 from serving.views import (
     BUCKET,
     DUCKDB,
@@ -170,10 +170,10 @@ class DuckEngine:
         """Bring the snapshot up to the lakehouse's latest published run and scored events."""
         from deltalake import DeltaTable
 
-        from speed.lake import app_id, published_runs
+        from speed import lake
 
         with self._lock:
-            runs = [r for r in published_runs(self.lakehouse)
+            runs = [r for r in lake.published_runs(self.lakehouse)
                     if r.spec_fingerprint == self.spec.fingerprint()]
             run = runs[0] if runs else None
             scored = (DeltaTable(self.lakehouse.scored_events)
@@ -213,12 +213,8 @@ class DuckEngine:
                     db.execute("INSERT INTO speed.increments SELECT * FROM _fresh")
                     db.unregister("_fresh")
                 increments = db.execute("SELECT count(*) FROM speed.increments").fetchone()[0]
-                coverage = dict(boundary)
-                if scored is not None:
-                    for p in range(max([self.partitions - 1, *boundary]) + 1):
-                        consumed = scored.transaction_version(app_id(self.group, self.topic, p))
-                        if consumed is not None and consumed > coverage.get(p, -1):
-                            coverage[p] = consumed
+                coverage = dict(boundary) if scored is None else lake.coverage(
+                    scored, boundary, group=self.group, topic=self.topic, partitions=self.partitions)
                 snapshot = Snapshot(run.run_id if run else None, dict(boundary), version, coverage,
                                     int(increments))
                 db.execute("DELETE FROM serving.snapshot")
@@ -303,8 +299,8 @@ class DuckEngine:
         """Run one read-only SELECT; at most `row_cap` rows, interrupted after `timeout_s`."""
         import duckdb
 
-        text = check_select(self._cursor(), sql)
         cursor = self._cursor()
+        text = check_select(cursor, sql)
         timer = threading.Timer(timeout_s, cursor.interrupt)
         started = time.perf_counter()
         timer.start()
@@ -342,7 +338,7 @@ class DuckEngine:
                 names = [d[0] for d in result.description]
                 row = result.fetchone()
                 out[view.name] = {} if row is None else {
-                    n: _exact(v) if n in view.aggregations else v
+                    n: exact_int(v) if n in view.aggregations else v
                     for n, v in zip(names, row, strict=True) if n != view.entity}
         finally:
             cursor.execute("COMMIT")
@@ -350,13 +346,6 @@ class DuckEngine:
 
     def close(self) -> None:
         self._db.close()
-
-
-def _exact(value: Any) -> Any:
-    """DuckDB hands DECIMAL(38,0) back as Decimal: monoid states are ints."""
-    if value is None or isinstance(value, int):
-        return value
-    return int(value)
 
 
 def check_select(cursor: Any, sql: str) -> str:

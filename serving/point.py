@@ -110,7 +110,7 @@ class PointIndex:
                 for row in found:
                     bucket = int(index.buckets[row])
                     if window[0] <= bucket <= window[-1]:
-                        table.merge(entity, bucket, {n: _int(c[row]) for n, c in
+                        table.merge(entity, bucket, {n: exact_int(c[row]) for n, c in
                                                      zip(view.aggregations, index.columns, strict=True)})
             for partition, offset, arrived in self.increments[view.entity].get(entity, ()):
                 if self.boundary.get(partition, -1) < offset <= self.coverage.get(partition, -1):
@@ -125,5 +125,6 @@ class PointIndex:
                 "coverage": {str(p): o for p, o in sorted(self.coverage.items())}}
 
 
-def _int(value: Any) -> Any:
+def exact_int(value: Any) -> Any:
+    """A monoid state as a Python int (Arrow and DuckDB hand DECIMAL(38,0) back as Decimal)."""
     return value if value is None or isinstance(value, int) else int(value)

@@ -39,12 +39,13 @@ def _literal(path: str) -> str:
 
 class SparkEngine:
     def __init__(self, spark: SparkSession, spec: PlatformSpec, lakehouse: Lakehouse, *, group: str,
-                 topic: str | None = None) -> None:
+                 topic: str | None = None, partitions: int = 1) -> None:
         self.spark = spark
         self.spec = spec
         self.lakehouse = lakehouse
         self.group = group
         self.topic = topic or spec.events.topic
+        self.partitions = partitions
         logging.getLogger("SQLQueryContextLogger").setLevel(logging.CRITICAL)  # errors are raised
 
     def _table(self, name: str, path: str) -> str | None:
@@ -62,14 +63,14 @@ class SparkEngine:
         """(Re)create every relation at the latest published run and scored events."""
         from deltalake import DeltaTable
 
-        from speed.lake import app_id, published_runs
+        from speed import lake as speed_lake
 
         spark, spec, lake = self.spark, self.spec, self.lakehouse
         spark.conf.set("spark.sql.runSQLOnFiles", "true")
         for schema in (HIDDEN, "gold", "batch", "speed", "merged", "bronze", "silver", "quarantine",
                        "training", "serving"):
             spark.sql(f"CREATE DATABASE IF NOT EXISTS {schema}")
-        runs = [r for r in published_runs(lake) if r.spec_fingerprint == spec.fingerprint()]
+        runs = [r for r in speed_lake.published_runs(lake) if r.spec_fingerprint == spec.fingerprint()]
         run = runs[0] if runs else None
         boundary = run.boundary if run else {}
         for view in spec.views:
@@ -108,15 +109,12 @@ class SparkEngine:
             if hidden is not None:
                 spark.sql(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM {hidden}")
         spark.conf.set("spark.sql.runSQLOnFiles", "false")
-        coverage = dict(boundary)
-        scored_version = None
+        coverage, scored_version = dict(boundary), None
         if scored is not None:
             table = DeltaTable(lake.scored_events)
             scored_version = table.version()
-            for p in range(max([-1, *boundary]) + 1):
-                consumed = table.transaction_version(app_id(self.group, self.topic, p))
-                if consumed is not None and consumed > coverage.get(p, -1):
-                    coverage[p] = consumed
+            coverage = speed_lake.coverage(table, boundary, group=self.group, topic=self.topic,
+                                           partitions=self.partitions)
         increments = spark.sql("SELECT count(*) AS n FROM speed.increments").collect()[0]["n"]
         return Snapshot(run.run_id if run else None, dict(boundary), scored_version, coverage, int(increments))
 

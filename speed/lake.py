@@ -84,6 +84,18 @@ def resume_offsets(lakehouse: Lakehouse, group: str, topic: str, partitions: lis
     return out
 
 
+def coverage(table: Any, boundary: dict[int, int], *, group: str, topic: str,
+             partitions: int) -> dict[int, int]:
+    """Per partition, the highest offset the merged views include: the batch boundary, or
+    further where the group's app transaction on `table` (scored_events) says it consumed."""
+    out = dict(boundary)
+    for p in range(max([partitions - 1, *boundary]) + 1):
+        consumed = table.transaction_version(app_id(group, topic, p))
+        if consumed is not None and consumed > out.get(p, -1):
+            out[p] = consumed
+    return out
+
+
 def scored_history(lakehouse: Lakehouse, spec: PlatformSpec, partition: int,
                    below: int) -> list[tuple[int, dict[str, Any]]]:
     """(offset, typed event) of every event scored from a partition below an offset, in

@@ -124,7 +124,8 @@ def test_merged_views_equal_a_recomputation_from_kafka_on_both_engines(world: Wo
     assert snapshot.run_id == world.run.run_id and snapshot.increments > 0
     assert all(snapshot.coverage[p] >= ends[p] for p in ends)  # the speed layer read everything
     expected = recompute(arrived, snapshot.coverage)
-    sparks = SparkEngine(spark, stream.spec, stream.lakehouse, group=GROUP)
+    sparks = SparkEngine(spark, stream.spec, stream.lakehouse, group=GROUP,
+                         partitions=world.settings.kafka_partitions)
     assert sparks.register().coverage == snapshot.coverage
     for view in stream.spec.views:
         query = f"SELECT * FROM merged.{view.name}_states"
