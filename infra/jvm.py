@@ -1,9 +1,10 @@
 """The JVM side: finding Java, and the jars Maven fetches into `<state_dir>/jars`.
 
-Two Maven projects under `infra/jvm/` declare what is needed: `kafka-broker` (the Apache
-Kafka broker, KRaft, with its runtime classpath) and `spark-extras` (Delta Lake and the
-Spark Kafka source for the pinned pyspark). `ensure_jars` copies both into the state dir,
-once per pom content; Spark sessions receive the extras through `spark.jars`.
+Maven projects under `infra/jvm/` declare what is needed: `kafka-broker` (the Apache
+Kafka broker, KRaft, with its runtime classpath), `spark-extras` (Delta Lake and the Spark
+Kafka source for the pinned pyspark) and, only when asked for, `s3-extras` (Hadoop's S3A
+filesystem and the AWS SDK, for a Delta lake on S3). `ensure_jars` copies them into the
+state dir, once per pom content; Spark sessions receive the extras through `spark.jars`.
 """
 
 from __future__ import annotations
@@ -49,9 +50,13 @@ def _pom_digest(project: str) -> str:
     return hashlib.sha256((JVM_PROJECTS / project / "pom.xml").read_bytes()).hexdigest()[:16]
 
 
-def ensure_jars(jars_dir: Path, *, quiet: bool = True) -> None:
-    """Fetch the Kafka broker and Spark extra jars with Maven unless already present."""
-    for project, target in (("kafka-broker", "kafka"), ("spark-extras", "spark")):
+def ensure_jars(jars_dir: Path, *, quiet: bool = True, s3: bool = False) -> None:
+    """Fetch the Kafka broker and Spark extra jars (and the S3A ones if `s3`) with Maven
+    unless already present."""
+    projects = [("kafka-broker", "kafka"), ("spark-extras", "spark")]
+    if s3:
+        projects.append(("s3-extras", "spark-s3"))
+    for project, target in projects:
         destination = jars_dir / target
         marker = destination / f".pom-{_pom_digest(project)}"
         if marker.exists():
@@ -92,7 +97,7 @@ def spark_extra_jars(jars_dir: Path) -> list[Path]:
     import pyspark
 
     directory = jars_dir / "spark"
-    jars = sorted(directory.glob("*.jar"))
+    jars = sorted([*directory.glob("*.jar"), *(jars_dir / "spark-s3").glob("*.jar")])
     if not any(j.name.startswith("delta-spark") for j in jars):
         raise ServiceError(f"no Delta Lake jars in {directory}: run `make jars`")
     bundled = {_artifact(j) for j in (Path(pyspark.__file__).parent / "jars").glob("*.jar")}

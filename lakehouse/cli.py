@@ -336,7 +336,8 @@ def speed_run(
     max_wait_ms: Annotated[int, typer.Option(min=1, help="longest wait for a micro-batch to fill")] = 200,
     max_events: Annotated[int | None, typer.Option(min=1, help="stop after this many records")] = None,
     idle_exit: Annotated[float | None, typer.Option(min=0.1, help="stop after this many idle seconds")] = None,
-    metrics_port: Annotated[int, typer.Option(min=0, max=65535, help="serve Prometheus metrics on 127.0.0.1:PORT (0: off)")] = 0,
+    metrics_port: Annotated[int, typer.Option(min=0, max=65535, help="serve Prometheus metrics on METRICS_HOST:PORT (0: off)")] = 0,
+    metrics_host: Annotated[str, typer.Option(help="bind address of the metrics endpoint (0.0.0.0 in a pod, for the scraper)")] = "127.0.0.1",
     topic: Annotated[str | None, typer.Option(help="events topic (default: the spec's); the DLQ is TOPIC.dlq")] = None,
 ) -> None:
     """Score every event of the events topic through the model service, exactly once,
@@ -360,7 +361,7 @@ def speed_run(
     if metrics_port:
         from prometheus_client import start_http_server
 
-        start_http_server(metrics_port, addr="127.0.0.1")
+        start_http_server(metrics_port, addr=metrics_host)
     ray.init(address=config.ray_address, log_to_driver=False, logging_level=logging.WARNING)
     # after ray.init, which installs a SIGTERM handler that exits at once, mid-batch
     stop = threading.Event()
@@ -479,13 +480,37 @@ def demo(
 
 
 @app.command()
-def jars() -> None:
+def jars(
+    s3: Annotated[bool, typer.Option("--s3", help="also Hadoop's S3A filesystem and the AWS SDK (~700 MB), for LAMBDALAKE_DELTA_ROOT=s3a://…")] = False,
+) -> None:
     """Fetch the Kafka broker and Spark extra jars with Maven (once per pom change)."""
     from infra.jvm import ensure_jars
 
     target = settings().jars_dir
-    ensure_jars(target, quiet=False)
+    ensure_jars(target, quiet=False, s3=s3)
     _echo(f"jars in {target}")
+
+
+@app.command("k8s-check")
+def k8s_check(
+    directory: Annotated[Path | None, typer.Argument(help="folder of *.yaml manifests [default: infra/k8s]")] = None,
+) -> None:
+    """Validate Kubernetes manifests offline: core kinds against the Kubernetes API's schemas,
+    Strimzi/Spark operator/KubeRay resources against their CRDs (fetched once), Airflow chart
+    values against Airflow's config, and every LAMBDALAKE_* value as lambdalake reads it."""
+    from infra.k8s import KUBERNETES_VERSION, MANIFESTS_DIR, check_manifests
+
+    directory = directory or MANIFESTS_DIR
+    if not directory.is_dir():
+        raise typer.BadParameter(f"{directory} is not a folder", param_hint="DIRECTORY")
+    problems = check_manifests(directory, crds_dir=settings().state_path / "k8s-crds")
+    for problem in problems:
+        err.print(str(problem), highlight=False, markup=False)
+    files = sorted(p.name for p in directory.glob("*.yaml"))
+    print(json.dumps({"directory": str(directory), "files": files, "problems": len(problems),
+                      "kubernetes": KUBERNETES_VERSION}))
+    if problems:
+        raise typer.Exit(1)
 
 
 @app.command()

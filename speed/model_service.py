@@ -17,6 +17,9 @@ Deploy with `lambdalake model serve`, or with a standard Serve config file:
         args: {tracking_uri: "http://127.0.0.1:5000", model_name: fraud,
                verify_key_pem: "-----BEGIN PUBLIC KEY-----..."}
 
+(or `verify_key_file: /path/to/key.pub` where the key is mounted, as in the KubeRay
+RayService `infra/k8s/ray-service.yaml`.)
+
 (`serve run config.yaml` / `serve deploy config.yaml`; `lambdalake model config` prints one
 for the current settings.)
 """
@@ -51,7 +54,8 @@ class ServiceArgs:
 
     tracking_uri: str
     model_name: str
-    verify_key_pem: str
+    verify_key_pem: str = ""  # the public key itself, or
+    verify_key_file: str = ""  # a path to it on each replica's node (a mounted Secret)
     alias: str = "champion"
     poll_s: float = 5.0
     max_batch_size: int = 256
@@ -72,6 +76,21 @@ class ServiceArgs:
                 "max_replicas": settings.serve_max_replicas, "num_gpus": settings.serve_num_gpus}
         return cls(**{**base, **overrides})
 
+    def __post_init__(self) -> None:
+        if bool(self.verify_key_pem) == bool(self.verify_key_file):
+            raise ValueError("the model service needs exactly one of verify_key_pem (the "
+                             "public key) and verify_key_file (a path to it)")
+
+    def public_key_pem(self) -> bytes:
+        """The verify key's PEM bytes, from the args or from the file they name."""
+        if self.verify_key_pem:
+            return self.verify_key_pem.encode()
+        try:
+            return Path(self.verify_key_file).read_bytes()
+        except OSError as error:
+            raise PlatformError(f"cannot read the model verify key {self.verify_key_file}: "
+                                f"{error.strerror}") from error
+
 
 class BadRequest(ValueError):
     """A scoring request that cannot be served as sent; the message says why."""
@@ -87,7 +106,7 @@ class LoadedModel:
         from batch import registry
         from lakehouse.bundle import load_bundle
 
-        key = serialization.load_pem_public_key(args.verify_key_pem.encode())
+        key = serialization.load_pem_public_key(args.public_key_pem())
         client = registry.client(args.tracking_uri)
         with tempfile.TemporaryDirectory(prefix="lambdalake-serve-") as scratch:
             bundle = registry.download_bundle(client, version, Path(scratch))

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Debian packages lambdalake needs on the machine itself: a Java 17+ runtime (Kafka, Spark),
-# Maven (fetches the JVM jars once), and Chromium with its WebDriver (the tests' headless
+# Maven (fetches the JVM jars and Strimzi's CRDs once), Go (fetches the Spark operator's and
+# KubeRay's CRDs once, for `lambdalake k8s-check`), and Chromium with its WebDriver (the tests' headless
 # check of the Airflow UI). Installs only what is missing; needs root or sudo.
 set -euo pipefail
 
@@ -14,6 +15,7 @@ java_ok() {
 }
 java_ok || missing+=(openjdk-17-jdk-headless)
 command -v mvn >/dev/null 2>&1 || missing+=(maven)
+command -v go >/dev/null 2>&1 || missing+=(golang-go)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 [ ${#missing[@]} -eq 0 ] && exit 0
