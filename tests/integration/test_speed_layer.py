@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from batch.ingest import ingest_topics
@@ -172,13 +173,17 @@ def test_features_equal_the_batch_layers_across_a_handover(served: Settings, spa
     batch = {r["event_id"]: r for r in point_in_time_features(
         spark.read.format("delta").load(stream.lakehouse.silver("transaction")), stream.spec).collect()}
     names = list(FRAUD_SPEC.feature_names)
-    skewed = 0
+    skewed, gaps = 0, {n: [] for n in names if n not in USER_FEATURES}
     for row in rows:
         expected = batch[row["event_id"]]
         speed = dict(zip(names, row["features"], strict=True))
         assert {n: speed[n] for n in USER_FEATURES} == {n: expected[n] for n in USER_FEATURES}, row["event_id"]
-        skewed += any(speed[n] != expected[n] for n in names if n not in USER_FEATURES)
-    print(f"merchant-feature skew: {skewed} of {len(rows)} events ({skewed / len(rows):.2%})")
+        skewed += any(speed[n] != expected[n] for n in gaps)
+        for n, values in gaps.items():
+            values.append(abs(speed[n] - expected[n]))
+    sizes = ", ".join(f"{n} |Δ| median {np.median(v):.4f} p99 {np.quantile(v, 0.99):.4f}"
+                      for n, v in gaps.items())
+    print(f"merchant-feature skew: {skewed} of {len(rows)} events ({skewed / len(rows):.2%}); {sizes}")
 
 
 def test_sigterm_stops_cleanly_and_metrics_are_served(served: Settings) -> None:
