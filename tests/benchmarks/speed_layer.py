@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -99,6 +100,7 @@ def saturation(settings, n: int) -> None:  # type: ignore[no-untyped-def]
           f"{len(messages) / steady:,.0f}/s after the first commit) | bare consume+decode "
           f"{len(messages) / bare:9,.0f} events/s ({bare:.1f}s) | ratio {bare / elapsed:.3f} "
           f"({bare / steady:.3f} after start-up)", flush=True)
+    shutil.rmtree(lakehouse.root, ignore_errors=True)
 
 
 def latency(settings, rate: float, seconds: float) -> None:  # type: ignore[no-untyped-def]
@@ -126,6 +128,7 @@ def latency(settings, rate: float, seconds: float) -> None:  # type: ignore[no-u
     print(f"latency at {rate:,.0f} events/s for {seconds:.0f}s ({sent.messages:,} sent, {len(d):,} scored): "
           f"produce → Delta commit p50 {np.percentile(d, 50):.0f} ms, p99 {np.percentile(d, 99):.0f} ms, "
           f"max {d.max():.0f} ms", flush=True)
+    shutil.rmtree(lakehouse.root, ignore_errors=True)
 
 
 def main() -> None:
