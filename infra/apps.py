@@ -9,10 +9,7 @@ stops them first. Each keeps a pid file under <state_dir>/run and a log under
 
 from __future__ import annotations
 
-import urllib.error
-import urllib.request
-
-from infra.process import ManagedProcess
+from infra.process import ManagedProcess, http_ok
 from infra.services import LOCALHOST, REPO_ROOT, VENV_BIN, Service
 
 
@@ -44,7 +41,7 @@ class SpeedApp(_App):
                                        "--metrics-port", str(self.settings.speed_metrics_port)])]
 
     def ready(self) -> bool:
-        return _answers(self.url)
+        return http_ok(self.url, timeout=3)
 
 
 class ApiApp(_App):
@@ -63,12 +60,5 @@ class ApiApp(_App):
         return [self.process("api", [str(VENV_BIN / "lambdalake"), "serve"])]
 
     def ready(self) -> bool:
-        return _answers(f"{self.url}/readyz")
+        return http_ok(f"{self.url}/readyz", timeout=3)
 
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=3) as response:
-            return bool(response.status == 200)
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
