@@ -2,8 +2,11 @@
 dag-processor and triggerer, sharing a SQLite metadata DB under AIRFLOW_HOME.
 
 Sized for a laptop: one api-server worker, LocalExecutor with small parallelism, one
-parsing process. Login is Airflow's simple auth manager with the user and password from
-the settings (README: admin / admin by default).
+parsing process. Login is Airflow's simple auth manager: user `LAMBDALAKE_AIRFLOW_USER`
+(admin), and the password `LAMBDALAKE_AIRFLOW_PASSWORD` or, when that is empty, one
+generated on first `up` as `airflow standalone` does, in a 0600 file under the state dir
+(`settings.airflow_password_path`). `admin_password` is the one place that says which;
+`lambdalake status` prints where it is, never what it is.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from pathlib import Path
 from infra.process import ManagedProcess
 from infra.services import LOCALHOST, REPO_ROOT, Service, _tool
 from lakehouse.config import Settings
-from lakehouse.errors import ServiceError
+from lakehouse.errors import ConfigError, ServiceError
+from lakehouse.secret_files import load_or_create_secret, read_secret, replace_secret
 
 DAGS_FOLDER = REPO_ROOT / "dags"
 
@@ -63,13 +67,39 @@ def airflow_env(settings: Settings) -> dict[str, str]:
 
 
 def _secret(home: Path, name: str, make: Callable[[], str]) -> str:
-    """A secret every Airflow process must share, made once per AIRFLOW_HOME."""
-    path = home / f".{name}-secret"
+    """A secret every Airflow process must share, made once per AIRFLOW_HOME (mode 0600)."""
+    home.mkdir(parents=True, exist_ok=True)
+    return load_or_create_secret(home / f".{name}-secret", make)
+
+
+def admin_password(settings: Settings, *, create: bool = False) -> str:
+    """The effective Airflow admin password: `LAMBDALAKE_AIRFLOW_PASSWORD` when set, else
+    the generated one (made here when `create`, as `up` does; ConfigError saying how to get
+    one otherwise). Everything that logs in (the services, the REST client, the demo,
+    tests) reads it here."""
+    configured = settings.airflow_password.get_secret_value()
+    if configured:
+        return configured
+    path = settings.airflow_password_path
+    if create:
+        return load_or_create_secret(path, lambda: secrets.token_urlsafe(18))
     if not path.exists():
-        home.mkdir(parents=True, exist_ok=True)
-        path.write_text(make())
-        path.chmod(0o600)
-    return path.read_text().strip()
+        raise ConfigError(f"no Airflow admin password yet: `lambdalake up` generates one in "
+                          f"{path}, or set LAMBDALAKE_AIRFLOW_PASSWORD")
+    return read_secret(path).decode().strip()
+
+
+def password_location(settings: Settings) -> str:
+    """Where the Airflow admin password is, for people (never the password itself)."""
+    if settings.airflow_password.get_secret_value():
+        return "the one set in LAMBDALAKE_AIRFLOW_PASSWORD"
+    return f"in {settings.airflow_password_path}"
+
+
+def write_login(settings: Settings, password: str) -> None:
+    """The simple auth manager's passwords file (`{user: password}`, mode 0600)."""
+    replace_secret(settings.airflow_home_path / "passwords.json",
+                   json.dumps({settings.airflow_user: password}))
 
 
 class AirflowService(Service):
@@ -107,9 +137,7 @@ class AirflowService(Service):
         # An empty airflow.cfg stops Airflow writing one full of defaults (examples on, a
         # random JWT secret) that a command run without our environment would then use.
         (self.home / "airflow.cfg").touch()
-        (self.home / "passwords.json").write_text(
-            json.dumps({self.settings.airflow_user: self.settings.airflow_password.get_secret_value()})
-        )
+        write_login(self.settings, admin_password(self.settings, create=True))
         result = subprocess.run(
             [_tool("airflow"), "db", "migrate"],
             env={**os.environ, **airflow_env(self.settings)},
@@ -136,8 +164,7 @@ class AirflowClient:
 
     def __init__(self, settings: Settings) -> None:
         self.base = f"http://{LOCALHOST}:{settings.airflow_port}"
-        self._login = {"username": settings.airflow_user,
-                       "password": settings.airflow_password.get_secret_value()}
+        self._login = {"username": settings.airflow_user, "password": admin_password(settings)}
         self._token: str | None = None
 
     def call(self, method: str, path: str, body: object = None) -> dict:  # type: ignore[type-arg]

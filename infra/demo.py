@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 
 from lakehouse.config import Settings
+from lakehouse.secret_files import read_secret
 from lakehouse.spec import PlatformSpec, format_timestamp_ms
 
 Echo = Callable[[str], None]
@@ -32,7 +33,8 @@ Echo = Callable[[str], None]
 
 def _api_key(settings: Settings) -> str:
     configured = settings.api_keys.get_secret_value()
-    entries = configured.split(",") if configured else settings.api_keys_path.read_text().splitlines()
+    entries = (configured.split(",") if configured
+               else read_secret(settings.api_keys_path).decode().splitlines())
     return next(e.strip().split(":")[1] for e in entries if e.strip() and not e.startswith("#"))
 
 
@@ -184,6 +186,8 @@ def run_demo(settings: Settings, spec: PlatformSpec, *, events: int, stream: int
 
 
 def print_summary(summary: dict[str, Any], settings: Settings, out: Callable[[str], None]) -> None:
+    from infra.airflow import password_location
+
     c, m, p = summary["counts"], summary["model"], summary["predict"]
     exact = summary["exact_merge"]
     lines = [
@@ -204,8 +208,8 @@ def print_summary(summary: dict[str, Any], settings: Settings, out: Callable[[st
         f"  time             {summary['timings_s']}",
         "",
         "The platform keeps running ('lambdalake down' stops it):",
-        f"  Airflow UI   http://127.0.0.1:{settings.airflow_port}  (login {settings.airflow_user} / "
-        f"{settings.airflow_password.get_secret_value()})",
+        f"  Airflow UI   http://127.0.0.1:{settings.airflow_port}  (login {settings.airflow_user}, "
+        f"password {password_location(settings)})",
         f"  MLflow       http://127.0.0.1:{settings.mlflow_port}",
         f"  HTTP API     http://{settings.api_host}:{settings.api_port}/docs  (X-API-Key from "
         f"{settings.api_keys_path})",

@@ -22,7 +22,6 @@ import base64
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from lakehouse.errors import PlatformError
+from lakehouse.secret_files import create_secret, read_secret
 
 FORMAT_VERSION = 1
 WEIGHTS, ONNX, MANIFEST, SIGNATURE = "model.pt", "model.onnx", "manifest.json", "signature.json"
@@ -47,21 +47,19 @@ class ModelSignatureError(PlatformError):
 
 def load_or_create_signing_key(path: Path) -> Ed25519PrivateKey:
     """The Ed25519 private key in `path` (PEM); created with mode 0600 if missing, with its
-    public key beside it (`<name>.pub`)."""
+    public key beside it (`<name>.pub`). An existing key that group or others can read is
+    refused (ConfigError with the `chmod` that fixes it)."""
     if path.exists():
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        key = serialization.load_pem_private_key(read_secret(path), password=None)
         if not isinstance(key, Ed25519PrivateKey):
             raise ModelSignatureError(f"{path} holds a {type(key).__name__}, not an Ed25519 "
                                       "private key: point LAMBDALAKE_MODEL_SIGNING_KEY at one")
         return key
-    path.parent.mkdir(parents=True, exist_ok=True)
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(pem)
-    public_key_path(path).write_bytes(public_pem(key.public_key()))
+    create_secret(path, pem)
+    public_key_path(path).write_bytes(public_pem(key.public_key()))  # public: no secret
     return key
 
 

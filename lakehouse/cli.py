@@ -99,9 +99,10 @@ def _print_status(healths: list) -> None:  # type: ignore[type-arg]
         table.add_row(health.service, f"[{colour}]{health.detail}[/{colour}]",
                       " ".join(map(str, health.pids)), health.url)
     out.print(table)
-    airflow = settings()
-    out.print(f"Airflow UI login: {airflow.airflow_user} / "
-              f"{airflow.airflow_password.get_secret_value()}", highlight=False)
+    from infra.airflow import password_location
+
+    out.print(f"Airflow UI login: {settings().airflow_user}, password "
+              f"{password_location(settings())}", highlight=False, markup=False)
 
 
 @app.command()

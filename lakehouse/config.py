@@ -36,6 +36,16 @@ _HOST_PORT = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
 _JVM_MEMORY = re.compile(r"^\d+[kKmMgG]$")
 
 
+class CrossFieldError(ValueError):
+    """A rule over several settings broke; `fields` are the ones to fix. A model-level
+    validator raises this so that `load_settings` can name the variables without showing
+    its input (the whole settings object, secrets included)."""
+
+    def __init__(self, fields: tuple[str, ...], message: str) -> None:
+        super().__init__(message)
+        self.fields = fields
+
+
 def _config_file() -> Path | None:
     named = os.environ.get(CONFIG_FILE_ENV)
     if named:
@@ -120,7 +130,9 @@ class Settings(BaseSettings):
     airflow_port: int = Field(default=8080, ge=1, le=65535, description="Airflow UI/API port.")
     airflow_user: str = Field(default="admin", description="Airflow UI login name.")
     airflow_password: SecretStr = Field(
-        default=SecretStr("admin"), description="Airflow UI login password."
+        default=SecretStr(""),
+        description="Airflow UI login password. Empty means the one generated on first `up` "
+        "in <state_dir>/secrets/airflow-admin-password (mode 0600).",
     )
     airflow_pause_new_dags: bool = Field(
         default=False, description="New DAGs start paused (their schedules wait for an unpause).",
@@ -288,9 +300,10 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check_replicas(self) -> Settings:
         if self.serve_min_replicas > self.serve_max_replicas:
-            raise ValueError(
+            raise CrossFieldError(
+                ("serve_min_replicas", "serve_max_replicas"),
                 f"serve_min_replicas ({self.serve_min_replicas}) must not exceed "
-                f"serve_max_replicas ({self.serve_max_replicas})"
+                f"serve_max_replicas ({self.serve_max_replicas})",
             )
         return self
 
@@ -326,6 +339,11 @@ class Settings(BaseSettings):
         return (self.api_keys_file or self.state_path / "secrets" / "api-keys").resolve()
 
     @property
+    def airflow_password_path(self) -> Path:
+        """Where `up` writes the generated Airflow admin password (when none is set)."""
+        return self.state_path / "secrets" / "airflow-admin-password"
+
+    @property
     def models_dir(self) -> Path:
         """Local copies of model bundles and training reports."""
         return self.state_path / "models"
@@ -350,18 +368,44 @@ class Settings(BaseSettings):
 
 
 def load_settings(**overrides: Any) -> Settings:
-    """Read the settings; a bad value raises ConfigError naming the variable to fix."""
+    """Read the settings; a bad value raises ConfigError naming the variable(s) to fix. No
+    secret reaches the message (see `_describe`)."""
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            field = ".".join(str(part) for part in error["loc"]) or "settings"
-            where = f"{ENV_PREFIX}{field.upper()}" if field != "settings" else "settings"
-            problems.append(f"{where}: {error['msg']} (got {error.get('input')!r})")
+        problems = [_describe(error) for error in exc.errors()]
         raise ConfigError(
             "invalid lambdalake configuration:\n  " + "\n  ".join(problems)
         ) from None
+
+
+def _variable(field: str) -> str:
+    return f"{ENV_PREFIX}{field.upper()}"
+
+
+def _shows_its_input(field: str) -> bool:
+    """Whether a bad value of `field` may be echoed: only a known setting that is not a
+    secret. A misspelt name may well be a secret's (`api_key`), so its value is not shown."""
+    known = Settings.model_fields.get(field)
+    return known is not None and known.annotation is not SecretStr
+
+
+def _describe(error: Any) -> str:
+    """One problem of a ValidationError: the variable(s) to fix, what is wrong, and the value
+    given only where it cannot be a secret. A model-level error's input is the whole
+    settings dict, so it is never shown; its CrossFieldError names the fields instead."""
+    loc = error.get("loc") or ()
+    message = error["msg"]
+    if not loc:
+        cause = (error.get("ctx") or {}).get("error")
+        fields = getattr(cause, "fields", ())
+        where = ", ".join(_variable(f) for f in fields) if fields else "settings"
+        return f"{where}: {message}"
+    field = str(loc[0])
+    where = _variable(".".join(str(part) for part in loc))
+    if _shows_its_input(field):
+        return f"{where}: {message} (got {error.get('input')!r})"
+    return f"{where}: {message} (value not shown: it may be a secret)"
 
 
 def settings_table() -> list[tuple[str, str, str]]:

@@ -3,8 +3,9 @@
 A key is `name:key:scopes` (scopes joined by `+`: predict, features, sql), from the setting
 `LAMBDALAKE_API_KEYS` (comma-separated) or, when that is empty, from the keys file (one per
 line, `#` comments). With neither, the first `lambdalake serve` writes a keys file holding one
-`admin` key with every scope (mode 0600) and logs where. Keys are kept as SHA-256 digests
-and compared in constant time; only the key's name reaches logs.
+`admin` key with every scope (created with mode 0600) and logs where; a keys file that
+group or others can read is refused (`lakehouse.secret_files`). Keys are kept as SHA-256
+digests and compared in constant time; only the key's name reaches logs.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lakehouse.errors import ConfigError
+from lakehouse.secret_files import create_secret, read_secret
 
 SCOPES = ("predict", "features", "sql")
 HEADER = "X-API-Key"
@@ -78,9 +80,10 @@ def load_api_keys(configured: str, path: Path, *, create: bool = False) -> tuple
     if not path.is_file():
         if not create:
             raise ConfigError(f"no API keys: set LAMBDALAKE_API_KEYS or create {path}")
-        path.parent.mkdir(parents=True, exist_ok=True)
         created = secrets.token_urlsafe(24)
-        path.write_text(f"# <name>:<key>:<scope>+<scope>, scopes among {'/'.join(SCOPES)}\n"
-                        f"admin:{created}:{'+'.join(SCOPES)}\n")
-        path.chmod(0o600)
-    return ApiKeys.parse(path.read_text(), where=str(path)), created
+        try:
+            create_secret(path, f"# <name>:<key>:<scope>+<scope>, scopes among {'/'.join(SCOPES)}\n"
+                                f"admin:{created}:{'+'.join(SCOPES)}\n")
+        except FileExistsError:
+            created = None  # another process wrote it first: its keys count
+    return ApiKeys.parse(read_secret(path).decode(), where=str(path)), created

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from infra.airflow import DAGS_FOLDER, airflow_env
+from infra.airflow import DAGS_FOLDER, admin_password, airflow_env
 from lakehouse.config import Settings
 from lakehouse.fraud import FRAUD_SPEC
 
@@ -39,8 +39,7 @@ def _api(settings: Settings, method: str, path: str, body: Any = None, token: st
 @pytest.fixture(scope="module")
 def token(platform: Settings) -> str:
     answer = _api(platform, "POST", "/auth/token",
-                  {"username": platform.airflow_user,
-                   "password": platform.airflow_password.get_secret_value()})
+                  {"username": platform.airflow_user, "password": admin_password(platform)})
     return str(answer["access_token"])
 
 
@@ -63,6 +62,21 @@ def test_dags_parse_offline_with_zero_import_errors(settings: Settings) -> None:
 def test_wrong_password_is_refused(platform: Settings) -> None:
     with pytest.raises(urllib.error.HTTPError) as refused:
         _api(platform, "POST", "/auth/token", {"username": platform.airflow_user, "password": "wrong"})
+    assert refused.value.code == 401
+    refused.value.close()
+
+
+def test_the_login_is_the_generated_password_not_admin(platform: Settings) -> None:
+    """`up` generated the admin password (the test platform sets none) in a 0600 file, and
+    Airflow's own copy of it is 0600 too; the old default admin / admin is refused."""
+    import stat
+
+    assert not platform.airflow_password.get_secret_value()
+    for path in (platform.airflow_password_path, platform.airflow_home_path / "passwords.json"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    assert admin_password(platform) != "admin"
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        _api(platform, "POST", "/auth/token", {"username": "admin", "password": "admin"})
     assert refused.value.code == 401
     refused.value.close()
 
@@ -121,8 +135,7 @@ def test_headless_chromium_logs_into_the_ui_and_sees_the_dags(platform: Settings
         wait = WebDriverWait(browser, 90)
         user = wait.until(expected_conditions.visibility_of_element_located((By.NAME, "username")))
         user.send_keys(platform.airflow_user)
-        browser.find_element(By.NAME, "password").send_keys(
-            platform.airflow_password.get_secret_value(), Keys.ENTER)
+        browser.find_element(By.NAME, "password").send_keys(admin_password(platform), Keys.ENTER)
         wait.until(lambda b: all(dag in b.page_source for dag in LAMBDALAKE_DAGS))
         assert "lambdalake_setup" in browser.page_source
     finally:

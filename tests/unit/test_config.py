@@ -126,3 +126,76 @@ def test_cli_reports_config_error_with_exit_code_2(monkeypatch: pytest.MonkeyPat
     assert result.returncode == 2
     assert "LAMBDALAKE_KAFKA_BOOTSTRAP_SERVERS" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# --- secrets never reach an error ------------------------------------------------------
+
+API_KEY = "admin:do-not-print-this-key-1234:sql"
+PASSWORD = "do-not-print-this-password"
+
+
+@pytest.mark.parametrize(("variable", "value"), [
+    ("LAMBDALAKE_SERVE_MIN_REPLICAS", "5"),  # a model-level rule: its input is every setting
+    ("LAMBDALAKE_KAFKA_PARTITIONS", "0"),  # a field rule
+])
+def test_a_config_error_prints_no_secret(monkeypatch: pytest.MonkeyPatch, variable: str,
+                                         value: str) -> None:
+    monkeypatch.setenv("LAMBDALAKE_API_KEYS", API_KEY)
+    monkeypatch.setenv("LAMBDALAKE_AIRFLOW_PASSWORD", PASSWORD)
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as error:
+        load_settings()
+    message = str(error.value)
+    assert variable in message
+    assert "do-not-print" not in message
+
+
+def test_a_cross_field_error_names_every_variable_to_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LAMBDALAKE_SERVE_MIN_REPLICAS", "3")
+    monkeypatch.setenv("LAMBDALAKE_SERVE_MAX_REPLICAS", "2")
+    with pytest.raises(ConfigError) as error:
+        load_settings()
+    message = str(error.value)
+    assert "LAMBDALAKE_SERVE_MIN_REPLICAS" in message and "LAMBDALAKE_SERVE_MAX_REPLICAS" in message
+    assert "(3)" in message and "(2)" in message  # the values are not secret: they help
+
+
+def test_a_bad_secret_value_is_named_but_not_shown(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "secret.toml"
+    config.write_text(f'airflow_password = ["{PASSWORD}"]\n')  # not a string
+    monkeypatch.setenv(CONFIG_FILE_ENV, str(config))
+    with pytest.raises(ConfigError) as error:
+        load_settings()
+    assert "LAMBDALAKE_AIRFLOW_PASSWORD" in str(error.value)
+    assert PASSWORD not in str(error.value)
+
+
+def test_a_misspelt_setting_is_named_but_its_value_not_shown(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "typo.toml"
+    config.write_text(f'api_key = "{API_KEY}"\n')  # probably a secret: it is not shown
+    monkeypatch.setenv(CONFIG_FILE_ENV, str(config))
+    with pytest.raises(ConfigError) as error:
+        load_settings()
+    assert "LAMBDALAKE_API_KEY" in str(error.value)
+    assert "do-not-print" not in str(error.value)
+
+
+def test_the_cli_prints_no_secret_for_a_bad_replica_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LAMBDALAKE_SERVE_MIN_REPLICAS", "5")
+    monkeypatch.setenv("LAMBDALAKE_API_KEYS", API_KEY)
+    monkeypatch.setenv("LAMBDALAKE_AIRFLOW_PASSWORD", PASSWORD)
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "lambdalake"), "status"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert "LAMBDALAKE_SERVE_MIN_REPLICAS" in result.stderr
+    assert "do-not-print" not in result.stderr + result.stdout
+
+
+def test_the_airflow_password_has_no_default() -> None:
+    """Empty: generated on first `lambdalake up` (infra.airflow.admin_password)."""
+    settings = load_settings()
+    assert settings.airflow_password.get_secret_value() == ""
+    assert settings.airflow_password_path == Path("var").resolve() / "secrets" / "airflow-admin-password"
