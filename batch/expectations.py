@@ -3,7 +3,9 @@ the expectation each validation rule corresponds to.
 
 The suite runs (through Spark) on the inspected slice: one column per field holding the
 value as far as it could be read (`RecordSchema.inspect`), plus `_json_object` (the message
-was a JSON object) and `_unknown_fields` (how many fields the spec does not know). So each
+was a JSON object), `_unknown_fields` (how many fields the spec does not know) and
+`_envelope_ok` (its Kafka key equals the key field, its time is within the skew of its
+Kafka timestamp). So each
 row a rule rejects is exactly one unexpected row of its expectation, and the Data Docs
 report the same counts as the quarantine.
 """
@@ -20,12 +22,18 @@ if TYPE_CHECKING:
 
 JSON_OBJECT = "_json_object"
 UNKNOWN_FIELDS = "_unknown_fields"
+ENVELOPE_OK = "_envelope_ok"  # the Kafka key and timestamp agree with the record
+
+# rules that refuse the whole document (it is no readable JSON object)
+DOCUMENT_RULES = ("malformed_json", "not_an_object", "missing_value", "too_large", "invalid_utf8",
+                  "too_deep", "number_too_long", "duplicate_key")
+ENVELOPE_RULES = ("missing_key", "key_mismatch", "out_of_range_time")
 
 NOT_NULL = "expect_column_values_to_not_be_null"
 IN_SET = "expect_column_values_to_be_in_set"
 BETWEEN = "expect_column_values_to_be_between"
 LENGTHS = "expect_column_value_lengths_to_be_between"
-UNIQUE = "expect_column_values_to_be_unique"
+UNIQUE = "expect_compound_columns_to_be_unique"  # over RecordSchema.dedup_key's columns
 
 # validation rule → the expectation that fails for it
 _RULE_EXPECTATION = {
@@ -33,18 +41,28 @@ _RULE_EXPECTATION = {
     "wrong_type": NOT_NULL,  # a value of the wrong type cannot be read: it counts as absent
     "bad_timestamp": NOT_NULL,
     "bad_money": NOT_NULL,
+    "invalid_string": NOT_NULL,
+    "unrepresentable": NOT_NULL,
     "out_of_range": BETWEEN,
     "not_allowed": IN_SET,
     "too_long": LENGTHS,
-    "duplicate": UNIQUE,
 }
 
 
-def expectation_for(reason: str) -> str:
+def duplicate_expectation(schema: RecordSchema) -> str:
+    """The expectation a duplicate fails: (key entity, id) unique (`RecordSchema.dedup_scope`)."""
+    return f"{UNIQUE}:{schema.key_field},{schema.id_field}"
+
+
+def expectation_for(reason: str, schema: RecordSchema) -> str:
     """`<expectation type>:<column>` of a rejection reason such as `out_of_range:amount`."""
     rule, _, field = reason.partition(":")
-    if rule in ("malformed_json", "not_an_object"):
+    if rule == "duplicate":
+        return duplicate_expectation(schema)
+    if rule in DOCUMENT_RULES:
         return f"{IN_SET}:{JSON_OBJECT}"
+    if rule in ENVELOPE_RULES:
+        return f"{IN_SET}:{ENVELOPE_OK}"
     if rule == "unknown_field":
         return f"{BETWEEN}:{UNKNOWN_FIELDS}"
     return f"{_RULE_EXPECTATION[rule]}:{field}"
@@ -62,6 +80,7 @@ def build_suite(schema: RecordSchema) -> gx.ExpectationSuite:
     suite.add_expectation(e.ExpectColumnValuesToBeInSet(column=JSON_OBJECT, value_set=[True]))
     suite.add_expectation(e.ExpectColumnValuesToBeBetween(
         column=UNKNOWN_FIELDS, min_value=0, max_value=0, **_OBJECT_ROWS))
+    suite.add_expectation(e.ExpectColumnValuesToBeInSet(column=ENVELOPE_OK, value_set=[True], **_OBJECT_ROWS))
     for field in schema.fields:
         if field.required:
             suite.add_expectation(e.ExpectColumnValuesToNotBeNull(column=field.name, **_OBJECT_ROWS))
@@ -80,7 +99,8 @@ def build_suite(schema: RecordSchema) -> gx.ExpectationSuite:
                 bounds["max_value"] = round(field.maximum * scale)
             suite.add_expectation(e.ExpectColumnValuesToBeBetween(
                 column=field.name, **bounds, **_OBJECT_ROWS))
-    suite.add_expectation(e.ExpectColumnValuesToBeUnique(column=schema.id_field, **_OBJECT_ROWS))
+    suite.add_expectation(e.ExpectCompoundColumnsToBeUnique(
+        column_list=[schema.key_field, schema.id_field], **_OBJECT_ROWS))
     return suite
 
 
@@ -122,7 +142,8 @@ class DataQualityReport:
             for outcome in run.results:
                 if not outcome.success:
                     config = outcome.expectation_config
-                    key = f"{config.type}:{config.kwargs.get('column')}"
+                    column = config.kwargs.get("column") or ",".join(config.kwargs.get("column_list") or ())
+                    key = f"{config.type}:{column}"
                     failed[key] = failed.get(key, 0) + int(outcome.result.get("unexpected_count") or 0)
         return failed
 

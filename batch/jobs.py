@@ -42,16 +42,28 @@ def ingest(settings: Settings, spec: PlatformSpec, echo: Echo = _print) -> dict[
 
 
 def validate(settings: Settings, spec: PlatformSpec, echo: Echo = _print) -> dict[str, Any]:
-    """Events and labels; fails above the configured failure rate."""
-    from batch.validate import check_failure_rate, validate_topic
+    """Events and labels; a slice above the configured failure rate is refused, unwritten
+    (see `validate_topic`), until `accept` lets it through."""
+    from batch.validate import validate_topic
 
     spark, lakehouse = _spark(settings), Lakehouse(settings.delta_uri)
     gx_dir = settings.state_path / "great_expectations"
-    summaries = [validate_topic(spark, lakehouse, schema, gx_dir=gx_dir, echo=echo)
+    summaries = [validate_topic(spark, lakehouse, schema, gx_dir=gx_dir,
+                                max_failure_rate=settings.batch_max_failure_rate, echo=echo)
                  for schema in (spec.events, spec.labels)]
-    check_failure_rate(summaries, settings.batch_max_failure_rate)
     return {s.schema: {"silver": s.silver_rows, "quarantined": s.quarantined, "duplicates": s.duplicates,
                        "failure_rate": round(s.failure_rate, 6)} for s in summaries}
+
+
+def accept(settings: Settings, slice_id: str, *, note: str = "", echo: Echo = _print) -> dict[str, Any]:
+    """Let a slice the failure-rate gate refused through at the next validate run."""
+    import getpass
+
+    from batch.validate import accept_slice
+
+    accept_slice(Lakehouse(settings.delta_uri), slice_id, accepted_by=getpass.getuser(), note=note)
+    echo(f"accepted {slice_id}: the next validate run writes it to silver and quarantine")
+    return {"accepted": slice_id}
 
 
 def views(settings: Settings, spec: PlatformSpec, echo: Echo = _print) -> dict[str, Any]:
@@ -68,7 +80,7 @@ def training_set(settings: Settings, spec: PlatformSpec, echo: Echo = _print) ->
     from batch.views import latest_run
 
     spark, lakehouse = _spark(settings), Lakehouse(settings.delta_uri)
-    run = latest_run(spark, lakehouse)
+    run = latest_run(lakehouse)
     if run is None:
         raise PlatformError("no published batch run: run the lambdalake_batch DAG first")
     return asdict(build_training_set(spark, lakehouse, spec, run, echo=echo))

@@ -224,7 +224,7 @@ def train_model(
     lakehouse = lakehouse or Lakehouse(settings.delta_uri)
     durations: dict[str, float] = {}
     started = time.monotonic()
-    run = latest_run(spark, lakehouse)
+    run = latest_run(lakehouse)
     if run is None:
         raise PlatformError("no published batch run: run `lambdalake batch views` first")
     if training_set is not None and training_set.batch_run_id != run.run_id:

@@ -1,15 +1,18 @@
 """Batch views: every feature view of the spec, recomputed from the master dataset.
 
 A batch run fixes a boundary first: per Kafka partition of the events topic, the highest
-offset bronze holds (silver is complete up to it once validation has run). Each view is then
+offset validation has routed to silver or quarantine (`validated_boundary`), never bronze's
+high-water mark, which may include records ingested after validation ran. Each view is then
 computed from all silver events with offset <= boundary[partition], as monoid states per
 (entity, bucket) with the aggregations' own Spark form (`Aggregation.spark_aggregate`), and
 written over `gold/<view>` (a new Delta version).
 
-Publishing is the last step: one row appended to `batch/batch_runs` with the run id, the
-boundary, the Delta versions it read and wrote, row counts and durations. Readers take the
-latest published row and read each gold table at the version it names, so a run that dies
-half-way is never seen, and the speed layer knows exactly which offsets the views cover.
+Publishing is the last step (`lakehouse.tables.publish_run`): one row appended to
+`batch/batch_runs` with the run id, its sequence in publish order, the boundary, the Delta
+versions it read and wrote, row counts and durations; a run whose boundary lies below the
+published one in any partition is refused. Readers take the newest run by sequence and read
+each gold table at the version it names, so a run that dies half-way is never seen, and the
+speed layer knows exactly which offsets the views cover.
 """
 
 from __future__ import annotations
@@ -17,33 +20,21 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
+from lakehouse import tables
 from lakehouse.errors import PlatformError
 from lakehouse.spec import FeatureView, PlatformSpec
-from lakehouse.tables import Lakehouse, last_commit, table_version
+from lakehouse.tables import BUCKET, BatchRun, Lakehouse, last_commit, publish_run, table_version
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
-BUCKET = "bucket_start_ms"
+__all__ = ["BUCKET", "BatchRun", "compute_views", "latest_run", "read_view", "view_states",
+           "validated_boundary", "within_boundary"]
+
 BATCH_RUN_ID = "batch_run_id"
-
-
-@dataclass(frozen=True)
-class BatchRun:
-    """A published batch run: what the views include and where they are."""
-
-    run_id: str
-    boundary: dict[int, int]  # partition → highest offset included
-    view_versions: dict[str, int]
-    source_versions: dict[str, int]
-    row_counts: dict[str, int]
-    durations_s: dict[str, float]
-    spec_fingerprint: str
-    finished_at: datetime
 
 
 def view_states(events: DataFrame, view: FeatureView) -> DataFrame:
@@ -60,16 +51,23 @@ def view_states(events: DataFrame, view: FeatureView) -> DataFrame:
     )
 
 
-def current_boundary(spark: SparkSession, lakehouse: Lakehouse, topic: str) -> dict[int, int]:
-    """Highest bronze offset per partition of a topic ({} before anything was ingested)."""
-    from delta.tables import DeltaTable
+def validated_boundary(spark: SparkSession, lakehouse: Lakehouse, schema_name: str,
+                       versions: dict[str, int | None]) -> dict[int, int]:
+    """Per partition, the highest bronze offset validation has routed, as of the given silver
+    and quarantine versions: every bronze record lands in exactly one of them, and slices are
+    validated in bronze order, so each partition's validated offsets are a prefix of bronze.
+    Views computed from silver at its version hold every valid event up to this boundary,
+    whatever was ingested since (bronze's high-water mark may lie beyond it)."""
     from pyspark.sql import functions as F
 
-    path = lakehouse.bronze(topic)
-    if not DeltaTable.isDeltaTable(spark, path):
+    frames = [spark.read.format("delta").option("versionAsOf", version).load(path).select("partition", "offset")
+              for path, version in ((lakehouse.silver(schema_name), versions.get("silver")),
+                                    (lakehouse.quarantine(schema_name), versions.get("quarantine")))
+              if version is not None]
+    if not frames:
         return {}
-    rows = spark.read.format("delta").load(path).groupBy("partition").agg(
-        F.max("offset").alias("offset")).collect()
+    union = frames[0] if len(frames) == 1 else frames[0].unionByName(frames[1])
+    rows = union.groupBy("partition").agg(F.max("offset").alias("offset")).collect()
     return {int(r["partition"]): int(r["offset"]) for r in rows}
 
 
@@ -95,13 +93,19 @@ def compute_views(
 
     run_id = f"run-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
     silver_path = lakehouse.silver(spec.events.name)
-    boundary = current_boundary(spark, lakehouse, spec.events.topic)
+    # quarantine first: validation writes a slice's silver rows before its quarantine rows,
+    # so the silver version read after it holds every valid record the quarantine implies
+    quarantine_version = table_version(spark, lakehouse.quarantine(spec.events.name))
     silver_version = table_version(spark, silver_path)
     if silver_version is None:
         raise PlatformError("no silver events yet: run `lambdalake batch ingest` and "
                             "`lambdalake batch validate` first")
+    boundary = validated_boundary(spark, lakehouse, spec.events.name,
+                                  {"silver": silver_version, "quarantine": quarantine_version})
     sources = {"silver_events": silver_version,
                "bronze_events": table_version(spark, lakehouse.bronze(spec.events.topic)) or 0}
+    if quarantine_version is not None:
+        sources["quarantine_events"] = quarantine_version
     events = within_boundary(
         spark.read.format("delta").option("versionAsOf", silver_version).load(silver_path), boundary
     ).cache()
@@ -121,56 +125,14 @@ def compute_views(
     run = BatchRun(run_id=run_id, boundary=boundary, view_versions=versions,
                    source_versions=sources, row_counts=counts, durations_s=durations,
                    spec_fingerprint=spec.fingerprint(), finished_at=datetime.now(timezone.utc))
-    publish(spark, lakehouse, run)
-    echo(f"published {run_id}: boundary {boundary}")
+    run = publish_run(lakehouse, run)
+    echo(f"published {run_id} (#{run.sequence}): boundary {boundary}")
     return run
 
 
-def publish(spark: SparkSession, lakehouse: Lakehouse, run: BatchRun) -> None:
-    """Append the run to batch_runs: from now on readers see its views."""
-    from pyspark.sql.types import (
-        DoubleType,
-        IntegerType,
-        LongType,
-        MapType,
-        StringType,
-        StructField,
-        StructType,
-        TimestampType,
-    )
-
-    schema = StructType([
-        StructField("run_id", StringType(), False),
-        StructField("boundary", MapType(IntegerType(), LongType()), False),
-        StructField("view_versions", MapType(StringType(), LongType()), False),
-        StructField("source_versions", MapType(StringType(), LongType()), False),
-        StructField("row_counts", MapType(StringType(), LongType()), False),
-        StructField("durations_s", MapType(StringType(), DoubleType()), False),
-        StructField("spec_fingerprint", StringType(), False),
-        StructField("finished_at", TimestampType(), False),
-    ])
-    row = (run.run_id, run.boundary, run.view_versions, run.source_versions, run.row_counts,
-           run.durations_s, run.spec_fingerprint, run.finished_at)
-    spark.createDataFrame([row], schema).write.format("delta").mode("append").save(lakehouse.batch_runs)
-
-
-def latest_run(spark: SparkSession, lakehouse: Lakehouse) -> BatchRun | None:
-    """The most recently published batch run, or None before the first."""
-    from delta.tables import DeltaTable
-
-    if not DeltaTable.isDeltaTable(spark, lakehouse.batch_runs):
-        return None
-    rows = spark.read.format("delta").load(lakehouse.batch_runs).orderBy(
-        "finished_at", ascending=False).limit(1).collect()
-    if not rows:
-        return None
-    r = rows[0]
-    return BatchRun(run_id=r["run_id"], boundary=dict(r["boundary"]),
-                    view_versions=dict(r["view_versions"]), source_versions=dict(r["source_versions"]),
-                    row_counts=dict(r["row_counts"]), durations_s=dict(r["durations_s"]),
-                    spec_fingerprint=r["spec_fingerprint"],
-                    # Spark hands back naive datetimes in the session time zone, which is UTC
-                    finished_at=r["finished_at"].replace(tzinfo=timezone.utc))
+def latest_run(lakehouse: Lakehouse) -> BatchRun | None:
+    """The newest published batch run (publish order), or None before the first."""
+    return tables.latest_run(lakehouse)
 
 
 def read_view(spark: SparkSession, lakehouse: Lakehouse, run: BatchRun, view: str) -> DataFrame:

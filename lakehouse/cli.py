@@ -176,15 +176,14 @@ def batch_ingest(
 
 
 def _validate_all(spark, lakehouse):  # type: ignore[no-untyped-def]
-    """Validate events and labels; fail above the configured failure rate."""
-    from batch.validate import check_failure_rate, validate_topic
+    """Validate events and labels; a slice above the configured failure rate is refused."""
+    from batch.validate import validate_topic
     from lakehouse.fraud import FRAUD_SPEC
 
     gx_dir = settings().state_path / "great_expectations"
-    summaries = [validate_topic(spark, lakehouse, schema, gx_dir=gx_dir, echo=_echo)
-                 for schema in (FRAUD_SPEC.events, FRAUD_SPEC.labels)]
-    check_failure_rate(summaries, settings().batch_max_failure_rate)
-    return summaries
+    return [validate_topic(spark, lakehouse, schema, gx_dir=gx_dir,
+                           max_failure_rate=settings().batch_max_failure_rate, echo=_echo)
+            for schema in (FRAUD_SPEC.events, FRAUD_SPEC.labels)]
 
 
 @batch_app.command("validate")
@@ -193,6 +192,18 @@ def batch_validate() -> None:
     summaries = _validate_all(_spark(), _lakehouse())
     print(json.dumps({"validated": [{**s.__dict__, "failure_rate": round(s.failure_rate, 6)}
                                     for s in summaries]}))
+
+
+@batch_app.command("accept")
+def batch_accept(
+    slice_id: Annotated[str, typer.Argument(help="the slice the validate error names, e.g. transaction/3-1a2b3c4d5e")],
+    note: Annotated[str, typer.Option(help="why it is accepted (kept with the acceptance)")] = "",
+) -> None:
+    """Accept a validation slice above LAMBDALAKE_BATCH_MAX_FAILURE_RATE: the next validate
+    run writes its valid records to silver and the rest to quarantine, as usual."""
+    from batch import jobs
+
+    print(json.dumps(jobs.accept(settings(), slice_id, note=note, echo=_echo)))
 
 
 @batch_app.command("views")

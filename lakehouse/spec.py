@@ -28,11 +28,43 @@ from typing import Any, Callable, Literal
 
 from lakehouse.errors import SpecError, ValidationError
 from lakehouse.monoids import Aggregation
+from lakehouse.safejson import JsonLimits, JsonRefused, decode
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _ONE_MS = timedelta(milliseconds=1)
 
 FieldType = Literal["string", "long", "double", "money", "boolean", "timestamp"]
+DedupScope = Literal["entity"]
+
+_INT64 = (-(2**63), 2**63 - 1)
+_DAY_MS = 86_400_000
+_MAX_NAME = 64  # field names quoted in reasons are cut to this many characters
+_MAX_UNKNOWN_REASONS = 8
+
+
+class _Unchecked:
+    def __repr__(self) -> str:
+        return "UNCHECKED"
+
+
+UNCHECKED: Any = _Unchecked()  # `inspect(key=UNCHECKED)`: the record has no Kafka key to check
+
+
+@dataclass(frozen=True)
+class RecordLimits:
+    """What one message may be, beyond its fields' rules; each violation has its own reason.
+
+    `json` bounds the document (size, nesting, number length: see `lakehouse.safejson`).
+    A record's time field may lie at most `max_future_skew_ms` after the record's arrival
+    (its Kafka timestamp; the server's clock for /predict) and, when `max_past_skew_ms` is
+    set, at most that long before it: outside, `out_of_range_time:<field>`. No lower bound
+    by default: replays and late events are legitimate, and the shipped generator simulates
+    times in the past of the wall clock.
+    """
+
+    json: JsonLimits = JsonLimits()
+    max_future_skew_ms: int = _DAY_MS
+    max_past_skew_ms: int | None = None
 
 
 @dataclass(frozen=True)
@@ -59,6 +91,11 @@ class RecordSchema:
     id_field: str
     time_field: str
     fields: tuple[FieldSpec, ...]
+    limits: RecordLimits = RecordLimits()
+    # Deduplication: an event id is unique within its key entity (the Kafka key), which a
+    # partitioned speed layer can enforce exactly, each member seeing every event of the
+    # entities it owns; a global scope would need a shared id index, so none is offered.
+    dedup_scope: DedupScope = "entity"
 
     def __post_init__(self) -> None:
         names = {f.name for f in self.fields}
@@ -70,28 +107,43 @@ class RecordSchema:
     def field_names(self) -> tuple[str, ...]:
         return tuple(f.name for f in self.fields)
 
-    def parse(self, raw: bytes | str) -> dict[str, Any]:
+    def dedup_key(self, record: Mapping[str, Any]) -> tuple[Any, Any]:
+        """What two records share when one is a duplicate of the other (`dedup_scope`)."""
+        return record[self.key_field], record[self.id_field]
+
+    def parse(self, raw: bytes | str | None, *, key: bytes | str | None = UNCHECKED,
+              arrival_ms: int | None = None) -> dict[str, Any]:
         """Decode and validate one message value; return the typed record.
 
         Typed values: money → int cents, timestamp → int epoch ms (UTC), long → int,
-        double → float. Raises ValidationError whose `reasons` name every failed rule as
-        `<rule>:<field>` (rules: malformed_json, not_an_object, missing, unknown_field,
-        wrong_type, out_of_range, not_allowed, too_long, bad_timestamp, bad_money).
+        double → float. Raises ValidationError, and nothing else whatever the bytes, whose
+        `reasons` name every failed rule as `<rule>:<field>`. Rules of the document:
+        missing_value (a tombstone), too_large, invalid_utf8, too_deep, number_too_long,
+        malformed_json, duplicate_key, not_an_object; of its fields: missing, unknown_field,
+        wrong_type, out_of_range, not_allowed, too_long, bad_timestamp, bad_money,
+        invalid_string, unrepresentable (beyond a 64-bit integer); of its envelope: missing_key and key_mismatch (when `key`, the Kafka
+        key, is given: it must equal the `key_field` value), out_of_range_time (when
+        `arrival_ms` is given, see `RecordLimits`).
         """
-        inspection = self.inspect(raw)
+        inspection = self.inspect(raw, key=key, arrival_ms=arrival_ms)
         if inspection.reasons:
             raise ValidationError(inspection.reasons)
         return inspection.values
 
-    def inspect(self, raw: bytes | str) -> Inspection:
+    def inspect(self, raw: bytes | str | None, *, key: bytes | str | None = UNCHECKED,
+                arrival_ms: int | None = None) -> Inspection:
         """Validate without raising: every reason, and each field's value as far as it could
         be read (an out-of-range number or a disallowed string is kept; a missing or
         unreadable one is None). Data-quality reports (Great Expectations) see these values;
-        `parse` is this with the reasons turned into an error."""
+        `parse` is this with the reasons turned into an error. Never raises."""
         try:
-            document = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            return Inspection(False, {}, 0, [f"malformed_json: {exc.__class__.__name__}"])
+            document = decode(raw, self.limits.json)
+        except JsonRefused as refused:
+            if refused.rule == "malformed_json":
+                return Inspection(False, {}, 0, [f"malformed_json: {refused.detail}"])
+            if refused.rule == "duplicate_key":
+                return Inspection(False, {}, 0, [f"duplicate_key:{_quoted(refused.detail)}"])
+            return Inspection(False, {}, 0, [refused.rule])
         if not isinstance(document, dict):
             return Inspection(False, {}, 0, ["not_an_object"])
         reasons: list[str] = []
@@ -108,9 +160,52 @@ class RecordSchema:
             except _Rejected as rejected:
                 reasons.append(f"{rejected.rule}:{spec.name}")
                 values[spec.name] = rejected.observed
+            except (ArithmeticError, ValueError):  # a number too large for any arithmetic
+                reasons.append(f"unrepresentable:{spec.name}")
+                values[spec.name] = None
         unknown = sorted(set(document) - set(self.field_names))
-        reasons.extend(f"unknown_field:{name}" for name in unknown)
-        return Inspection(True, values, len(unknown), reasons)
+        reasons.extend(f"unknown_field:{_quoted(name)}" for name in unknown[:_MAX_UNKNOWN_REASONS])
+        if len(unknown) > _MAX_UNKNOWN_REASONS:
+            reasons.append(f"unknown_field:+{len(unknown) - _MAX_UNKNOWN_REASONS} more")
+        envelope_ok = True
+        if key is not UNCHECKED:
+            problem = self._key_problem(key, values.get(self.key_field))
+            if problem:
+                reasons.append(f"{problem}:{self.key_field}")
+                envelope_ok = False
+        if arrival_ms is not None and self._time_out_of_range(values.get(self.time_field), arrival_ms):
+            reasons.append(f"out_of_range_time:{self.time_field}")
+            envelope_ok = False
+        return Inspection(True, values, len(unknown), reasons, envelope_ok)
+
+    def _key_problem(self, key: bytes | str | None, value: Any) -> str | None:
+        """missing_key or key_mismatch, or None when the Kafka key equals the key field
+        (UTF-8 text of it). A record whose key field is itself unreadable is refused for
+        that already."""
+        if key is None or len(key) == 0:
+            return "missing_key"
+        if not isinstance(value, str):
+            return None
+        if isinstance(key, bytes | bytearray | memoryview):
+            try:
+                key = bytes(key).decode("utf-8")
+            except UnicodeDecodeError:
+                return "key_mismatch"
+        return None if key == value else "key_mismatch"
+
+    def _time_out_of_range(self, time_ms: Any, arrival_ms: int) -> bool:
+        if not isinstance(time_ms, int):
+            return False  # unreadable times are refused by their field's rule
+        limits = self.limits
+        if time_ms - arrival_ms > limits.max_future_skew_ms:
+            return True
+        return limits.max_past_skew_ms is not None and arrival_ms - time_ms > limits.max_past_skew_ms
+
+
+def _quoted(name: str) -> str:
+    """A name from the document, as a reason quotes it: printable, at most 64 characters."""
+    shown = name if name.isprintable() else name.encode("unicode_escape", "backslashreplace").decode("ascii")
+    return shown if len(shown) <= _MAX_NAME else shown[:_MAX_NAME] + "…"
 
 
 @dataclass(frozen=True)
@@ -121,6 +216,7 @@ class Inspection:
     values: dict[str, Any]
     unknown_fields: int
     reasons: list[str]
+    envelope_ok: bool = True  # the Kafka key and timestamp agree with the record
 
 
 class _Rejected(Exception):
@@ -133,6 +229,8 @@ def _check_value(spec: FieldSpec, value: Any) -> Any:
     if spec.type == "string":
         if not isinstance(value, str):
             raise _Rejected("wrong_type")
+        if not _utf8_encodable(value):
+            raise _Rejected("invalid_string")  # a lone surrogate (JSON "\ud800"): no UTF-8 form
         if spec.max_length is not None and len(value) > spec.max_length:
             raise _Rejected("too_long", value)
         if spec.allowed is not None and value not in spec.allowed:
@@ -158,17 +256,37 @@ def _check_value(spec: FieldSpec, value: Any) -> Any:
     ):
         raise _Rejected("out_of_range", _observed_number(spec, value))
     if spec.type == "money":
-        return money_to_cents(value)
+        cents = money_to_cents(value)
+        if not _INT64[0] <= cents <= _INT64[1]:
+            raise _Rejected("unrepresentable")  # the tables hold cents as 64-bit integers
+        return cents
     if spec.type == "double":
         return float(value)
+    if not _INT64[0] <= value <= _INT64[1]:
+        raise _Rejected("unrepresentable")  # beyond a 64-bit integer column
     return value
 
 
+def _utf8_encodable(text: str) -> bool:
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _observed_number(spec: FieldSpec, value: int | float) -> int | float:
-    """An out-of-range number in its typed unit (cents for money), for reports."""
-    if spec.type == "money":
-        return round(value * 100)
-    return float(value) if spec.type == "double" else value
+    """An out-of-range number in its typed unit (cents for money), for reports, clamped to
+    what the column (a 64-bit integer or a double) holds: still outside the bounds."""
+    if spec.type == "double":
+        return max(min(value, 1.7976931348623157e308), -1.7976931348623157e308)
+    try:
+        observed = round(value * 100) if spec.type == "money" else value
+    except OverflowError:  # value * 100 is an infinity
+        observed = _INT64[1] if value > 0 else _INT64[0]
+    return max(min(observed, _INT64[1]), _INT64[0])
 
 
 def money_to_cents(value: int | float) -> int:
@@ -186,11 +304,11 @@ def parse_timestamp_ms(text: str) -> int:
     """Epoch milliseconds of an ISO-8601 timestamp that names its UTC offset."""
     try:
         moment = datetime.fromisoformat(text)
-    except ValueError:
+        if moment.tzinfo is None:
+            raise _Rejected("bad_timestamp")
+        return (moment - _EPOCH) // _ONE_MS
+    except (ValueError, OverflowError):  # OverflowError: e.g. year 1 with a positive offset
         raise _Rejected("bad_timestamp") from None
-    if moment.tzinfo is None:
-        raise _Rejected("bad_timestamp")
-    return (moment - _EPOCH) // _ONE_MS
 
 
 def format_timestamp_ms(epoch_ms: int) -> str:

@@ -7,6 +7,7 @@
     gold/<view>           batch views: monoid states per (entity, bucket)
     training/<spec>       the latest point-in-time training set (features + label per event)
     batch/batch_runs      one row per batch run: boundary offsets, source versions, counts
+    batch/accepted_slices validation slices an operator accepted above the failure-rate limit
     speed/scored_events   the speed layer's scored events
     _checkpoints/<name>   Spark Structured Streaming checkpoints
 
@@ -16,11 +17,18 @@ joined with "/" so both work.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from lakehouse.errors import PlatformError
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
+
+BUCKET = "bucket_start_ms"  # gold tables: start (epoch ms) of an (entity, bucket) state's bucket
+PUBLISH_APP_ID = "lambdalake-publish"  # batch_runs' app transaction: its version is the sequence
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,11 @@ class Lakehouse:
     @property
     def batch_runs(self) -> str:
         return self._join("batch", "batch_runs")
+
+    @property
+    def accepted_slices(self) -> str:
+        """Validation slices an operator accepted above the failure-rate limit."""
+        return self._join("batch", "accepted_slices")
 
     @property
     def scored_events(self) -> str:
@@ -84,3 +97,132 @@ def last_commit(spark: SparkSession, path: str) -> tuple[int, int]:
 
     latest = DeltaTable.forPath(spark, path).history(1).collect()[0]
     return int(latest["version"]), int((latest["operationMetrics"] or {}).get("numOutputRows", 0))
+
+
+class StaleRunError(PlatformError):
+    """A batch run covers less of some partition than the run already published."""
+
+
+@dataclass(frozen=True)
+class BatchRun:
+    """A published batch run: what the views include and where they are.
+
+    `sequence` is the run's place in publish (commit) order, 1 for the first: "the newest
+    run" is the one with the highest sequence, never the latest `finished_at` (clocks skew,
+    runs overlap). Boundaries never go back: each run covers at least what the one before it
+    covered, in every partition (`publish_run` refuses anything else)."""
+
+    run_id: str
+    boundary: dict[int, int]  # partition → highest offset included
+    view_versions: dict[str, int]
+    source_versions: dict[str, int]
+    row_counts: dict[str, int]
+    durations_s: dict[str, float]
+    spec_fingerprint: str
+    finished_at: datetime
+    sequence: int = 0  # 0 until published
+
+
+def _batch_runs_schema() -> Any:
+    import pyarrow as pa
+
+    return pa.schema([
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("boundary", pa.map_(pa.int32(), pa.int64()), nullable=False),
+        pa.field("view_versions", pa.map_(pa.string(), pa.int64()), nullable=False),
+        pa.field("source_versions", pa.map_(pa.string(), pa.int64()), nullable=False),
+        pa.field("row_counts", pa.map_(pa.string(), pa.int64()), nullable=False),
+        pa.field("durations_s", pa.map_(pa.string(), pa.float64()), nullable=False),
+        pa.field("spec_fingerprint", pa.string(), nullable=False),
+        pa.field("finished_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("sequence", pa.int64()),
+    ])
+
+
+def _decode_runs(table: Any) -> list[BatchRun]:
+    """Every run a batch_runs snapshot (a delta-rs DeltaTable) holds, newest first."""
+    def pairs(value: Any) -> dict[Any, Any]:
+        return dict(value or [])  # an Arrow map value is a list of (key, value) tuples
+
+    def utc(moment: datetime) -> datetime:
+        return moment.astimezone(timezone.utc) if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+    runs = [
+        BatchRun(run_id=r["run_id"], boundary=pairs(r["boundary"]), view_versions=pairs(r["view_versions"]),
+                 source_versions=pairs(r["source_versions"]), row_counts=pairs(r["row_counts"]),
+                 durations_s=pairs(r["durations_s"]), spec_fingerprint=r["spec_fingerprint"],
+                 finished_at=utc(r["finished_at"]), sequence=int(r.get("sequence") or 0))
+        for r in table.to_pyarrow_table().to_pylist()
+    ]
+    return sorted(runs, key=lambda run: (run.sequence, run.finished_at), reverse=True)
+
+
+def published_runs(lakehouse: Lakehouse) -> list[BatchRun]:
+    """Every published batch run, newest (highest sequence) first; [] before the first."""
+    from deltalake import DeltaTable
+
+    if not DeltaTable.is_deltatable(lakehouse.batch_runs):
+        return []
+    return _decode_runs(DeltaTable(lakehouse.batch_runs))
+
+
+def latest_run(lakehouse: Lakehouse) -> BatchRun | None:
+    runs = published_runs(lakehouse)
+    return runs[0] if runs else None
+
+
+def publish_through(lakehouse: Lakehouse, snapshot: Any, run: BatchRun) -> BatchRun:
+    """Check `run` against the newest run of `snapshot` (a DeltaTable of batch_runs, or None
+    before the first run) and commit it through that snapshot; raises CommitFailedError
+    when another run was published after the snapshot (`publish_run` starts over)."""
+    import pyarrow as pa
+    from deltalake import CommitProperties, Transaction, write_deltalake
+
+    runs = _decode_runs(snapshot) if snapshot is not None else []
+    current = runs[0] if runs else None
+    if current is not None:
+        behind = {p: (run.boundary.get(p, -1), o) for p, o in current.boundary.items()
+                  if run.boundary.get(p, -1) < o}
+        if behind:
+            raise StaleRunError(
+                f"batch run {run.run_id} was not published: its boundary lies below that of "
+                f"the published run {current.run_id} in partition(s) " + ", ".join(
+                    f"{p} ({mine} < {theirs})" for p, (mine, theirs) in sorted(behind.items()))
+                + "; it started before that run and would drop events readers already merged: "
+                "run the views again")
+    published = dataclasses.replace(run, sequence=(current.sequence + 1) if current else 1)
+    row = {f.name: getattr(published, f.name) for f in dataclasses.fields(published)}
+    for name in ("boundary", "view_versions", "source_versions", "row_counts", "durations_s"):
+        row[name] = list(row[name].items())
+    data = pa.Table.from_pylist([row], schema=_batch_runs_schema())
+    write_deltalake(snapshot if snapshot is not None else lakehouse.batch_runs, data, mode="append",
+                    schema_mode="merge", commit_properties=CommitProperties(
+                        app_transactions=[Transaction(PUBLISH_APP_ID, published.sequence)]))
+    return published
+
+
+def publish_run(lakehouse: Lakehouse, run: BatchRun, *, attempts: int = 20) -> BatchRun:
+    """Append a run to batch_runs as the newest; from then on readers see its views.
+
+    One atomic step: the run is checked against the newest published run of a snapshot, and
+    committed through that same snapshot with the app transaction (PUBLISH_APP_ID, its
+    sequence). A run that another publisher committed in between makes Delta's conflict
+    check refuse the commit, and the check starts over against it. Refuses (StaleRunError)
+    a run whose boundary lies below the published one in any partition: its views would
+    drop events that readers already merged."""
+    from deltalake import DeltaTable
+    from deltalake.exceptions import CommitFailedError, DeltaError
+
+    path = lakehouse.batch_runs
+    for _ in range(attempts):
+        snapshot = DeltaTable(path) if DeltaTable.is_deltatable(path) else None
+        try:
+            return publish_through(lakehouse, snapshot, run)
+        except CommitFailedError:
+            continue  # another run was published since the snapshot: check against it
+        except DeltaError:
+            if snapshot is None and DeltaTable.is_deltatable(path):
+                continue  # another publisher created the table first
+            raise
+    raise PlatformError(f"batch run {run.run_id} could not be published: {attempts} concurrent "
+                        "publishers won in a row")

@@ -13,40 +13,19 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import datetime, timezone
+
+__all__ = ["app_id", "append_scored", "coverage", "append_through", "ensure_scored_table", "gold_rows", "now_utc",
+           "published_runs", "resume_offsets", "scored_history", "scored_schema"]
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401 - pa.compute
 
-from batch.views import BUCKET, BatchRun
+from lakehouse.errors import ServiceError
 from lakehouse.features import OFFSET, PARTITION
 from lakehouse.spec import PlatformSpec
-from lakehouse.tables import Lakehouse
+from lakehouse.tables import BUCKET, BatchRun, Lakehouse, published_runs
 from speed.state import GoldRow
-
-
-def _pairs(value: Any) -> dict[Any, Any]:
-    """An Arrow map value as a dict (pyarrow gives a list of (key, value) tuples)."""
-    return dict(value or [])
-
-
-def published_runs(lakehouse: Lakehouse) -> list[BatchRun]:
-    """Every published batch run, newest first ([] before the first)."""
-    from deltalake import DeltaTable
-
-    if not DeltaTable.is_deltatable(lakehouse.batch_runs):
-        return []
-    rows = DeltaTable(lakehouse.batch_runs).to_pyarrow_table().to_pylist()
-    runs = [
-        BatchRun(run_id=r["run_id"], boundary=_pairs(r["boundary"]),
-                 view_versions=_pairs(r["view_versions"]), source_versions=_pairs(r["source_versions"]),
-                 row_counts=_pairs(r["row_counts"]), durations_s=_pairs(r["durations_s"]),
-                 spec_fingerprint=r["spec_fingerprint"],
-                 finished_at=r["finished_at"].astimezone(timezone.utc)
-                 if r["finished_at"].tzinfo else r["finished_at"].replace(tzinfo=timezone.utc))
-        for r in rows
-    ]
-    return sorted(runs, key=lambda run: run.finished_at, reverse=True)
 
 
 def gold_rows(lakehouse: Lakehouse, spec: PlatformSpec, run: BatchRun) -> Iterator[GoldRow]:
@@ -152,32 +131,49 @@ def ensure_scored_table(lakehouse: Lakehouse, schema: pa.Schema) -> None:
 
 
 def append_scored(lakehouse: Lakehouse, schema: pa.Schema, rows: list[dict[str, Any]],
-                  last_offsets: dict[int, int], *, group: str, topic: str) -> int:
+                  last_offsets: dict[int, int], *, group: str, topic: str, attempts: int = 50) -> int:
     """Append scored rows and record, in the same commit, the last offset consumed per
     partition (also partitions whose records were all invalid: rows may be empty).
 
     Rows at or below what the table already records for their partition are left out: a
     member that lost a partition in a rebalance while finishing a batch (a zombie) cannot
-    write its events twice. Returns how many rows were written."""
-    from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
+    write its events twice. The check and the commit are one atomic step (`append_through`):
+    a commit that another member made in between for the same partition makes Delta refuse
+    this one, and the check runs again. Returns how many rows were written."""
+    from deltalake import DeltaTable
+    from deltalake.exceptions import CommitFailedError
 
-    path = lakehouse.scored_events
+    for _ in range(attempts):
+        try:
+            return append_through(DeltaTable(lakehouse.scored_events), schema, rows, last_offsets,
+                                  group=group, topic=topic)
+        except CommitFailedError:
+            continue  # a member committed this group's partition since the snapshot: re-check
+    raise ServiceError(f"scored_events: {attempts} commits in a row lost to concurrent writers")
+
+
+def append_through(snapshot: Any, schema: pa.Schema, rows: list[dict[str, Any]],
+                   last_offsets: dict[int, int], *, group: str, topic: str) -> int:
+    """The check (each partition's recorded offset in `snapshot`, a DeltaTable) and the
+    commit through that same snapshot, with one app transaction per partition: raises
+    CommitFailedError when a commit after the snapshot recorded one of these partitions
+    (Delta's conflict check on app transactions)."""
+    from deltalake import CommitProperties, Transaction, write_deltalake
+
     recorded: dict[int, int] = {}
-    if DeltaTable.is_deltatable(path):
-        table = DeltaTable(path)
-        for p in last_offsets:
-            version = table.transaction_version(app_id(group, topic, p))
-            if version is not None:
-                recorded[p] = version
+    for p in last_offsets:
+        version = snapshot.transaction_version(app_id(group, topic, p))
+        if version is not None:
+            recorded[p] = version
     fresh = [r for r in rows if r[OFFSET] > recorded.get(r[PARTITION], -1)]
     transactions = [Transaction(app_id=app_id(group, topic, p), version=o)
                     for p, o in sorted(last_offsets.items()) if o > recorded.get(p, -1)]
-    if transactions:
-        write_deltalake(path, pa.Table.from_pylist(fresh, schema=schema), mode="append",
-                        commit_properties=CommitProperties(app_transactions=transactions,
-                                                           max_commit_retries=20))
-        return len(fresh)
-    return 0
+    if not transactions:
+        return 0
+    write_deltalake(snapshot, pa.Table.from_pylist(fresh, schema=schema), mode="append",
+                    commit_properties=CommitProperties(app_transactions=transactions,
+                                                       max_commit_retries=20))
+    return len(fresh)
 
 
 def now_utc() -> datetime:

@@ -48,12 +48,12 @@ def test_batch_views_equal_an_independent_recomputation(spark, platform: Setting
     kafka.flush()
     kafka.close()
 
-    assert latest_run(spark, lakehouse) is None
+    assert latest_run(lakehouse) is None
     ingest_topics(spark, lakehouse, bootstrap_servers=platform.kafka_bootstrap_servers, topics=[topic])
     validate_topic(spark, lakehouse, spec.events, gx_dir=tmp_path / "gx")
     run = compute_views(spark, lakehouse, spec)
 
-    assert latest_run(spark, lakehouse) == run
+    assert latest_run(lakehouse) == run
     assert sum(run.boundary.values()) + len(run.boundary) == len(sent)  # every offset included
     valid: dict[str, dict] = {}  # type: ignore[type-arg]
     for message in sent:
@@ -79,7 +79,7 @@ def test_batch_views_equal_an_independent_recomputation(spark, platform: Setting
     read_view(spark, lakehouse, run, "user_all").limit(1).write.format("delta").mode("overwrite").save(
         lakehouse.gold("user_all"))
     assert spark.read.format("delta").load(lakehouse.gold("user_all")).count() == 1
-    published = latest_run(spark, lakehouse)
+    published = latest_run(lakehouse)
     assert published == run
     assert read_view(spark, lakehouse, published, "user_all").count() == run.row_counts["user_all"]
     assert expected_rows == run.row_counts[spec.views[-1].name]

@@ -19,7 +19,7 @@ from batch.views import BUCKET
 from lakehouse.features import ViewStates
 from lakehouse.fraud import FRAUD_SPEC
 from lakehouse.generator import GeneratorOptions, generate
-from lakehouse.tables import Lakehouse
+from lakehouse.tables import BatchRun, Lakehouse, publish_run
 from serving.duck import DuckEngine, SqlError, SqlTimeout, gold_schema
 from speed import lake
 
@@ -103,17 +103,10 @@ class Lake:
             from deltalake import DeltaTable
             versions[view.name] = DeltaTable(self.lakehouse.gold(view.name)).version()
         self.runs += 1
-        run = {"run_id": f"run-{self.runs}", "boundary": list(boundary.items()),
-               "view_versions": list(versions.items()), "source_versions": [], "row_counts": [],
-               "durations_s": [], "spec_fingerprint": SPEC.fingerprint(),
-               "finished_at": datetime(2026, 1, 1, 0, self.runs, tzinfo=timezone.utc)}
-        schema = pa.schema([
-            ("run_id", pa.string()), ("boundary", pa.map_(pa.int32(), pa.int64())),
-            ("view_versions", pa.map_(pa.string(), pa.int64())),
-            ("source_versions", pa.map_(pa.string(), pa.int64())),
-            ("row_counts", pa.map_(pa.string(), pa.int64())), ("durations_s", pa.map_(pa.string(), pa.float64())),
-            ("spec_fingerprint", pa.string()), ("finished_at", pa.timestamp("us", tz="UTC"))])
-        write_deltalake(self.lakehouse.batch_runs, pa.Table.from_pylist([run], schema=schema), mode="append")
+        publish_run(self.lakehouse, BatchRun(
+            run_id=f"run-{self.runs}", boundary=dict(boundary), view_versions=versions, source_versions={},
+            row_counts={}, durations_s={}, spec_fingerprint=SPEC.fingerprint(),
+            finished_at=datetime(2026, 1, 1, 0, self.runs, tzinfo=timezone.utc)))
 
     def score(self, arrived: list[Arrived], *, group: str = GROUP) -> None:
         """The speed layer's append of one micro-batch (with its app transactions)."""

@@ -68,12 +68,14 @@ def test_every_failure_is_reported_at_once() -> None:
 
 @pytest.mark.parametrize("raw", [b"{not json", b"\xff\xfe", b"[1, 2]", b"null", b"NaN"])
 def test_malformed_payloads(raw: bytes) -> None:
-    assert reasons(raw)[0].split(":")[0] in {"malformed_json", "not_an_object"}
+    assert reasons(raw)[0].split(":")[0] in {"malformed_json", "not_an_object", "invalid_utf8"}
 
 
-def test_nan_and_infinity_are_out_of_range() -> None:
-    assert reasons(json.dumps(GOOD).replace("12.34", "NaN")) == ["out_of_range:amount"]
-    assert reasons(json.dumps(GOOD).replace("12.34", "Infinity")) == ["out_of_range:amount"]
+def test_nan_and_infinity_are_not_json_and_overflowing_numbers_are_out_of_range() -> None:
+    # RFC 8259 has no NaN or Infinity literal; 1e400 is JSON but no finite number
+    assert reasons(json.dumps(GOOD).replace("12.34", "NaN")) == ["malformed_json: NaN is not JSON"]
+    assert reasons(json.dumps(GOOD).replace("12.34", "Infinity")) == ["malformed_json: Infinity is not JSON"]
+    assert reasons(json.dumps(GOOD).replace("12.34", "1e400")) == ["out_of_range:amount"]
 
 
 def test_timestamps_with_offsets_are_normalised_to_utc() -> None:

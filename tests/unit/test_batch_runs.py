@@ -1,0 +1,57 @@
+"""Publishing batch runs (delta-rs on a temporary lakehouse): newest means commit order, a
+boundary never goes back, and two publishers racing from one snapshot cannot both win."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from deltalake import DeltaTable
+from deltalake.exceptions import CommitFailedError
+
+from lakehouse.tables import BatchRun, Lakehouse, StaleRunError, latest_run, publish_run, publish_through, published_runs
+
+NOW = datetime(2026, 12, 1, tzinfo=timezone.utc)
+
+
+def run(name: str, boundary: dict[int, int], *, finished: datetime = NOW) -> BatchRun:
+    return BatchRun(run_id=name, boundary=boundary, view_versions={"v": 1}, source_versions={},
+                    row_counts={}, durations_s={}, spec_fingerprint="f", finished_at=finished)
+
+
+@pytest.fixture
+def lakehouse(tmp_path: Path) -> Lakehouse:
+    return Lakehouse(str(tmp_path))
+
+
+def test_newest_is_commit_order_not_the_clock(lakehouse: Lakehouse) -> None:
+    publish_run(lakehouse, run("first", {0: 10}, finished=NOW + timedelta(hours=1)))  # a fast clock
+    second = publish_run(lakehouse, run("second", {0: 20}, finished=NOW))
+    assert second.sequence == 2
+    assert latest_run(lakehouse) == second
+    assert [r.run_id for r in published_runs(lakehouse)] == ["second", "first"]
+
+
+def test_a_boundary_below_the_published_one_is_refused(lakehouse: Lakehouse) -> None:
+    publish_run(lakehouse, run("wide", {0: 20, 1: 5}))
+    publish_run(lakehouse, run("same", {0: 20, 1: 5}))  # equal is fine (nothing new)
+    with pytest.raises(StaleRunError, match=r"partition\(s\) 1 \(4 < 5\)"):
+        publish_run(lakehouse, run("older", {0: 30, 1: 4}))
+    with pytest.raises(StaleRunError, match=r"partition\(s\) 1 \(-1 < 5\)"):
+        publish_run(lakehouse, run("missing", {0: 30}))
+    assert latest_run(lakehouse).run_id == "same"  # type: ignore[union-attr]
+
+
+def test_two_overlapping_runs_cannot_both_publish_from_one_snapshot(lakehouse: Lakehouse) -> None:
+    """The interleaving: B checks at a snapshot, A publishes a wider run, then B commits."""
+    publish_run(lakehouse, run("base", {0: 5}))
+    checked_by_b = DeltaTable(lakehouse.batch_runs)
+    publish_run(lakehouse, run("a", {0: 30}))
+    with pytest.raises(CommitFailedError):  # Delta's conflict check: same app transaction
+        publish_through(lakehouse, checked_by_b, run("b", {0: 20}))
+    with pytest.raises(StaleRunError):  # checked again against what A published
+        publish_run(lakehouse, run("b", {0: 20}))
+    assert [r.run_id for r in published_runs(lakehouse)] == ["a", "base"]
+    wider = publish_run(lakehouse, run("c", {0: 40}))
+    assert (wider.sequence, latest_run(lakehouse)) == (3, wider)
