@@ -5,12 +5,22 @@ signed bundle logged under the run's `model/` artifacts. Two aliases say what a 
 for: `champion` (what the speed layer and /predict score with) and `challenger` (the newest
 version that did not beat the champion on the same holdout). `decide` is the whole
 promotion rule.
+
+Every alias move goes through `move_alias`, which writes one JSON line to the
+`lambdalake.audit` logger: model, alias, version, the version it pointed at before, who and
+why.
 """
 
 from __future__ import annotations
 
+import getpass
+import json
+import logging
+import os
+import socket
 import tempfile
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +31,8 @@ if TYPE_CHECKING:
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 BUNDLE_ARTIFACT_PATH = "model"
+
+audit = logging.getLogger("lambdalake.audit")
 
 
 @dataclass(frozen=True)
@@ -58,6 +70,35 @@ def version_by_alias(mlflow: MlflowClient, name: str, alias: str) -> Any | None:
         raise
 
 
+def current_actor() -> str:
+    """Who is acting, when a caller names nobody: the OS user and host of this process."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # a container user without a passwd entry
+        user = f"uid {os.getuid()}"
+    return f"{user}@{socket.gethostname()}"
+
+
+def alias_move_record(model: str, alias: str, version: int, previous: int | None, *,
+                      who: str, why: str, **context: str) -> dict[str, Any]:
+    """The audit record of one alias move (a JSON object)."""
+    return {"event": "model_alias_moved", "model": model, "alias": alias, "version": version,
+            "previous_version": previous, "who": who, "why": why,
+            "at": datetime.now(timezone.utc).isoformat(), **context}
+
+
+def move_alias(mlflow: MlflowClient, name: str, alias: str, version: int | str, *, why: str,
+               who: str | None = None, **context: str) -> dict[str, Any]:
+    """Point `alias` of model `name` at `version`, and write the move to the audit log.
+    The one way aliases move; returns the audit record."""
+    before = version_by_alias(mlflow, name, alias)
+    mlflow.set_registered_model_alias(name, alias, str(version))
+    record = alias_move_record(name, alias, int(version), None if before is None else int(before.version),
+                               who=who or current_actor(), why=why, **context)
+    audit.info(json.dumps(record))
+    return record
+
+
 def download_bundle(mlflow: MlflowClient, version: Any, into: Path | None = None) -> Path:
     """The bundle directory of a model version, downloaded (not yet verified)."""
     import mlflow.artifacts as artifacts
@@ -90,11 +131,13 @@ def register(mlflow: MlflowClient, name: str, run_id: str, tags: dict[str, str],
 
 
 def publish_bundle(mlflow: MlflowClient, name: str, run_id: str, bundle_dir: Path, *,
-                   tags: dict[str, str], description: str, alias: str | None = None) -> Any:
+                   tags: dict[str, str], description: str, alias: str | None = None,
+                   who: str | None = None) -> Any:
     """Log a signed bundle as the run's `model/` artifacts, register it as a new version of
-    `name`, and point `alias` at it (if given)."""
+    `name`, and point `alias` at it (if given; audited, with `description` as the why)."""
     mlflow.log_artifacts(run_id, str(bundle_dir), BUNDLE_ARTIFACT_PATH)
     version = register(mlflow, name, run_id, tags=tags, description=description)
     if alias is not None:
-        mlflow.set_registered_model_alias(name, alias, version.version)
+        move_alias(mlflow, name, alias, version.version, why=description, who=who,
+                   mlflow_run_id=run_id)
     return version

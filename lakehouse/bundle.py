@@ -5,12 +5,15 @@ A bundle is a directory:
     model.pt         torch state dict of `ScoringModel` (loaded with weights_only=True)
     model.onnx       the same model exported to ONNX (raw inputs → probability)
     manifest.json    spec fingerprint, feature names, architecture, metrics, lineage and
-                     the SHA-256 of every file above
+                     the SHA-256 of every file above (a bundle without its spec fingerprint
+                     and feature names is not signed)
     signature.json   Ed25519 signature over the exact bytes of manifest.json, with key id
 
 `verify_bundle` checks the signature with the public key and then every file's digest, so a
 changed byte anywhere, a missing signature or a signature by another key fails with
-`ModelSignatureError` before anything is deserialized. The private key signs (training
+`ModelSignatureError` before anything is deserialized; `check_bundle_spec` then refuses a
+bundle made for another spec than the scorer's (`ModelSpecError`, naming both). The
+private key signs (training
 only); scorers need just the public key. Keys are PEM files named by config
 (`LAMBDALAKE_MODEL_SIGNING_KEY`, `LAMBDALAKE_MODEL_VERIFY_KEY`); a local platform creates a
 key pair under `<state_dir>/secrets` on first use.
@@ -22,7 +25,7 @@ import base64
 import hashlib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +43,11 @@ ALGORITHM = "ed25519"
 
 class ModelSignatureError(PlatformError):
     """A model bundle is unsigned, signed by another key, or was changed after signing."""
+
+
+class ModelSpecError(PlatformError):
+    """A model bundle was made for another spec (fingerprint or feature names) than the
+    one its scorer runs."""
 
 
 # ----------------------------------------------------------------------------------- keys
@@ -98,12 +106,48 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+def spec_fingerprint_of(manifest: Mapping[str, Any]) -> str | None:
+    """The spec fingerprint a manifest records: its own, or (bundles signed before it was
+    recorded at the top) its lineage's."""
+    found = manifest.get("spec_fingerprint") or (manifest.get("lineage") or {}).get("spec_fingerprint")
+    return str(found) if found else None
+
+
+def check_bundle_spec(manifest: Mapping[str, Any], *, spec_fingerprint: str,
+                      feature_names: Sequence[str]) -> None:
+    """Refuse a bundle whose spec fingerprint or feature names differ from the running
+    spec's (ModelSpecError naming both values). The same width is not enough: a vector of
+    other or reordered features would be scored without an error."""
+    name = f"model {manifest['model_name']}" if manifest.get("model_name") else "the model bundle"
+    found = spec_fingerprint_of(manifest)
+    if found is None:
+        raise ModelSpecError(f"{name} records no spec fingerprint: it cannot be checked against "
+                             f"the running spec {spec_fingerprint}; retrain it")
+    if found != spec_fingerprint:
+        raise ModelSpecError(f"{name} was made for spec {found}, but this service runs spec "
+                             f"{spec_fingerprint}: retrain on the running spec, or serve a version "
+                             "made for it")
+    theirs, ours = list(manifest.get("feature_names") or []), list(feature_names)
+    if theirs != ours:
+        at = next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b), min(len(theirs), len(ours)))
+        raise ModelSpecError(f"{name} takes features {theirs}, but the running spec {spec_fingerprint} "
+                             f"computes {ours} (first difference at position {at}): retrain on the "
+                             "running spec")
+
+
 def sign_bundle(directory: Path, manifest: Mapping[str, Any], key: Ed25519PrivateKey) -> dict[str, Any]:
     """Write manifest.json (with the digest of every file already in `directory`) and
-    signature.json; return the manifest as written."""
+    signature.json; return the manifest as written. The manifest must say which spec the
+    model is for: `feature_names` and `spec_fingerprint` (or `lineage.spec_fingerprint`,
+    which is then recorded at the top too)."""
+    fingerprint = spec_fingerprint_of(manifest)
+    if fingerprint is None or not manifest.get("feature_names"):
+        raise PlatformError(f"model bundle {directory}: the manifest needs the spec_fingerprint "
+                            "and the feature_names of the spec the model is for; not signed")
     files = {p.name: file_digest(p) for p in sorted(directory.iterdir())
              if p.is_file() and p.name not in (MANIFEST, SIGNATURE)}
-    full = {**manifest, "format": FORMAT_VERSION, "files": files}
+    full = {**manifest, "spec_fingerprint": fingerprint,
+            "feature_names": list(manifest["feature_names"]), "format": FORMAT_VERSION, "files": files}
     body = json.dumps(full, sort_keys=True, indent=2).encode()
     (directory / MANIFEST).write_bytes(body)
     signature = {"algorithm": ALGORITHM, "key_id": key_id(key.public_key()),
@@ -171,6 +215,11 @@ def write_bundle(directory: Path, model: Any, manifest: Mapping[str, Any],
 
     from lakehouse.model import ProbabilityHead, predict
 
+    names = list(manifest.get("feature_names") or [])
+    if spec_fingerprint_of(manifest) is None or len(names) != model.n_inputs:
+        raise PlatformError(f"model bundle {directory}: the manifest needs the spec_fingerprint and "
+                            f"the {model.n_inputs} feature_names of the model's inputs (got "
+                            f"{len(names)}); not written")
     directory.mkdir(parents=True, exist_ok=True)
     model.eval()
     torch.save(model.state_dict(), directory / WEIGHTS)

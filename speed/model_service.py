@@ -1,8 +1,10 @@
 """The model service: one Ray Serve deployment that every score goes through.
 
 `ModelScorer` serves the registry's `champion` version of the model. Each replica downloads
-the signed bundle from MLflow, verifies it with the public key (an unsigned or changed bundle
-is refused: the replica does not start, or keeps its current model), and scores on the GPU
+the signed bundle from MLflow, verifies it with the public key and checks that it was made
+for the spec the service runs (`ServiceArgs.spec_fingerprint` and `feature_names`, the
+platform's spec unless told otherwise): an unsigned or changed bundle, or one of another
+spec, is refused (the replica does not start, or keeps its current model). It scores on the GPU
 when Ray gave it one. Calls from the speed layer (`score` through a deployment handle) and
 HTTP `/predict` requests are batched together with `@serve.batch`. A background task polls
 the registry; when the alias moves, the new version is loaded and verified beside the old
@@ -30,11 +32,12 @@ import asyncio
 import logging
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lakehouse.errors import PlatformError
+from lakehouse.fraud import FRAUD_SPEC
 
 log = logging.getLogger("lambdalake.model_service")
 
@@ -65,21 +68,31 @@ class ServiceArgs:
     target_ongoing_requests: float = 8.0
     num_gpus: float = 0.0
     num_cpus: float = 0.25
+    # the spec the service runs: a bundle made for another one is refused
+    spec_fingerprint: str = field(default_factory=FRAUD_SPEC.fingerprint)
+    feature_names: list[str] = field(default_factory=lambda: list(FRAUD_SPEC.feature_names))
 
     @classmethod
-    def from_settings(cls, settings: Any, **overrides: Any) -> ServiceArgs:
+    def from_settings(cls, settings: Any, spec: Any = None, **overrides: Any) -> ServiceArgs:
+        """Args for the settings' registry and key, running `spec` (default the platform's)."""
         from lakehouse.bundle import load_verify_key, public_pem
 
         pem = public_pem(load_verify_key(settings.verify_key_path)).decode()
         base = {"tracking_uri": settings.mlflow_uri, "model_name": settings.model_name,
                 "verify_key_pem": pem, "min_replicas": settings.serve_min_replicas,
                 "max_replicas": settings.serve_max_replicas, "num_gpus": settings.serve_num_gpus}
+        if spec is not None:
+            base.update(spec_fingerprint=spec.fingerprint(), feature_names=list(spec.feature_names))
         return cls(**{**base, **overrides})
 
     def __post_init__(self) -> None:
         if bool(self.verify_key_pem) == bool(self.verify_key_file):
             raise ValueError("the model service needs exactly one of verify_key_pem (the "
                              "public key) and verify_key_file (a path to it)")
+        if not self.spec_fingerprint or not self.feature_names:
+            raise ValueError("the model service needs the spec_fingerprint and feature_names of "
+                             "the spec it runs (leave both out for the platform's)")
+        object.__setattr__(self, "feature_names", [str(n) for n in self.feature_names])
 
     def public_key_pem(self) -> bytes:
         """The verify key's PEM bytes, from the args or from the file they name."""
@@ -96,26 +109,40 @@ class BadRequest(ValueError):
     """A scoring request that cannot be served as sent; the message says why."""
 
 
+def open_bundle(directory: Path, args: ServiceArgs) -> tuple[Any, dict[str, Any]]:
+    """(model, manifest) of a downloaded bundle that is signed by the service's key, unchanged,
+    and made for the spec the service runs; ModelSignatureError or ModelSpecError otherwise."""
+    from cryptography.hazmat.primitives import serialization
+
+    from lakehouse.bundle import check_bundle_spec, load_bundle
+
+    key = serialization.load_pem_public_key(args.public_key_pem())
+    model, manifest = load_bundle(directory, key)  # type: ignore[arg-type]
+    check_bundle_spec(manifest, spec_fingerprint=args.spec_fingerprint, feature_names=args.feature_names)
+    return model, manifest
+
+
 class LoadedModel:
     """A verified model version on its device."""
 
     def __init__(self, args: ServiceArgs, version: Any) -> None:
         import torch
-        from cryptography.hazmat.primitives import serialization
 
         from batch import registry
-        from lakehouse.bundle import load_bundle
+        from lakehouse.bundle import ModelSpecError, spec_fingerprint_of
 
-        key = serialization.load_pem_public_key(args.public_key_pem())
         client = registry.client(args.tracking_uri)
         with tempfile.TemporaryDirectory(prefix="lambdalake-serve-") as scratch:
             bundle = registry.download_bundle(client, version, Path(scratch))
-            model, manifest = load_bundle(bundle, key)  # type: ignore[arg-type]
+            try:
+                model, manifest = open_bundle(bundle, args)
+            except ModelSpecError as exc:
+                raise ModelSpecError(f"{args.model_name} v{version.version}: {exc}") from None
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = model.to(self.device)
         self.version = int(version.version)
         self.feature_names: list[str] = manifest["feature_names"]
-        self.spec_fingerprint: str = manifest["lineage"]["spec_fingerprint"]
+        self.spec_fingerprint: str = spec_fingerprint_of(manifest) or ""
 
     def score(self, rows: list[list[float]]) -> list[float]:
         import torch

@@ -26,15 +26,18 @@ def random_model(seed: int) -> ScoringModel:
 
 
 def publish(settings: Settings, model: ScoringModel, root: Path, *, tamper: bool = False,
-            alias: str | None = "champion") -> int:
-    """Sign and register a model version the way training does (real MLflow)."""
+            alias: str | None = "champion", spec_fingerprint: str = FRAUD_SPEC.fingerprint(),
+            feature_names: list[str] | None = None) -> int:
+    """Sign and register a model version the way training does (real MLflow); the manifest
+    says it is for FRAUD_SPEC unless `spec_fingerprint`/`feature_names` say otherwise."""
     client = registry.client(settings.mlflow_uri)
     experiment = client.get_experiment_by_name("model-service-tests")
     experiment_id = experiment.experiment_id if experiment else client.create_experiment("model-service-tests")
     run_id = client.create_run(experiment_id).info.run_id
     bundle = root / run_id
-    write_bundle(bundle, model, {"feature_names": list(FRAUD_SPEC.feature_names),
-                                 "lineage": {"spec_fingerprint": FRAUD_SPEC.fingerprint()}},
+    names = list(FRAUD_SPEC.feature_names) if feature_names is None else feature_names
+    write_bundle(bundle, model, {"feature_names": names,
+                                 "lineage": {"spec_fingerprint": spec_fingerprint}},
                  load_or_create_signing_key(settings.signing_key_path))
     if tamper:
         weights = bundle / "model.pt"

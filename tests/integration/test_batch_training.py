@@ -5,6 +5,7 @@ champion/challenger promotion and signed bundles in the MLflow registry."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import uuid
 from collections import defaultdict
@@ -160,7 +161,9 @@ def test_only_labels_known_at_the_cutoff_count(spark, prepared: Prepared) -> Non
     assert limited.rows < prepared.training_set.rows
 
 
-def test_model_quality_promotion_and_signed_registry(spark, platform: Settings, prepared: Prepared) -> None:  # type: ignore[no-untyped-def]
+def test_model_quality_promotion_and_signed_registry(spark, platform: Settings, prepared: Prepared,  # type: ignore[no-untyped-def]
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="lambdalake.audit")
     settings = platform.model_copy(update={"model_name": f"fraud-it-{uuid.uuid4().hex[:6]}"})
     weak = TrainOptions(epochs=1, max_train_rows=300, hidden=(2,), seed=3)
     good = TrainOptions.from_settings(settings)
@@ -196,6 +199,17 @@ def test_model_quality_promotion_and_signed_registry(spark, platform: Settings, 
     client = registry.client(settings.mlflow_uri)
     assert int(client.get_model_version_by_alias(settings.model_name, "champion").version) == better.version
     assert int(client.get_model_version_by_alias(settings.model_name, "challenger").version) == worse.version
+    # every alias move is in the audit log: what moved, from which version, who and why
+    moves = [entry for entry in (json.loads(r.getMessage()) for r in caplog.records
+                                 if r.name == "lambdalake.audit")
+             if entry.get("event") == "model_alias_moved" and entry["model"] == settings.model_name]
+    assert [(m["alias"], m["version"], m["previous_version"]) for m in moves] == [
+        (registry.CHAMPION, first.version, None), (registry.CHAMPION, better.version, first.version),
+        (registry.CHALLENGER, worse.version, None)]
+    assert [m["why"] for m in moves] == [first.reason, better.reason, worse.reason]
+    assert [m["mlflow_run_id"] for m in moves] == [first.mlflow_run_id, better.mlflow_run_id,
+                                                   worse.mlflow_run_id]
+    assert all(m["who"] for m in moves)
 
     # the registered bundle is the signed one, with lineage and plots logged beside it
     version = client.get_model_version(settings.model_name, str(better.version))
@@ -204,6 +218,8 @@ def test_model_quality_promotion_and_signed_registry(spark, platform: Settings, 
     assert manifest["lineage"]["batch_run_id"] == prepared.run.run_id
     assert manifest["lineage"]["training_set_version"] == str(prepared.training_set.version)
     assert manifest["lineage"]["spec_fingerprint"] == prepared.spec.fingerprint()
+    assert manifest["spec_fingerprint"] == prepared.spec.fingerprint()  # what scorers check
+    assert manifest["feature_names"] == list(prepared.spec.feature_names)
     assert math.isclose(manifest["metrics"]["roc_auc"], better.metrics["roc_auc"])
     run = client.get_run(better.mlflow_run_id)
     assert run.data.tags["lineage.batch_run_id"] == prepared.run.run_id

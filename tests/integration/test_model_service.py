@@ -138,6 +138,45 @@ def test_a_tampered_model_is_refused(service: dict[str, Any]) -> None:
         serve.delete("model-tampered")
 
 
+@pytest.mark.parametrize("made_for", ["another spec", "other features"])
+def test_a_model_of_another_spec_is_refused(service: dict[str, Any], made_for: str) -> None:
+    """A validly signed version whose manifest names another spec fingerprint, or other
+    feature names of the same width, is not served: the service keeps the current version
+    and its last error names both values; a fresh deployment on it does not start."""
+    from ray import serve
+
+    from speed.model_service import APP_NAME, build_app
+
+    names = list(FRAUD_SPEC.feature_names)
+    if made_for == "another spec":
+        overrides: dict[str, Any] = {"spec_fingerprint": "0123456789abcdef"}
+        expected = ("0123456789abcdef", FRAUD_SPEC.fingerprint())
+    else:
+        overrides = {"feature_names": [names[1], names[0], *names[2:]]}  # same width, swapped
+        expected = (str(overrides["feature_names"]), str(names))
+    current = serve.get_app_handle(APP_NAME).info.remote().result(timeout_s=30)["version"]
+    other = publish(service["settings"], random_model(4), service["root"], **overrides)
+    deadline = time.monotonic() + 30
+    info: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        info = serve.get_app_handle(APP_NAME).info.remote().result(timeout_s=30)
+        if f" v{other}: " in info["last_error"]:  # the poller tried this version
+            break
+        time.sleep(0.5)
+    assert info["last_error"].startswith("ModelSpecError: ") and f" v{other}: " in info["last_error"], info
+    assert all(value in info["last_error"] for value in expected), info["last_error"]
+    assert info["version"] == current != other
+    assert info["spec_fingerprint"] == FRAUD_SPEC.fingerprint()
+    name = f"model-{made_for.replace(' ', '-')}"
+    with pytest.raises(RuntimeError, match=f"Deploying application {name} failed"):
+        serve.run(build_app(dataclasses.asdict(service["args"])), name=name, route_prefix=f"/{name}")
+    try:
+        why = serve.status().applications[name].deployments["ModelScorer"].message
+        assert expected[0] in why and expected[1] in why, why
+    finally:
+        serve.delete(name)
+
+
 def test_the_serve_config_file_deploys_the_same_application(service: dict[str, Any], tmp_path: Path) -> None:
     """`lambdalake model config` → `serve run --non-blocking FILE`: a standard Serve
     deployment of the same application (here over the fixture's, on the good version)."""
@@ -149,7 +188,8 @@ def test_the_serve_config_file_deploys_the_same_application(service: dict[str, A
 
     settings = service["settings"]
     client = registry.client(settings.mlflow_uri)
-    client.set_registered_model_alias(settings.model_name, "champion", str(service["v2"]))
+    registry.move_alias(client, settings.model_name, "champion", service["v2"],
+                        why="test: back to the last verified version")
     config = lambdalake("model", "config", env={"LAMBDALAKE_MODEL_NAME": settings.model_name}).stdout
     (tmp_path / "serve.yaml").write_text(config)
     assert "import_path: speed.model_service:build_app" in config
