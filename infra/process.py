@@ -23,7 +23,13 @@ from pathlib import Path
 from lakehouse.errors import ServiceError
 
 
-def _start_time(pid: int) -> str | None:
+# Popen objects of the processes this process started, so that reaping them goes through
+# Popen (which then knows its child has exited) rather than behind its back.
+_SPAWNED: dict[int, subprocess.Popen[bytes]] = {}
+
+
+def process_start_time(pid: int) -> str | None:
+    """The kernel's start time of `pid` (clock ticks since boot), None if it does not run."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
@@ -67,7 +73,7 @@ class ManagedProcess:
         except (OSError, ValueError):
             return None
         pid = int(recorded["pid"])
-        if _start_time(pid) != recorded["start_time"] or _is_zombie(pid):
+        if process_start_time(pid) != recorded["start_time"] or _is_zombie(pid):
             self.pid_path.unlink(missing_ok=True)
             return None
         return pid
@@ -91,8 +97,9 @@ class ManagedProcess:
                 )
             except OSError as exc:
                 raise ServiceError(f"{self.name}: cannot run {self.argv[0]!r}: {exc}") from None
+        _SPAWNED[process.pid] = process
         self.pid_path.write_text(
-            json.dumps({"pid": process.pid, "start_time": _start_time(process.pid),
+            json.dumps({"pid": process.pid, "start_time": process_start_time(process.pid),
                         "argv": list(self.argv)})
         )
         return process.pid
@@ -102,18 +109,7 @@ class ManagedProcess:
         pid = self.pid()
         if pid is None:
             return False
-        _signal_group(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and group_members(pid):
-            _reap(pid)
-            time.sleep(0.2)
-        if group_members(pid):
-            _signal_group(pid, signal.SIGKILL)
-            for _ in range(50):
-                _reap(pid)
-                if not group_members(pid):
-                    break
-                time.sleep(0.1)
+        stop_group(pid, timeout)
         self.pid_path.unlink(missing_ok=True)
         return True
 
@@ -122,6 +118,32 @@ class ManagedProcess:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+
+def is_running(pid: int | None, start_time: str | None) -> bool:
+    """True if `pid` runs and is the process that started at `start_time` (not a reuse)."""
+    return (pid is not None and start_time is not None
+            and process_start_time(pid) == start_time and not _is_zombie(pid))
+
+
+def stop_group(pgid: int, timeout: float = 20.0) -> None:
+    """SIGTERM every process of group `pgid`, SIGKILL those left after `timeout`.
+
+    The group leader may already be gone: its group lives on while any member does (Linux
+    does not hand out a pid still in use as a group id), so the members are ours."""
+    _signal_group(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and group_members(pgid):
+        _reap(pgid)
+        time.sleep(0.2)
+    if group_members(pgid):
+        _signal_group(pgid, signal.SIGKILL)
+        for _ in range(50):
+            _reap(pgid)
+            if not group_members(pgid):
+                break
+            time.sleep(0.1)
+    _reap(pgid)
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
@@ -133,6 +155,11 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
 
 def _reap(pid: int) -> None:
     """Collect our own child's exit status so it does not linger as a zombie."""
+    spawned = _SPAWNED.get(pid)
+    if spawned is not None:
+        if spawned.poll() is not None:
+            del _SPAWNED[pid]
+        return
     try:
         os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:

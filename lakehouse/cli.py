@@ -99,6 +99,11 @@ def _print_status(healths: list) -> None:  # type: ignore[type-arg]
         table.add_row(health.service, f"[{colour}]{health.detail}[/{colour}]",
                       " ".join(map(str, health.pids)), health.url)
     out.print(table)
+    for health in healths:  # a supervised app that exited: what it said last
+        if getattr(health, "last_exit", "") and not health.healthy:
+            out.print(f"{health.service} last exited with {health.last_exit}; its last error:",
+                      style="red", highlight=False, markup=False)
+            out.print(health.last_error or "(nothing on stderr)", highlight=False, markup=False)
     from infra.airflow import password_location
 
     out.print(f"Airflow UI login: {settings().airflow_user}, password "

@@ -193,6 +193,11 @@ class Settings(BaseSettings):
     delta_vacuum_retention_hours: int = Field(
         default=168, ge=0, description="VACUUM keeps files younger than this (Delta time travel).",
     )
+    delta_vacuum_allow_unsafe_retention: bool = Field(
+        default=False, description="Allow a VACUUM retention below Delta's safe 168 h (readers "
+        "of older snapshots and time travel may fail). Files a stream has yet to read are "
+        "never vacuumed.",
+    )
 
     # --- speed layer ---------------------------------------------------------------------
     speed_group: str = Field(
@@ -204,6 +209,12 @@ class Settings(BaseSettings):
     speed_metrics_port: int = Field(
         default=9108, ge=1, le=65535,
         description="Prometheus metrics of the speed layer `lambdalake up --apps` runs.",
+    )
+    apps_metrics_port: int | None = Field(
+        default=None, ge=1, le=65535,
+        description="Prometheus metrics (restarts, up/down) of the supervisor of the speed "
+        "layer; the API's supervisor uses the next port. Empty means "
+        "LAMBDALAKE_SPEED_METRICS_PORT + 1.",
     )
 
     # --- serving: merged views, SQL, HTTP API --------------------------------------------
