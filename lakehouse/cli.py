@@ -356,9 +356,15 @@ def speed_run(
     metrics_port: Annotated[int, typer.Option(min=0, max=65535, help="serve Prometheus metrics on METRICS_HOST:PORT (0: off)")] = 0,
     metrics_host: Annotated[str, typer.Option(help="bind address of the metrics endpoint (0.0.0.0 in a pod, for the scraper)")] = "127.0.0.1",
     topic: Annotated[str | None, typer.Option(help="events topic (default: the spec's); the DLQ is TOPIC.dlq")] = None,
+    on_missing_offsets: Annotated[str, typer.Option(
+        help="resuming below the oldest offset Kafka holds: fail (an error with the numbers) or "
+             "skip (start at the oldest; logged and counted as lost)")] = "fail",
 ) -> None:
     """Score every event of the events topic through the model service, exactly once,
     until SIGTERM/SIGINT (the current micro-batch completes first)."""
+    if on_missing_offsets not in ("fail", "skip"):
+        raise typer.BadParameter(f"expected fail or skip, got {on_missing_offsets!r}",
+                                 param_hint="--on-missing-offsets")
     import os
     import threading
 
@@ -389,7 +395,8 @@ def speed_run(
         spec = dataclasses.replace(spec, events=dataclasses.replace(spec.events, topic=topic),
                                    dlq_topic=f"{topic}.dlq")
     group = group or config.speed_group
-    options = SpeedOptions(group_id=group, max_batch=max_batch, max_wait_ms=max_wait_ms)
+    options = SpeedOptions(group_id=group, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                           on_missing_offsets=on_missing_offsets)  # type: ignore[arg-type]
     _echo(f"speed layer: group {group}, topic {spec.events.topic}")
     counts = SpeedLayer(config, spec, serve_scorer(), options=options).run(
         stop, max_events=max_events, idle_exit_s=idle_exit)

@@ -17,9 +17,11 @@ and on top of them the views defined here:
                           increments hold exactly the events above it;
     merged.<view>         one row per entity: the states over the view's window and the
                           features derived from them (mean and std of each summed field,
-                          events per minute over a window). A window ends at the view's newest
-                          bucket, i.e. at stream time (the latest event time merged), so the
-                          answer is a function of the data, not of the wall clock.
+                          events per minute over a window). Each entity's window ends at its
+                          own newest bucket (the bucket of its latest event merged): the answer
+                          is a function of the data, not of the wall clock, and of that
+                          entity's events only, so no single record, however far in the future
+                          its time, changes another entity's answer.
 
 Identifiers are quoted per engine (`Dialect.quote`); everything else is SQL both accept.
 """
@@ -121,9 +123,11 @@ def view_sql(spec: PlatformSpec, view: FeatureView, d: Dialect) -> str:
         for n, a in view.aggregations.items())
     if view.bucket_ms and view.window_buckets:
         span = view.bucket_ms * view.window_buckets
+        # each entity's window ends at its own newest bucket (see the module docstring)
         windowed = (
             f"SELECT s.{entity}, {added}, MAX(c.{q(WINDOW_END)}) AS {q(WINDOW_END)} "
-            f"FROM {states} s CROSS JOIN (SELECT MAX({q(BUCKET)}) AS {q(WINDOW_END)} FROM {states}) c "
+            f"FROM {states} s JOIN (SELECT {entity}, MAX({q(BUCKET)}) AS {q(WINDOW_END)} "
+            f"FROM {states} GROUP BY {entity}) c ON s.{entity} = c.{entity} "
             f"WHERE s.{q(BUCKET)} > c.{q(WINDOW_END)} - {span} GROUP BY s.{entity}"
         )
     else:

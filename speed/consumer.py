@@ -3,9 +3,14 @@
 One `SpeedLayer` is one member of a Kafka consumer group on the events topic. Each
 micro-batch (bounded by `max_batch` records and `max_wait_ms`):
 
-1. parses every record with the spec's validation routine (the batch layer's); an invalid
-   record, or a later copy of an event id already scored, goes to the DLQ topic with its
-   reason, original key and bytes, and source topic/partition/offset in the headers;
+1. parses every record with the spec's validation routine (the batch layer's), given its
+   Kafka key and timestamp; an invalid record, or a later copy of an event already scored
+   (same key entity and id, `RecordSchema.dedup_scope`, as the batch layer deduplicates),
+   goes to the DLQ topic with its reason, original key and bytes, and source
+   topic/partition/offset in the headers. A value larger than `dlq_max_value_bytes` is
+   stored truncated, its original size and SHA-256 in the headers (bronze keeps it whole).
+   Every DLQ delivery is acknowledged before anything of the batch is committed: a failed
+   one stops the layer (ServiceError) with nothing committed, so the batch is replayed;
 2. computes each valid event's features in offset order from `SpeedState` (the adopted
    batch run's views ⊕ the increments after its boundary), then folds the event in;
 3. scores the batch through the model service's deployment handle (the `/predict` path);
@@ -25,6 +30,7 @@ micro-batches once this member has consumed past its boundary in every partition
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import json
 import logging
@@ -32,7 +38,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from lakehouse.config import Settings
 from lakehouse.errors import ServiceError, ValidationError
@@ -54,6 +60,11 @@ class SpeedOptions:
     run_check_s: float = 5.0  # how often to look for a newer published batch run
     score_retries: int = 5
     session_timeout_s: float = 10.0  # a member that stops heartbeating leaves the group after this
+    # a DLQ record keeps at most this much of the value (the broker refuses ~1 MB records)
+    dlq_max_value_bytes: int = 524_288
+    # resuming below the oldest offset Kafka still holds: "fail" (ServiceError with the
+    # numbers) or "skip" (start at the oldest, logged and counted as lost)
+    on_missing_offsets: Literal["fail", "skip"] = "fail"
 
 
 def serve_scorer(app_name: str = "model") -> Scorer:
@@ -82,7 +93,9 @@ class SpeedLayer:
         self.schema = lake.scored_schema(spec)
         self.state = SpeedState(spec)
         self.owned: set[int] = set()
-        self.seen: dict[int, set[str]] = {}  # partition → event ids scored (duplicates go to the DLQ)
+        # partition → (key entity, id) of the events scored from it: a later copy goes to the DLQ
+        self.seen: dict[int, set[tuple[Any, Any]]] = {}
+        self._dlq_sent: list[Any] = []  # this batch's DLQ deliveries, acknowledged before commit
         self._pending_run: tuple[Any, SpeedState] | None = None
         self._loading = False
         self._last_run_check = 0.0
@@ -115,7 +128,8 @@ class SpeedLayer:
             bootstrap_servers=self.settings.kafka_bootstrap_servers.split(","),
             group_id=self.options.group_id,
             enable_auto_commit=False,
-            auto_offset_reset="earliest",
+            # never jump silently: an offset Kafka no longer holds raises, `_missing_offsets`
+            auto_offset_reset="none",
             max_poll_records=self.options.max_batch,
             session_timeout_ms=int(self.options.session_timeout_s * 1000),
             client_id=f"lambdalake-speed-{threading.get_native_id()}",
@@ -123,6 +137,22 @@ class SpeedLayer:
         self._consumer.subscribe(topics=[self.topic], listener=Listener())
         self._producer = KafkaProducer(
             bootstrap_servers=self.settings.kafka_bootstrap_servers.split(","), acks="all", linger_ms=5)
+
+    def _missing_offsets(self, partition: int, wanted: int, oldest: int) -> int:
+        """Kafka no longer holds offsets wanted..oldest-1 of a partition (retention deleted
+        them before this group scored them): fail with the numbers, or, with the "skip"
+        policy, resume at the oldest offset and log and count what was lost."""
+        lost = oldest - wanted
+        message = (f"partition {partition} of {self.topic!r} must resume at offset {wanted}, but Kafka "
+                   f"holds offsets from {oldest} only: {lost} records were deleted before the speed "
+                   f"layer scored them")
+        if self.options.on_missing_offsets != "skip":
+            raise ServiceError(message + "; raise the topic's retention, or restart with "
+                               "--on-missing-offsets skip to accept the loss")
+        metrics.EVENTS.labels("lost").inc(lost)
+        log.error(json.dumps({"event": "offsets_skipped", "partition": partition, "from": wanted,
+                              "to": oldest, "records": lost}))
+        return oldest
 
     def _revoke(self, partitions: set[int]) -> None:
         mine = partitions & self.owned
@@ -143,7 +173,11 @@ class SpeedLayer:
         self.owned |= partitions
         self._idle_since = time.monotonic()
         resume = lake.resume_offsets(self.lakehouse, self.options.group_id, self.topic, sorted(self.owned))
+        oldest = self._consumer.beginning_offsets([TopicPartition(self.topic, p) for p in partitions])
         for p in partitions:
+            held = oldest[TopicPartition(self.topic, p)]
+            if resume[p] < held:
+                resume[p] = self._missing_offsets(p, resume[p], held)
             self._consumer.seek(TopicPartition(self.topic, p), resume[p])
         self.state = self._rebuild(resume)
         self._pending_run = None
@@ -163,7 +197,7 @@ class SpeedLayer:
                 break
         for p in sorted(self.owned):
             history = lake.scored_history(self.lakehouse, self.spec, p, below=resume[p])
-            self.seen[p] = {event[self.spec.events.id_field] for _, event in history}
+            self.seen[p] = {self.spec.events.dedup_key(event) for _, event in history}
             state.restore(p, history, next_offset=resume[p])
         return state
 
@@ -219,8 +253,7 @@ class SpeedLayer:
         handled = 0
         try:
             while not stop.is_set():
-                polled = self._consumer.poll(timeout_ms=self.options.max_wait_ms,
-                                             max_records=self.options.max_batch)
+                polled = self._poll()
                 self._check_for_new_run()
                 records = [r for tp_records in polled.values() for r in tp_records]
                 if not records:
@@ -237,6 +270,23 @@ class SpeedLayer:
         finally:
             self.close()
         return dict(self.counts)
+
+    def _poll(self) -> dict[Any, list[Any]]:
+        from kafka.errors import OffsetOutOfRangeError
+
+        try:
+            return self._consumer.poll(timeout_ms=self.options.max_wait_ms, max_records=self.options.max_batch)
+        except OffsetOutOfRangeError as exc:  # retention deleted records ahead of this member
+            from kafka import TopicPartition
+
+            partitions = [tp for tp in (exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {})]
+            partitions = partitions or [TopicPartition(self.topic, p) for p in sorted(self.owned)]
+            oldest = self._consumer.beginning_offsets(partitions)
+            for tp in partitions:
+                wanted = self.state.positions.get(tp.partition, 0)
+                if wanted < oldest[tp]:
+                    self._consumer.seek(tp, self._missing_offsets(tp.partition, wanted, oldest[tp]))
+            return {}
 
     def _idle(self, idle_exit_s: float) -> bool:
         allowed = idle_exit_s if self.owned else idle_exit_s + 2 * self.options.session_timeout_s
@@ -259,23 +309,26 @@ class SpeedLayer:
         vectors: list[list[float]] = []
         last: dict[int, int] = {}
         dlq = 0
-        id_field, time_field = self.spec.events.id_field, self.spec.events.time_field
+        schema = self.spec.events
+        time_field = schema.time_field
         for record in records:
             last[record.partition] = record.offset
             try:
-                event = self.spec.events.parse(record.value)
+                event = schema.parse(record.value, key=record.key,
+                                     arrival_ms=record.timestamp if record.timestamp >= 0 else None)
             except ValidationError as invalid:
                 self._to_dlq(record, invalid.reasons)
                 self.state.skip(record.partition, record.offset)
                 dlq += 1
                 continue
             seen = self.seen.setdefault(record.partition, set())
-            if event[id_field] in seen:
-                self._to_dlq(record, [f"duplicate:{id_field}"])
+            identity = schema.dedup_key(event)
+            if identity in seen:
+                self._to_dlq(record, [f"duplicate:{schema.id_field}"])
                 self.state.skip(record.partition, record.offset)
                 dlq += 1
                 continue
-            seen.add(event[id_field])
+            seen.add(identity)
             vectors.append(self.state.features(event))
             self.state.add(dict(event), record.partition, record.offset)
             rows.append({**event, time_field: event[time_field] * 1000,
@@ -290,7 +343,7 @@ class SpeedLayer:
                        scored_at=scored_at, feature_ms=feature_ms / max(1, len(rows)),
                        model_ms=model_ms)
         if dlq:
-            self._producer.flush()
+            self._await_dlq()
         written = lake.append_scored(self.lakehouse, self.schema, rows, last,
                                      group=self.options.group_id, topic=self.topic)
         if written < len(rows):  # another member owns these partitions now and wrote them
@@ -333,11 +386,31 @@ class SpeedLayer:
         raise AssertionError("unreachable")
 
     def _to_dlq(self, record: Any, reasons: list[str]) -> None:
-        headers = [("reason", "; ".join(reasons).encode()),
-                   ("source_topic", record.topic.encode()),
+        value = record.value
+        headers = [("source_topic", record.topic.encode()),
                    ("source_partition", str(record.partition).encode()),
                    ("source_offset", str(record.offset).encode())]
-        self._producer.send(self.dlq_topic, key=record.key, value=record.value, headers=headers)
+        limit = self.options.dlq_max_value_bytes
+        if value is not None and len(value) > limit:
+            headers += [("original_size", str(len(value)).encode()),
+                        ("original_sha256", hashlib.sha256(value).hexdigest().encode())]
+            reasons = [*reasons, f"dlq_truncated: the value kept its first {limit} of {len(value)} bytes "
+                                 "(bronze holds it whole)"]
+            value = value[:limit]
+        key = record.key if record.key is None or len(record.key) <= 1024 else record.key[:1024]
+        self._dlq_sent.append(self._producer.send(
+            self.dlq_topic, key=key, value=value, headers=[("reason", "; ".join(reasons).encode()), *headers]))
+
+    def _await_dlq(self) -> None:
+        """Every DLQ record of this batch acknowledged, or ServiceError before any commit."""
+        sent, self._dlq_sent = self._dlq_sent, []
+        self._producer.flush(timeout=60)
+        failed = [f for f in sent if not f.is_done or f.failed()]
+        if failed:
+            first = failed[0].exception if failed[0].is_done else "no acknowledgement within 60 s"
+            raise ServiceError(f"{len(failed)} of {len(sent)} DLQ records of this micro-batch were not "
+                               f"delivered to {self.dlq_topic!r} ({first!r}); nothing of the batch was "
+                               "committed: it is consumed again on restart")
 
     def _report_lag(self) -> None:
         from kafka import TopicPartition

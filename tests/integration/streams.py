@@ -4,10 +4,14 @@ run in-process: what the speed and serving integration tests share."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from lakehouse.config import Settings
@@ -15,6 +19,7 @@ from lakehouse.fraud import FRAUD_SPEC, TRANSACTIONS
 from lakehouse.generator import GeneratorOptions, Message, generate
 from lakehouse.streams import ensure_topics, producer
 from lakehouse.tables import Lakehouse
+from tests.conftest import REPO
 from tests.integration.models import publish, random_model
 
 
@@ -62,6 +67,19 @@ def send(stream: Stream, messages: list[Message]) -> None:
         kafka.send(stream.topic, key=m.key, value=m.value)
     kafka.flush()
     kafka.close()
+
+
+def cli_env(stream: Stream) -> dict[str, str]:
+    return {**os.environ, "LAMBDALAKE_DELTA_ROOT": stream.lakehouse.root,
+            "LAMBDALAKE_MODEL_NAME": stream.settings.model_name}
+
+
+def speed_process(stream: Stream, group: str, *extra: str) -> subprocess.Popen[str]:
+    """`lambdalake speed run` on the stream's topic, as its own process."""
+    return subprocess.Popen(
+        [str(Path(sys.executable).parent / "lambdalake"), "speed", "run", "--topic", stream.topic,
+         "--group", group, "--max-batch", "200", *extra],
+        env=cli_env(stream), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def run_in_process(stream: Stream, group: str = "it", idle_exit_s: float = 4.0) -> dict[str, int]:

@@ -5,11 +5,8 @@ batch layer's, and a boundary handover in the middle of a stream."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -27,9 +24,9 @@ from batch.views import compute_views
 from lakehouse.config import Settings
 from lakehouse.fraud import FRAUD_SPEC
 from lakehouse.streams import producer
-from tests.conftest import REPO
 from tests.integration.streams import (
     Stream,
+    cli_env,
     dlq_messages,
     new_stream,
     run_in_process,
@@ -37,6 +34,7 @@ from tests.integration.streams import (
     scored_or_empty,
     send,
     serve_champion,
+    speed_process,
     wait_for,
 )
 
@@ -49,18 +47,6 @@ USER_FEATURES = [n for n in FRAUD_SPEC.feature_names if not n.startswith("mercha
 def served(ray_cluster: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     """A champion model on the platform's Ray Serve, as app `model`."""
     yield from serve_champion(ray_cluster, tmp_path_factory.mktemp("bundles"))
-
-
-def cli_env(stream: Stream) -> dict[str, str]:
-    return {**os.environ, "LAMBDALAKE_DELTA_ROOT": stream.lakehouse.root,
-            "LAMBDALAKE_MODEL_NAME": stream.settings.model_name}
-
-
-def speed_process(stream: Stream, group: str, *extra: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [str(Path(sys.executable).parent / "lambdalake"), "speed", "run", "--topic", stream.topic,
-         "--group", group, "--max-batch", "200", *extra],
-        env=cli_env(stream), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def assert_exactly_once(stream: Stream) -> list[dict[str, Any]]:

@@ -187,6 +187,42 @@ def test_merged_views_are_exact_at_every_moment(setup: tuple[Lake, DuckEngine, l
     assert merged_states(engine) == recompute(arrived, everything)
 
 
+def windows(expected: dict[str, dict[tuple[Any, int], dict[str, int]]], view: Any) -> dict[Any, int]:
+    """Per entity, the count over the view's window ending at the entity's own newest bucket."""
+    ends: dict[Any, int] = {}
+    for entity, bucket in expected[view.name]:
+        ends[entity] = max(ends.get(entity, bucket), bucket)
+    out: dict[Any, int] = defaultdict(int)
+    for (entity, bucket), state in expected[view.name].items():
+        if bucket > ends[entity] - view.bucket_ms * view.window_buckets:
+            out[entity] += state["count"]
+    return dict(out)
+
+
+def merged_windows(engine: DuckEngine, view: Any) -> dict[Any, int]:
+    rows = engine.query(f"SELECT {view.entity}, count FROM merged.{view.name}", row_cap=10**6).table.to_pylist()
+    return {r[view.entity]: r["count"] for r in rows}
+
+
+def test_one_extreme_record_changes_no_other_entitys_window(setup: tuple[Lake, DuckEngine, list[Arrived]]) -> None:
+    """A valid event dated 9999-12-31 (or a day ahead) moves its own user's window only."""
+    written, engine, arrived = setup
+    written.publish_run(arrived, positions(arrived, 0.5))
+    written.score(between(arrived, positions(arrived, 0.5), positions(arrived, 1.0)))
+    engine.refresh()
+    before = {v.name: merged_windows(engine, v) for v in SPEC.views if v.windowed}
+    assert all(before.values())
+    last = arrived[-1]
+    extreme = dict(last.event, event_id="far-future", user_id="u-far", event_time=253402300799000)
+    written.score([Arrived(last.partition, last.offset + 1, extreme)])
+    engine.refresh()
+    for view in SPEC.views:
+        if view.windowed:
+            after = merged_windows(engine, view)
+            assert after.pop("u-far") == 1
+            assert after == before[view.name], view.name
+
+
 def test_other_groups_and_windows(setup: tuple[Lake, DuckEngine, list[Arrived]]) -> None:
     written, engine, arrived = setup
     b = positions(arrived, 0.5)
@@ -198,17 +234,14 @@ def test_other_groups_and_windows(setup: tuple[Lake, DuckEngine, list[Arrived]])
     expected = recompute(arrived, everything)
     assert merged_states(engine) == expected
 
-    # merged.user_10m: per user, the 10 one-minute buckets ending at the newest bucket
+    # merged.user_10m: per user, the 10 one-minute buckets ending at that user's newest bucket
     view = SPEC.view("user_10m")
-    end = max(bucket for _, bucket in expected["user_10m"])
-    window: dict[str, int] = defaultdict(int)
-    for (user, bucket), state in expected["user_10m"].items():
-        if bucket > end - view.bucket_ms * view.window_buckets:
-            window[user] += state["count"]
+    assert merged_windows(engine, view) == windows(expected, view)
     rows = engine.query("SELECT user_id, count, window_end_ms, events_per_minute FROM merged.user_10m",
                         row_cap=10**6).table.to_pylist()
-    assert {r["user_id"]: r["count"] for r in rows} == dict(window)
-    assert {r["window_end_ms"] for r in rows} == {end}
+    ends = {user: max(b for (u, b) in expected["user_10m"] if u == user) for user, _ in expected["user_10m"]}
+    assert {r["user_id"]: r["window_end_ms"] for r in rows} == ends
+    assert len(set(ends.values())) > 1  # users' windows end at different times
     assert all(r["events_per_minute"] == pytest.approx(r["count"] / 10) for r in rows)
 
     # merged.user_all: derived mean and std from the exact states
