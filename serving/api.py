@@ -17,7 +17,14 @@ would this event score now", the Kafka topic is where events are recorded.
 Every route under /v1 needs an API key (header X-API-Key) with the route's scope; every
 request is logged to `lambdalake.audit` (caller name, route, status, model version, never
 the key). Bad input gets a 4xx with a reason: 400 malformed JSON or bad SQL, 401/403 keys,
-404 unknown entity kind, 408 SQL timeout, 413 body too large, 422 an invalid event.
+404 unknown entity kind, 408 SQL timeout, 413 body too large, 422 an invalid event or SQL
+request. `RequestGuard` answers 401 before one byte of a body is read and 413 before a body
+over `max_body_bytes` is parsed; bodies are decoded by `lakehouse.safejson` (no nesting,
+number length or encoding can raise anything but a 4xx).
+
+SQL answers in JSON hold JSON values only (see `jsonable`): infinities and NaN are null (the
+Arrow format keeps them exactly), times are ISO-8601 text even where Python's `datetime`
+cannot hold them (DuckDB's years beyond 9999 or before 1, its ±infinity dates).
 """
 
 from __future__ import annotations
@@ -26,21 +33,28 @@ import asyncio
 import base64
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import date, datetime
+from datetime import time as dt_time
 from decimal import Decimal
 from typing import Any
 
+import pydantic
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, Field
+from starlette.datastructures import Headers
+from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lakehouse.errors import ValidationError
+from lakehouse.safejson import JsonLimits, JsonRefused, decode
 from lakehouse.spec import PlatformSpec
 from serving.auth import HEADER, ApiKeys, Caller
 from serving.duck import DuckEngine, SqlError, SqlTimeout
@@ -111,14 +125,20 @@ class _Metrics:
                                   registry=self.registry)
 
 
-class BodyTooLarge(Exception):
-    pass
+def _declared_length(headers: Headers) -> int | None:
+    """The Content-Length, None when absent; HTTPException(400) when it is not a number."""
+    declared = headers.get("content-length")
+    if declared is None:
+        return None
+    if not (declared.isascii() and declared.isdigit()):  # "²".isdigit() is True
+        raise HTTPException(400, f"Content-Length {declared[:40]!r} is not a number of bytes")
+    return int(declared)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refusing (413) more than `limit` bytes before reading them all."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    declared = _declared_length(request.headers)
+    if declared is not None and declared > limit:
         raise HTTPException(413, f"the body is {declared} bytes; at most {limit} are accepted")
     chunks, size = [], 0
     async for chunk in request.stream():
@@ -129,21 +149,204 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+class RequestGuard:
+    """Pure ASGI middleware in front of every route under `prefix`, run before any route
+    or body parsing: a request without a valid API key is answered 401 before one byte of
+    its body is read, and a body over `limit` bytes 413, on its Content-Length or as soon as
+    the streamed bytes pass it. Otherwise the body (at most `limit` bytes) is read here and
+    handed on unchanged. Scopes stay the routes' business (their dependency answers 403).
+
+    A refusal names the matched route in the ASGI scope, so metrics and the audit log count
+    it under its route, and the caller's name (never the key) in the scope's state."""
+
+    def __init__(self, app: ASGIApp, *, keys: ApiKeys, limit: int, routes: list[Any],
+                 prefix: str = "/v1") -> None:
+        self.app = app
+        self.keys = keys
+        self.limit = limit
+        self.routes = routes
+        self.prefix = prefix
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        if not (path == self.prefix or path.startswith(self.prefix + "/")):
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        caller = self.keys.caller(headers.get(HEADER))
+        if caller is None:
+            await self._refuse(scope, receive, send, 401,
+                               f"a valid API key is required in the {HEADER} header",
+                               {"WWW-Authenticate": "ApiKey"})
+            return
+        scope.setdefault("state", {})["caller"] = caller.name
+        try:
+            declared = _declared_length(headers)
+        except HTTPException as bad:
+            await self._refuse(scope, receive, send, bad.status_code, str(bad.detail))
+            return
+        if declared is not None and declared > self.limit:
+            await self._refuse(scope, receive, send, 413,
+                               f"the body is {declared} bytes; at most {self.limit} are accepted")
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the client left: nobody to answer
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                await self._refuse(scope, receive, send, 413, f"the body exceeds {self.limit} bytes")
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: the disconnect, when it comes
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, status: int, detail: str,
+                      headers: dict[str, str] | None = None) -> None:
+        matched = [route for route in self.routes if route.matches(scope)[0] != Match.NONE]
+        if matched:
+            scope["route"] = matched[0]
+        headers = dict(headers or {})
+        framing = Headers(scope=scope)
+        if framing.get("content-length", "0") != "0" or "transfer-encoding" in framing:
+            headers["Connection"] = "close"  # the unread body must not be taken for a request
+        await JSONResponse({"detail": detail}, status_code=status, headers=headers)(scope, receive, send)
+
+
+_INT_TEXT_BITS = 13_000  # ~3,900 digits: below Python's int → str conversion limit (4,300)
+
+
 def jsonable(value: Any) -> Any:
-    """A SQL value as JSON: exact integers stay integers, times become ISO-8601."""
+    """A SQL value as a JSON value, whatever it is (never raises):
+
+    - integers stay integers (exact integral decimals too); other decimals become text;
+    - NaN and ±infinity become null (JSON has none of them);
+    - dates, times and timestamps become ISO-8601 text, `bytes` base64, intervals
+      {"months", "days", "nanoseconds"}, maps lists of [key, value];
+    - anything else becomes its text."""
+    if value is None or isinstance(value, bool | str):
+        return value
+    if isinstance(value, int):
+        return value if value.bit_length() < _INT_TEXT_BITS else str(Decimal(value))
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
     if isinstance(value, Decimal):
-        return int(value) if value == value.to_integral_value() else str(value)
-    if isinstance(value, datetime | date):
+        if not value.is_finite():
+            return None
+        if value == value.to_integral_value() and value.adjusted() < 3_900:
+            return int(value)
+        return str(value)
+    if isinstance(value, datetime | date | dt_time):
         return value.isoformat()
     if isinstance(value, bytes):
         return base64.b64encode(value).decode()
-    if isinstance(value, float) and value != value:
-        return None
     if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
+        return {str(jsonable(k)): jsonable(v) for k, v in value.items()}
+    names = getattr(value, "__match_args__", None) if isinstance(value, tuple) else None
+    if names:  # a named tuple or struct sequence: pyarrow's MonthDayNano interval
+        return {str(k): jsonable(v) for k, v in zip(names, value, strict=False)}
     if isinstance(value, list | tuple):
         return [jsonable(v) for v in value]
-    return value
+    return str(value)
+
+
+def json_rows(table: Any) -> list[dict[str, Any]]:
+    """An Arrow table's rows as JSON objects (see `jsonable`), column by column. A column
+    that Python cannot read at once (a date beyond year 9999, invalid UTF-8) is read value by
+    value, and only the values Python cannot hold are written from their Arrow storage."""
+    columns = []
+    for column in table.columns:
+        try:
+            values = column.to_pylist()
+        except (OverflowError, ValueError):
+            values = [_python_value(scalar) for scalar in column]
+        columns.append([jsonable(v) for v in values])
+    if not columns:
+        return [{} for _ in range(table.num_rows)]
+    return [dict(zip(table.column_names, row, strict=True)) for row in zip(*columns, strict=True)]
+
+
+_DATE_INFINITY = 2**31 - 1  # DuckDB's ±infinity dates (days) and timestamps, as Arrow holds them
+_TIMESTAMP_INFINITY = 2**63 - 1
+_UNITS_PER_SECOND = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
+
+
+def _python_value(scalar: Any) -> Any:
+    """One Arrow value as Python, where `as_py` cannot make it (never raises)."""
+    import pyarrow as pa
+
+    try:
+        return scalar.as_py()
+    except (OverflowError, ValueError):
+        pass
+    kind = scalar.type
+    try:
+        if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+            return [_python_value(v) for v in scalar.values]
+        if pa.types.is_map(kind):
+            return [[_python_value(pair[0]), _python_value(pair[1])] for pair in scalar.values]
+        if pa.types.is_struct(kind):
+            return {kind.field(i).name: _python_value(scalar[i]) for i in range(kind.num_fields)}
+        if pa.types.is_union(kind) or pa.types.is_dictionary(kind):
+            return _python_value(scalar.value)
+        if pa.types.is_date32(kind):
+            days = scalar.cast(pa.int32()).as_py()
+            return _infinite(days, _DATE_INFINITY) or _iso_date(days)
+        if pa.types.is_date64(kind):
+            return _iso_date(scalar.cast(pa.int64()).as_py() // 86_400_000)
+        if pa.types.is_timestamp(kind):
+            return _iso_timestamp(scalar.cast(pa.int64()).as_py(), kind.unit, kind.tz is not None)
+        if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+            return scalar.cast(pa.binary()).as_py().decode("utf-8", "replace")
+    except (pa.ArrowException, OverflowError, ValueError):
+        pass
+    return None
+
+
+def _infinite(raw: int, infinity: int) -> str | None:
+    return "infinity" if raw == infinity else "-infinity" if raw == -infinity else None
+
+
+def _iso_date(days: int) -> str:
+    """Days since 1970-01-01 as ISO-8601 (proleptic Gregorian, astronomical years: year 0 is
+    1 BC), for any number of days (Howard Hinnant's `civil_from_days`)."""
+    z = days + 719_468
+    era = z // 146_097
+    doe = z - era * 146_097
+    yoe = (doe - doe // 1460 + doe // 36_524 - doe // 146_096) // 365
+    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    mp = (5 * doy + 2) // 153
+    day = doy - (153 * mp + 2) // 5 + 1
+    month = mp + 3 if mp < 10 else mp - 9
+    year = yoe + era * 400 + (month <= 2)
+    return f"{'-' if year < 0 else ''}{abs(year):04d}-{month:02d}-{day:02d}"
+
+
+def _iso_timestamp(raw: int, unit: str, utc: bool) -> str:
+    infinite = _infinite(raw, _TIMESTAMP_INFINITY)
+    if infinite:
+        return infinite
+    per_second = _UNITS_PER_SECOND[unit]
+    seconds, fraction = divmod(raw, per_second)
+    days, second_of_day = divmod(seconds, 86_400)
+    hours, rest = divmod(second_of_day, 3600)
+    text = f"{_iso_date(days)}T{hours:02d}:{rest // 60:02d}:{rest % 60:02d}"
+    if fraction:
+        text += "." + str(fraction).rjust(len(str(per_second)) - 1, "0")
+    return text + ("+00:00" if utc else "")  # a zoned timestamp is an instant: written in UTC
 
 
 def event_schema(spec: PlatformSpec) -> dict[str, Any]:
@@ -206,6 +409,17 @@ def create_app(serving: Serving) -> FastAPI:
                   lifespan=lifespan)
     key_header = APIKeyHeader(name=HEADER, auto_error=False,
                               description="An API key; its scopes name the routes it may call.")
+    # added before `observe`, so inside it: its refusals are counted and audited too
+    app.add_middleware(RequestGuard, keys=serving.keys, limit=config.max_body_bytes, routes=app.router.routes)
+    json_limits = JsonLimits(max_bytes=max(2, config.max_body_bytes))
+
+    def decode_body(raw: bytes) -> Any:
+        """The body as JSON; 413 when too large, 400 with the rule it breaks otherwise."""
+        try:
+            return decode(raw, json_limits)
+        except JsonRefused as refused:
+            raise HTTPException(413 if refused.rule == "too_large" else 400,
+                                f"the body is not acceptable JSON: {refused}") from None
 
     def needs(scope: str) -> Callable[..., Awaitable[Caller]]:
         async def check(request: Request, key: str | None = Depends(key_header)) -> Caller:
@@ -299,11 +513,7 @@ def create_app(serving: Serving) -> FastAPI:
     @app.post("/v1/predict/batch", openapi_extra=batch_body, tags=["predict"],
               summary="Score many events")
     async def predict_batch(request: Request, caller: Caller = Depends(needs("predict"))) -> dict[str, Any]:
-        body = await read_body(request, config.max_body_bytes)
-        try:
-            document = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise HTTPException(400, f"the body is not JSON: {exc}") from None
+        document = decode_body(await read_body(request, config.max_body_bytes))
         items = document.get("events") if isinstance(document, dict) else None
         if not isinstance(items, list) or not items:
             raise HTTPException(422, "expected {\"events\": [event, ...]} with at least one event")
@@ -336,11 +546,22 @@ def create_app(serving: Serving) -> FastAPI:
                 "defaults": [n for n, row in views.items() if not row], "views": out,
                 **engine.snapshot.to_json()}
 
-    @app.post("/v1/sql", tags=["sql"], summary="A read-only SELECT over the merged views and tables",
+    sql_body = {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": SqlRequest.model_json_schema()}}}}
+
+    @app.post("/v1/sql", openapi_extra=sql_body, tags=["sql"],
+              summary="A read-only SELECT over the merged views and tables",
               responses={200: {"content": {ARROW_STREAM: {}}}})
-    async def sql(body: SqlRequest, request: Request, caller: Caller = Depends(needs("sql"))) -> Response:
+    async def sql(request: Request, caller: Caller = Depends(needs("sql"))) -> Response:
         import pyarrow as pa
 
+        # read and validated here, after the key and size checks, not by FastAPI before them
+        document = decode_body(await read_body(request, config.max_body_bytes))
+        try:
+            body = SqlRequest.model_validate(document)
+        except pydantic.ValidationError as invalid:
+            raise HTTPException(422, [{**error, "loc": ["body", *error["loc"]]} for error in invalid.errors(
+                include_url=False, include_context=False, include_input=False)]) from None
         cap = min(body.max_rows or config.sql_row_cap, config.sql_row_cap)
         try:
             result = await asyncio.to_thread(engine.query, body.query, row_cap=cap,
@@ -356,7 +577,7 @@ def create_app(serving: Serving) -> FastAPI:
             with pa.ipc.new_stream(sink, result.table.schema) as writer:
                 writer.write_table(result.table)
             return Response(sink.getvalue().to_pybytes(), media_type=ARROW_STREAM, headers=headers)
-        rows = [jsonable(r) for r in result.table.to_pylist()]
+        rows = json_rows(result.table)
         return JSONResponse({
             "columns": [{"name": f.name, "type": str(f.type)} for f in result.table.schema],
             "rows": rows, "row_count": len(rows), "truncated": result.truncated,

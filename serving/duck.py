@@ -16,14 +16,25 @@ DuckDB database, in one transaction, so a reader sees either the old or the new 
 User SQL is checked and then run under a locked configuration: one SELECT statement; no
 file, network or extension access (`enable_external_access=false`); a row cap and a timeout.
 DuckDB needs no extension for any of this: nothing is downloaded.
+
+The check reads the query's parsed form (DuckDB's `json_serialize_sql`), not its text: a
+table function must be one of `TABLE_FUNCTIONS` (values only: no file, catalog, settings or
+SQL-running function answers), a scalar function must not reveal settings, variables or
+secrets (`REFUSED_FUNCTIONS`), and a relation must be ours or `information_schema`'s (no
+system catalog view such as `duckdb_databases` or `pg_settings`, no file name). DuckDB lets
+even a locked connection read its temp directory, so each engine has a private one outside
+the working directory (removed on close) that no query can learn the name of.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
+import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +59,16 @@ from serving.views import (
 log = logging.getLogger("lambdalake.serving")
 
 SCHEMAS = ("gold", "batch", "speed", "merged", "bronze", "silver", "quarantine", "training", "serving")
+
+# Table functions a query may call: they make or reshape values and read nothing else.
+TABLE_FUNCTIONS = frozenset({"range", "generate_series", "unnest", "json_each", "json_tree"})
+# Scalar functions that reveal the engine's settings, environment, variables or secrets.
+REFUSED_FUNCTIONS = frozenset({"current_setting", "getenv", "getvariable", "which_secret"})
+# Name prefixes of DuckDB's catalog, settings and file functions and of system catalog views
+# (duckdb_settings, pragma_database_list, read_text, pg_settings, ...), refused as any kind
+# of call or relation, including those of a future DuckDB.
+REFUSED_PREFIXES = ("duckdb_", "pragma_", "read_", "parquet_", "sniff_", "pg_", "sqlite_")
+_FILE_NAME_CHARACTERS = frozenset("/\\.:*?~")
 
 
 class SqlError(PlatformError):
@@ -123,8 +144,11 @@ class DuckEngine:
         self.group = group
         self.topic = topic or spec.events.topic
         self.partitions = partitions
+        # DuckDB may always read its temp directory (default `.tmp` in the working directory)
+        temp_directory = tempfile.mkdtemp(prefix="lambdalake-duckdb-")
+        self._remove_temp_directory = weakref.finalize(self, shutil.rmtree, temp_directory, True)
         self._db = duckdb.connect(":memory:", config={
-            "threads": threads, "memory_limit": memory_limit,
+            "threads": threads, "memory_limit": memory_limit, "temp_directory": temp_directory,
             "autoinstall_known_extensions": False, "autoload_known_extensions": False})
         self._lock = threading.Lock()  # one refresh at a time
         self._local = threading.local()
@@ -345,11 +369,14 @@ class DuckEngine:
         return out
 
     def close(self) -> None:
+        """Close the database and remove its temp directory."""
         self._db.close()
+        self._remove_temp_directory()
 
 
 def check_select(cursor: Any, sql: str) -> str:
-    """The query text if it is exactly one SELECT statement; SqlError saying why not."""
+    """The query text if it is exactly one SELECT statement calling only allowed functions
+    over allowed relations (see the module docstring); SqlError saying why not."""
     import duckdb
 
     text = sql.strip().rstrip(";").strip()
@@ -364,4 +391,49 @@ def check_select(cursor: Any, sql: str) -> str:
     kind = statements[0].type
     if kind != duckdb.StatementType.SELECT:
         raise SqlError(f"only SELECT queries are allowed, got {kind.name}: the views are read-only")
+    check_calls(cursor, text)
     return text
+
+
+def check_calls(cursor: Any, text: str) -> None:
+    """SqlError naming the first function or relation of one SELECT that is not allowed."""
+    import duckdb
+
+    try:
+        serialized = cursor.execute("SELECT json_serialize_sql(?)", [text]).fetchall()[0][0]
+        tree = json.loads(serialized)
+    except (duckdb.Error, RecursionError, ValueError) as exc:
+        raise SqlError(f"the query cannot be checked: {type(exc).__name__}") from None
+    if tree.get("error"):
+        raise SqlError(f"the query cannot be checked: {tree.get('error_message', 'unknown error')}")
+    # iterative: a query's tree can be deeper than Python's recursion limit
+    stack: list[Any] = [tree["statements"]]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        kind = node.get("type")
+        if kind == "TABLE_FUNCTION":
+            name = str((node.get("function") or {}).get("function_name", "")).lower()
+            if name not in TABLE_FUNCTIONS:
+                raise SqlError(f"the table function {name}() is not allowed; table functions allowed: "
+                               f"{', '.join(sorted(TABLE_FUNCTIONS))}")
+        elif kind == "BASE_TABLE":
+            _check_relation(str(node.get("schema_name", "")).lower(), str(node.get("table_name", "")))
+        elif node.get("class") == "FUNCTION":
+            name = str(node.get("function_name", "")).lower()
+            if name in REFUSED_FUNCTIONS or name.startswith(REFUSED_PREFIXES):
+                raise SqlError(f"the function {name}() is not allowed: it reveals the server's "
+                               "settings, files or secrets")
+        stack.extend(node.values())
+
+
+def _check_relation(schema: str, name: str) -> None:
+    if _FILE_NAME_CHARACTERS & set(name):
+        raise SqlError(f"reading the file {name!r} is not allowed: query the lakehouse's relations")
+    if schema == "pg_catalog" or name.lower().startswith(REFUSED_PREFIXES):
+        raise SqlError(f"the system relation {name} is not allowed; information_schema.tables and "
+                       "information_schema.columns describe the relations")
