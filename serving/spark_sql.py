@@ -7,7 +7,12 @@ filters the scored events of one consumer group by the run's boundary, and the `
 views are `serving/views.py`'s SQL, unchanged but for identifier quoting.
 
 User queries are parsed as queries only (`parseQuery`: no DDL, DML, SET or CACHE) and run
-with `spark.sql.runSQLOnFiles=false`, so ``csv.`/path` `` and the like cannot read files.
+with `spark.sql.runSQLOnFiles=false`, so ``csv.`/path` `` and the like cannot read files, and
+`spark.sql.variable.substitute=false`, so `${env:...}` or `${spark...}` in a query stays text
+(the parser would otherwise put environment variables and settings in it). Their analyzed
+plan, which is what runs, must call no Java method (`reflect`, `java_method`, `try_reflect`,
+by any name, `IDENTIFIER(...)` included) and run no program (`TRANSFORM ... USING`); the
+bodies of our own views are not searched. Both settings are the session's again afterwards.
 """
 
 from __future__ import annotations
@@ -27,6 +32,13 @@ if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
 HIDDEN = "lake_tables"
+
+# Catalyst classes (simple names) a served query must not contain, and why
+REFUSED_NODES = {
+    "CallMethodViaReflection": "reflect/java_method/try_reflect (calls any Java method)",
+    "ScriptTransformation": "TRANSFORM ... USING (runs a program on the server)",
+}
+_QUERY_SETTINGS = {"spark.sql.runSQLOnFiles": "false", "spark.sql.variable.substitute": "false"}
 
 
 def _q(name: str) -> str:
@@ -61,12 +73,19 @@ class SparkEngine:
 
     def register(self) -> Snapshot:
         """(Re)create every relation at the latest published run and scored events."""
+        previous = self.spark.conf.get("spark.sql.runSQLOnFiles")
+        self.spark.conf.set("spark.sql.runSQLOnFiles", "true")
+        try:
+            return self._register()
+        finally:  # whatever failed: user queries must not find files readable
+            self.spark.conf.set("spark.sql.runSQLOnFiles", previous)
+
+    def _register(self) -> Snapshot:
         from deltalake import DeltaTable
 
         from speed import lake as speed_lake
 
         spark, spec, lake = self.spark, self.spec, self.lakehouse
-        spark.conf.set("spark.sql.runSQLOnFiles", "true")
         for schema in (HIDDEN, "gold", "batch", "speed", "merged", "bronze", "silver", "quarantine",
                        "training", "serving"):
             spark.sql(f"CREATE DATABASE IF NOT EXISTS {schema}")
@@ -108,7 +127,6 @@ class SparkEngine:
             hidden = self._table(name, path)
             if hidden is not None:
                 spark.sql(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM {hidden}")
-        spark.conf.set("spark.sql.runSQLOnFiles", "false")
         coverage, scored_version = dict(boundary), None
         if scored is not None:
             table = DeltaTable(lake.scored_events)
@@ -131,15 +149,48 @@ class SparkEngine:
         text = sql.strip().rstrip(";").strip()
         if not text:
             raise SqlError("the query is empty: send one SELECT statement")
+        conf = self.spark.conf
+        previous = {name: conf.get(name) for name in _QUERY_SETTINGS}
+        for name, value in _QUERY_SETTINGS.items():
+            conf.set(name, value)
         try:
-            self.spark._jsparkSession.sessionState().sqlParser().parseQuery(text)
-        except (PySparkException, Py4JJavaError) as exc:  # pyspark converts ParseException
-            first = next((line for line in str(exc).splitlines() if line.strip()), "")
-            raise SqlError(f"only one SELECT query is allowed (the views are read-only): {first}") from None
-        try:
-            frame = self.spark.sql(f"SELECT * FROM (\n{text}\n) AS q LIMIT {row_cap + 1}")
-            table: Any = frame.toArrow()
-        except (PySparkException, Py4JJavaError) as exc:
-            raise SqlError(str(exc).splitlines()[0]) from None
+            try:
+                self.spark._jsparkSession.sessionState().sqlParser().parseQuery(text)
+            except (PySparkException, Py4JJavaError) as exc:  # pyspark converts ParseException
+                first = next((line for line in str(exc).splitlines() if line.strip()), "")
+                raise SqlError(f"only one SELECT query is allowed (the views are read-only): {first}") from None
+            try:
+                frame = self.spark.sql(f"SELECT * FROM (\n{text}\n) AS q LIMIT {row_cap + 1}")
+                self._check_plan(frame._jdf.queryExecution().analyzed())
+                table: Any = frame.toArrow()
+            except (PySparkException, Py4JJavaError) as exc:
+                raise SqlError(str(exc).splitlines()[0]) from None
+        finally:
+            for name, value in previous.items():
+                conf.set(name, value)
         truncated = table.num_rows > row_cap
         return (table.slice(0, row_cap) if truncated else table), truncated
+
+    def _check_plan(self, plan: Any) -> None:
+        """SqlError when an analyzed plan holds a node of `REFUSED_NODES`: every operator,
+        expression and subquery is searched, except inside our own views (`View`)."""
+        jvm = self.spark._jvm
+        query_plan = jvm.java.lang.Class.forName("org.apache.spark.sql.catalyst.plans.QueryPlan")
+        plan_expression = jvm.java.lang.Class.forName("org.apache.spark.sql.catalyst.expressions.PlanExpression")
+        stack = [plan]
+        while stack:
+            node = stack.pop()
+            name = node.getClass().getSimpleName()
+            if name in REFUSED_NODES:
+                raise SqlError(f"{REFUSED_NODES[name]} is not allowed in served queries")
+            if name == "View":
+                continue
+            nested = [node.children()]
+            if query_plan.isInstance(node):
+                nested.append(node.expressions())
+            for seq in nested:
+                items = seq.iterator()
+                while items.hasNext():
+                    stack.append(items.next())
+            if plan_expression.isInstance(node):  # a subquery: its plan is not a child
+                stack.append(node.plan())

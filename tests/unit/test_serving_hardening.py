@@ -374,3 +374,69 @@ def test_the_temp_directory_is_private_and_removed_on_close(tmp_path: Path, monk
     raw.close()
     engine.close()
     assert not temp.exists()
+
+
+# ------------------------------------------------------------------ item 10: Spark SQL
+@pytest.fixture(scope="module")
+def spark(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A bare local Spark session: the checks need Spark's parser and analyzer, no jars."""
+    from pyspark.sql import SparkSession
+
+    session = (SparkSession.builder.master("local[1]").appName("serving-hardening")
+               .config("spark.ui.enabled", "false").config("spark.driver.memory", "512m")
+               .config("spark.sql.warehouse.dir", str(tmp_path_factory.mktemp("warehouse")))
+               .getOrCreate())
+    yield session
+    session.stop()
+
+
+@pytest.fixture()
+def spark_engine(spark: Any, tmp_path: Path) -> Any:
+    from serving.spark_sql import SparkEngine
+
+    return SparkEngine(spark, SPEC, Lakehouse(str(tmp_path / "delta")), group="hardening")
+
+
+SPARK_REFUSED = [
+    ("SELECT reflect('java.lang.System', 'getProperty', 'user.home') AS h", "reflect"),
+    ("SELECT REFLECT('java.lang.System', 'getProperty', 'user.home') AS h", "reflect"),
+    ("SELECT `reflect`('java.lang.System', 'getProperty', 'user.home') AS h", "reflect"),
+    ("SELECT java_method('java.lang.System', 'getProperty', 'user.home') AS h", "reflect"),
+    ("SELECT try_reflect('java.lang.System', 'getProperty', 'user.home') AS h", "reflect"),
+    ("SELECT IDENTIFIER('ref' || 'lect')('java.lang.System', 'getProperty', 'user.home') AS h", "reflect"),
+    ("WITH c AS (SELECT reflect('java.lang.System', 'getProperty', 'user.home') AS h) SELECT * FROM c", "reflect"),
+    ("SELECT (SELECT java_method('java.lang.System', 'getProperty', 'user.home')) AS h", "reflect"),
+    ("SELECT id FROM range(1) WHERE EXISTS (SELECT reflect('java.lang.System', 'getProperty', 'x'))", "reflect"),
+    ("SELECT TRANSFORM(id) USING 'cat' AS (x) FROM range(1)", "TRANSFORM"),
+    ("SELECT * FROM (SELECT TRANSFORM(1) USING 'cat' AS (x)) t", "TRANSFORM"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("query", "name"), SPARK_REFUSED, ids=[q for q, _ in SPARK_REFUSED])
+def test_spark_refuses_reflection_and_script_transforms(spark_engine: Any, query: str, name: str) -> None:
+    with pytest.raises(SqlError, match="not allowed") as refused:
+        spark_engine.query(query)
+    assert name in str(refused.value)
+
+
+@pytest.mark.slow
+def test_spark_reads_no_file_and_substitutes_no_variable(spark: Any, spark_engine: Any) -> None:
+    spark.conf.set("spark.sql.runSQLOnFiles", "true")  # Spark's default, before any register()
+    with pytest.raises(SqlError):
+        spark_engine.query("SELECT * FROM text.`/etc/hostname`")
+    assert spark.conf.get("spark.sql.runSQLOnFiles") == "true"  # the session's own setting, kept
+    # `${env:...}` and `${spark...}` would otherwise be replaced in the query text by the parser
+    table, _ = spark_engine.query("SELECT '${env:HOME}' AS home, '${spark.sql.warehouse.dir}' AS w")
+    assert table.to_pylist() == [{"home": "${env:HOME}", "w": "${spark.sql.warehouse.dir}"}]
+    table, truncated = spark_engine.query("SELECT id FROM range(5)", row_cap=3)
+    assert table.column("id").to_pylist() == [0, 1, 2] and truncated
+
+
+@pytest.mark.slow
+def test_spark_register_restores_run_sql_on_files_when_it_fails(spark: Any, spark_engine: Any) -> None:
+    spark.conf.set("spark.sql.runSQLOnFiles", "false")
+    # a bare session has no Delta classes: register() fails part-way, after switching the setting
+    with pytest.raises(Exception):  # noqa: B017 - any failure will do, the setting is the point
+        spark_engine.register()
+    assert spark.conf.get("spark.sql.runSQLOnFiles") == "false"
