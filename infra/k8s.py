@@ -5,9 +5,9 @@ are refused, as `kubectl apply` (strict field validation) refuses them:
 - core kinds (Deployment, Service, ConfigMap, ...) against the Kubernetes API's own JSON
   schemas for `KUBERNETES_VERSION`, shipped by the `kubernetes-validate` package;
 - custom resources against the `openAPIV3Schema` of their operator's CRD at a pinned
-  release: Strimzi (Kafka, KafkaNodePool, KafkaTopic), the Kubeflow Spark operator
-  (SparkApplication) and KubeRay (RayService). `ensure_crds` fetches the CRDs once from
-  Maven Central (Strimzi's `api` test jar) and the Go module proxy (the operators' Go
+  release: Strimzi (Kafka, KafkaNodePool, KafkaTopic, KafkaUser), the Kubeflow Spark
+  operator (SparkApplication) and KubeRay (RayCluster; 1.6 for `authOptions.secretName`).
+  `ensure_crds` fetches the CRDs once from Maven Central (Strimzi's `api` test jar) and the Go module proxy (the operators' Go
   modules) into `<state_dir>/k8s-crds`.
 
 Then the parts our own code reads are checked the way our code reads them:
@@ -18,6 +18,12 @@ Then the parts our own code reads are checked the way our code reads them:
 - a `*-values.yaml` file is Helm values for the official Airflow chart: each `config`
   section and option, and each `AIRFLOW__SECTION__OPTION` variable, is one Airflow itself
   defines (its `config.yml`), and the executor is one of Airflow's own.
+
+Then the platform's security policy (`policy_problems`, a function per rule): the private
+model-signing key only where training runs; no Service exposes Ray's dashboard or client
+port and Ray's token authentication is on, for the cluster and its clients; MLflow runs
+with basic-auth and its admin from a Secret; every Kafka listener authenticates; each
+namespace has a default-deny NetworkPolicy and every pod a policy that selects it.
 
 `lambdalake k8s-check [DIR]` runs all of this; tests/unit/test_k8s_manifests.py too.
 """
@@ -59,7 +65,7 @@ CRD_SOURCES = (
     CrdSource("strimzi", "maven", "io.strimzi:api:0.51.0:jar:tests", "crds/v1"),
     CrdSource("spark-operator", "go", "github.com/kubeflow/spark-operator/v2@v2.5.0",
               "config/crd/bases"),
-    CrdSource("kuberay", "go", "github.com/ray-project/kuberay/ray-operator@v1.5.0",
+    CrdSource("kuberay", "go", "github.com/ray-project/kuberay/ray-operator@v1.6.2",
               "config/crd/bases"),
 )
 
@@ -370,4 +376,354 @@ def check_manifests(directory: Path = MANIFESTS_DIR, *, crds_dir: Path) -> list[
                 env.update(lambdalake_env(doc))
     for where, message in settings_problems(env):
         problems.append(Problem(str(directory.name), "LAMBDALAKE_* settings", where, message))
+    if not any(p.message.startswith("not YAML") for p in problems):
+        problems += policy_problems(load_manifests(directory))
     return problems
+
+
+# --- the platform's security policy ---------------------------------------------------------
+
+SIGNING_KEY_SECRET = "lambdalake-model-signing-key"  # the private key: training only
+VERIFY_KEY_SECRET = "lambdalake-model-verify-key"  # the public key: scorers and training
+
+
+def load_manifests(directory: Path = MANIFESTS_DIR) -> dict[str, list[Any]]:
+    """File name → its YAML documents (a values file: one document, the values)."""
+    import yaml
+
+    return {path.name: [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+            for path in sorted(directory.glob("*.yaml"))}
+
+
+RAY_TOKEN_SECRET_KEY = "auth_token"  # the key KubeRay reads in authOptions.secretName
+RAY_PRIVATE_PORTS = {8265: "dashboard", 10001: "client"}  # arbitrary code for whoever reaches them
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+_WORKLOAD_TEMPLATES = {"Deployment": ("spec", "template"), "StatefulSet": ("spec", "template"),
+                       "DaemonSet": ("spec", "template"), "ReplicaSet": ("spec", "template"),
+                       "Job": ("spec", "template"), "CronJob": ("spec", "jobTemplate", "spec", "template")}
+
+
+@dataclass(frozen=True)
+class Pods:
+    """The pods one object makes (as far as the manifests say): where, labelled how."""
+
+    file: str
+    obj: str
+    path: tuple[Any, ...]  # to the pod template (or the SparkApplication's driver/executor)
+    namespace: str
+    labels: dict[str, str]
+    spec: dict[str, Any]  # the pod spec (containers, volumes), or the Spark pod section
+
+
+def _at(doc: Any, *path: Any) -> Any:
+    for part in path:
+        if isinstance(doc, dict):
+            doc = doc.get(part)
+        elif isinstance(doc, list) and isinstance(part, int) and part < len(doc):
+            doc = doc[part]
+        else:
+            return None
+    return doc
+
+
+def _ray_cluster_spec(doc: dict[str, Any]) -> tuple[tuple[str, ...], dict[str, Any]] | None:
+    if doc.get("kind") == "RayCluster":
+        return ("spec",), doc.get("spec") or {}
+    if doc.get("kind") == "RayService":
+        return ("spec", "rayClusterConfig"), _at(doc, "spec", "rayClusterConfig") or {}
+    return None
+
+
+def _kube_objects(manifests: dict[str, list[Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for file, docs in manifests.items():
+        if not file.endswith("-values.yaml"):
+            yield from ((file, d) for d in docs if isinstance(d, dict) and "kind" in d)
+
+
+def _airflow_values(manifests: dict[str, list[Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for file, docs in manifests.items():
+        if file.endswith("-values.yaml") and docs and isinstance(docs[0], dict):
+            yield file, docs[0]
+
+
+AIRFLOW_VALUES = "Airflow chart values"
+# the official chart's pods (labels tier=airflow, component=...); `workers` are the task pods
+_AIRFLOW_COMPONENTS = ("scheduler", "api-server", "dag-processor", "triggerer", "statsd", "worker")
+
+
+def pods(manifests: dict[str, list[Any]]) -> list[Pods]:
+    """Every group of pods the manifests make, with the labels their pods will carry."""
+    found: list[Pods] = []
+    for file, doc in _kube_objects(manifests):
+        kind, name = doc["kind"], (doc.get("metadata") or {}).get("name", "?")
+        namespace = (doc.get("metadata") or {}).get("namespace", "default")
+        obj = f"{kind}/{name}"
+        if kind in _WORKLOAD_TEMPLATES:
+            path = _WORKLOAD_TEMPLATES[kind]
+            template = _at(doc, *path) or {}
+            found.append(Pods(file, obj, path, namespace, dict(_at(template, "metadata", "labels") or {}),
+                              template.get("spec") or {}))
+        elif (ray := _ray_cluster_spec(doc)) is not None:
+            prefix, spec = ray
+            groups = [(("headGroupSpec",), "head")] + [
+                (("workerGroupSpecs", i), "worker") for i in range(len(spec.get("workerGroupSpecs") or []))]
+            for where, node_type in groups:
+                template = _at(spec, *where, "template") or {}
+                labels = {**(_at(template, "metadata", "labels") or {}), "ray.io/node-type": node_type}
+                found.append(Pods(file, obj, (*prefix, *where, "template"), namespace, labels,
+                                  template.get("spec") or {}))
+        elif kind == "SparkApplication":
+            for role in ("driver", "executor"):
+                section = _at(doc, "spec", role) or {}
+                labels = {**(section.get("labels") or {}), "spark-role": role,
+                          "sparkoperator.k8s.io/app-name": name}
+                found.append(Pods(file, obj, ("spec", role), namespace, labels, section))
+        elif kind == "Kafka":  # Strimzi's pods: the node pools' brokers and the entity operator
+            labels = {"strimzi.io/cluster": name, "strimzi.io/kind": "Kafka"}
+            found.append(Pods(file, obj, (), namespace, {**labels, "strimzi.io/name": f"{name}-kafka"}, {}))
+            if (doc.get("spec") or {}).get("entityOperator") is not None:
+                found.append(Pods(file, obj, ("spec", "entityOperator"), namespace,
+                                  {**labels, "strimzi.io/name": f"{name}-entity-operator"}, {}))
+    for file, values in _airflow_values(manifests):
+        namespace = _namespace_of(manifests)
+        for component in _AIRFLOW_COMPONENTS:
+            section = "workers" if component == "worker" else component
+            found.append(Pods(file, AIRFLOW_VALUES, (section,), namespace,
+                              {"tier": "airflow", "component": component}, values.get(section) or {}))
+        if (values.get("postgresql") or {}).get("enabled"):
+            found.append(Pods(file, AIRFLOW_VALUES, ("postgresql",), namespace,
+                              {"app.kubernetes.io/name": "postgresql"}, {}))
+    return found
+
+
+def _namespace_of(manifests: dict[str, list[Any]]) -> str:
+    """The namespace the manifests create (where the chart is installed, `-n` in its header)."""
+    names = [d["metadata"]["name"] for _, d in _kube_objects(manifests) if d["kind"] == "Namespace"]
+    return names[0] if names else "default"
+
+
+def _secret_refs(node: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...], str]]:
+    """(path, Secret name) for each reference to a Secret: a volume, a projected source, an
+    envFrom secretRef, an env secretKeyRef."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "secretName" and isinstance(value, str):
+                yield (*path, key), value
+            elif key in ("secretRef", "secretKeyRef", "secret") and isinstance(value, dict) \
+                    and isinstance(value.get("name"), str):
+                yield (*path, key, "name"), value["name"]
+            elif key == "extraEnvFrom" and isinstance(value, str):  # chart values: a YAML string
+                import yaml
+
+                yield from _secret_refs(yaml.safe_load(value), (*path, key))
+            else:
+                yield from _secret_refs(value, (*path, key))
+    elif isinstance(node, list):
+        for index, item in enumerate(node):
+            yield from _secret_refs(item, (*path, index))
+
+
+def private_key_problems(manifests: dict[str, list[Any]]) -> Iterator[Problem]:
+    """The private signing key is referenced only where training runs: the SparkApplication
+    (the batch job, which trains and signs) and Airflow's task pods (`workers.*`)."""
+    message = (f"references the private model-signing key (Secret {SIGNING_KEY_SECRET}), which only "
+               f"training may hold (the SparkApplication, Airflow's task pods under workers.*): "
+               f"mount {VERIFY_KEY_SECRET} (the public key) instead")
+    for file, doc in _kube_objects(manifests):
+        if doc["kind"] != "SparkApplication":
+            for path, name in _secret_refs(doc.get("spec"), ("spec",)):
+                if name == SIGNING_KEY_SECRET:
+                    yield Problem(file, _object_name(doc), _dotted(path), message)
+    for file, values in _airflow_values(manifests):
+        for path, name in _secret_refs(values):
+            if name == SIGNING_KEY_SECRET and path[0] != "workers":
+                yield Problem(file, AIRFLOW_VALUES, _dotted(path), message)
+
+
+def ray_port_problems(manifests: dict[str, list[Any]]) -> Iterator[Problem]:
+    """No Service exposes Ray's dashboard or client port, and the dashboard listens on the
+    head pod's loopback only. KubeRay builds the head Service from the head container's
+    ports (its defaults, dashboard and client included, when there are none)."""
+    for file, doc in _kube_objects(manifests):
+        obj = _object_name(doc)
+        if (ray := _ray_cluster_spec(doc)) is not None:
+            prefix, spec = ray
+            head = (*prefix, "headGroupSpec")
+            container = (*head, "template", "spec", "containers", 0)
+            ports = _at(doc, *container, "ports")
+            if not ports:
+                yield Problem(file, obj, _dotted((*container, "ports")),
+                              "no ports on the head container: KubeRay then gives the head Service "
+                              "its defaults, which include the dashboard (8265) and client (10001) "
+                              "ports; list only gcs-server (6379)")
+            for index, port in enumerate(ports or []):
+                number = port.get("containerPort")
+                label = RAY_PRIVATE_PORTS.get(number) or (
+                    port.get("name") if port.get("name") in RAY_PRIVATE_PORTS.values() else None)
+                if label:
+                    yield Problem(file, obj, _dotted((*container, "ports", index)),
+                                  f"Ray's {label} port ({number}) on the head container: KubeRay "
+                                  f"puts every head container port into the head Service; remove it")
+            host = str((_at(doc, *head, "rayStartParams") or {}).get("dashboard-host", "0.0.0.0"))
+            if host not in _LOOPBACK:
+                yield Problem(file, obj, _dotted((*head, "rayStartParams", "dashboard-host")),
+                              f"the dashboard listens on {host!r}: bind it to 127.0.0.1 "
+                              f"(KubeRay's default is 0.0.0.0)")
+        elif doc["kind"] == "Service":
+            for index, port in enumerate(_at(doc, "spec", "ports") or []):
+                for value in (port.get("port"), port.get("targetPort")):
+                    label = RAY_PRIVATE_PORTS.get(value) or (
+                        value if value in RAY_PRIVATE_PORTS.values() else None)
+                    if label:
+                        number = {v: k for k, v in RAY_PRIVATE_PORTS.items()}[label]
+                        yield Problem(file, obj, _dotted(("spec", "ports", index)),
+                                      f"exposes Ray's {label} port ({number}): no Service may expose "
+                                      f"Ray's dashboard or client port; remove it")
+                        break
+
+
+def _env_entry(container: dict[str, Any], name: str) -> dict[str, Any] | None:
+    return next((e for e in container.get("env") or [] if e.get("name") == name), None)
+
+
+def _runs_ray_driver(container: dict[str, Any]) -> bool:
+    """lambdalake commands that connect to the Ray cluster: the speed layer, the API, the
+    model service's deploy commands."""
+    command = [str(c) for c in (container.get("command") or []) + (container.get("args") or [])]
+    return len(command) >= 2 and command[0] == "lambdalake" and command[1] in ("speed", "serve", "model")
+
+
+def ray_auth_problems(manifests: dict[str, list[Any]]) -> Iterator[Problem]:
+    """Ray's token authentication is on, and every client brings the cluster's token."""
+    token_secrets = set()
+    for file, doc in _kube_objects(manifests):
+        if (ray := _ray_cluster_spec(doc)) is not None:
+            prefix, spec = ray
+            auth = spec.get("authOptions")
+            if not isinstance(auth, dict):
+                yield Problem(file, _object_name(doc), _dotted((*prefix, "authOptions")),
+                              "Ray's token authentication is off: set authOptions {mode: token, "
+                              "secretName: lambdalake-ray-token}")
+            elif auth.get("mode", "token") != "token":
+                yield Problem(file, _object_name(doc), _dotted((*prefix, "authOptions", "mode")),
+                              f"Ray's token authentication is off ({auth.get('mode')!r}): set mode: token")
+            else:
+                token_secrets.add(auth.get("secretName") or doc["metadata"]["name"])
+    if len(token_secrets) != 1:
+        return  # no Ray cluster with a token (reported above), or no one token to check against
+    (secret,) = token_secrets
+    message = (f"connects to Ray without its token: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN "
+               f"from the Secret {secret} (key {RAY_TOKEN_SECRET_KEY})")
+
+    def has_token(container: dict[str, Any]) -> bool:
+        mode, token = _env_entry(container, "RAY_AUTH_MODE"), _env_entry(container, "RAY_AUTH_TOKEN")
+        return (mode is not None and mode.get("value") == "token" and token is not None
+                and _at(token, "valueFrom", "secretKeyRef") == {"name": secret, "key": RAY_TOKEN_SECRET_KEY})
+
+    for group in pods(manifests):
+        if group.obj == AIRFLOW_VALUES:
+            if group.labels.get("component") == "worker" and not has_token(group.spec):
+                yield Problem(group.file, group.obj, "workers.env", message)  # task pods roll out
+            continue
+        for index, container in enumerate(group.spec.get("containers") or []):
+            if _runs_ray_driver(container) and not has_token(container):
+                yield Problem(group.file, group.obj,
+                              _dotted((*group.path, "spec", "containers", index, "env")), message)
+
+
+def mlflow_auth_problems(manifests: dict[str, list[Any]]) -> Iterator[Problem]:
+    """The MLflow server authenticates every request, with its admin from a Secret."""
+    for group in pods(manifests):
+        for index, container in enumerate(group.spec.get("containers") or []):
+            command = [str(c) for c in (container.get("command") or []) + (container.get("args") or [])]
+            if command[:2] != ["mlflow", "server"]:
+                continue
+            where = (*group.path, "spec", "containers", index)
+            joined = " ".join(command)
+            if "--app-name basic-auth" not in joined and "--app-name=basic-auth" not in joined:
+                yield Problem(group.file, group.obj, _dotted((*where, "command")),
+                              "the MLflow server runs without authentication: add --app-name basic-auth")
+                continue
+            secret_set = False
+            for at, entry in enumerate(container.get("env") or []):
+                if entry.get("name") in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD"):
+                    if "value" in entry:
+                        yield Problem(group.file, group.obj, _dotted((*where, "env", at)),
+                                      f"{entry['name']} is written in the manifest: take it from a "
+                                      f"Secret (valueFrom.secretKeyRef)")
+                    elif entry["name"] == "MLFLOW_AUTH_ADMIN_PASSWORD":
+                        secret_set = _at(entry, "valueFrom", "secretKeyRef") is not None
+            if not secret_set and _env_entry(container, "MLFLOW_AUTH_ADMIN_PASSWORD") is None:
+                yield Problem(group.file, group.obj, _dotted((*where, "env")),
+                              "the MLflow admin's password comes from no Secret: set "
+                              "MLFLOW_AUTH_ADMIN_PASSWORD from a secretKeyRef")
+
+
+def kafka_auth_problems(manifests: dict[str, list[Any]]) -> Iterator[Problem]:
+    """Every Kafka listener authenticates its clients (SCRAM-SHA-512 or mutual TLS)."""
+    for file, doc in _kube_objects(manifests):
+        if doc["kind"] != "Kafka":
+            continue
+        for index, listener in enumerate(_at(doc, "spec", "kafka", "listeners") or []):
+            if not _at(listener, "authentication", "type"):
+                yield Problem(file, _object_name(doc), _dotted(("spec", "kafka", "listeners", index)),
+                              f"listener {listener.get('name')!r} (port {listener.get('port')}) accepts "
+                              f"clients without authentication: set authentication.type to "
+                              f"scram-sha-512 or tls")
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for expression in selector.get("matchExpressions") or []:
+        key, operator = expression.get("key"), expression.get("operator")
+        values = expression.get("values") or []
+        present = key in labels
+        matched = {"In": present and labels[key] in values, "NotIn": labels.get(key) not in values,
+                   "Exists": present, "DoesNotExist": not present}.get(operator, False)
+        if not matched:
+            return False
+    return True
+
+
+def _is_default_deny(policy: dict[str, Any]) -> bool:
+    spec = policy.get("spec") or {}
+    selector = spec.get("podSelector") or {}
+    return (not selector.get("matchLabels") and not selector.get("matchExpressions")
+            and {"Ingress", "Egress"} <= set(spec.get("policyTypes") or [])
+            and not spec.get("ingress") and not spec.get("egress"))
+
+
+def network_policy_problems(manifests: dict[str, list[Any]]) -> Iterator[Problem]:
+    """Each namespace denies all traffic by default, and every pod is selected by name (its
+    labels) by a policy that allows what it connects to."""
+    policies = [(file, doc) for file, doc in _kube_objects(manifests) if doc["kind"] == "NetworkPolicy"]
+    groups = pods(manifests)
+    for namespace in sorted({g.namespace for g in groups}):
+        mine = [(f, p) for f, p in policies
+                if (p.get("metadata") or {}).get("namespace", "default") == namespace]
+        if not any(_is_default_deny(p) for _, p in mine):
+            namespace_files = [f for f, d in _kube_objects(manifests) if d["kind"] == "Namespace"]
+            file = mine[0][0] if mine else (namespace_files or ["infra/k8s"])[0]
+            yield Problem(file, f"Namespace/{namespace}", "",
+                          "no default-deny NetworkPolicy (podSelector {}, policyTypes [Ingress, "
+                          "Egress], no rules): add one, then allow each connection explicitly")
+        # a policy for every pod (DNS) does not count: it would select pods whatever their labels
+        named = [p for _, p in mine if _at(p, "spec", "podSelector", "matchLabels")
+                 or _at(p, "spec", "podSelector", "matchExpressions")]
+        for group in (g for g in groups if g.namespace == namespace):
+            if not any(_selects(_at(p, "spec", "podSelector"), group.labels) for p in named):
+                where = _dotted((*group.path, "metadata", "labels")) if group.path else ""
+                yield Problem(group.file, group.obj, where,
+                              f"no NetworkPolicy selects these pods by their labels ({group.labels}), "
+                              f"so the default deny cuts them off: add a policy that allows what "
+                              f"they connect to")
+
+
+POLICY_CHECKS = (private_key_problems, ray_port_problems, ray_auth_problems, mlflow_auth_problems,
+                 kafka_auth_problems, network_policy_problems)
+
+
+def policy_problems(manifests: dict[str, list[Any]]) -> list[Problem]:
+    """What the platform's security policy refuses in a set of parsed manifests (file → docs)."""
+    return [problem for check in POLICY_CHECKS for problem in check(manifests)]
