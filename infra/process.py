@@ -38,13 +38,16 @@ def process_start_time(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]
 
 
-def group_members(pgid: int) -> list[int]:
+def group_members(pgid: int, *, zombies: bool = False) -> list[int]:
+    """The live processes of group `pgid` (with `zombies`, also those that exited and that
+    their parent has not collected yet: they hold no port or memory, and waiting for them
+    could wait on a parent that is busy waiting for us)."""
     members = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            if os.getpgid(int(entry.name)) == pgid:
+            if os.getpgid(int(entry.name)) == pgid and (zombies or not _is_zombie(int(entry.name))):
                 members.append(int(entry.name))
         except (ProcessLookupError, PermissionError):
             continue
@@ -143,7 +146,13 @@ def stop_group(pgid: int, timeout: float = 20.0) -> None:
             if not group_members(pgid):
                 break
             time.sleep(0.1)
-    _reap(pgid)
+    # a moment for their parent (init, once the command that started them has exited) to
+    # collect them, so that they are gone from the process table when we return
+    for _ in range(20):
+        _reap(pgid)
+        if not group_members(pgid, zombies=True):
+            break
+        time.sleep(0.05)
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:

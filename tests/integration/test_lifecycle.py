@@ -6,12 +6,16 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
 
-from infra.process import port_open
+from infra.apps import SpeedApp
+from infra.process import port_open, wait_until
 from infra.services import Platform
+from infra.supervisor import Backoff
 from lakehouse.config import Settings, load_settings
 from tests.conftest import lambdalake
 
@@ -97,6 +101,46 @@ def test_missing_java_says_how_to_install_it(platform: Settings, tmp_path: Path)
     assert result.returncode == 1
     assert "Java 17+ is required" in result.stderr and "JAVA_HOME" in result.stderr
     assert not port_open("127.0.0.1", 25020)
+
+
+class _PoisonedSpeed(SpeedApp):
+    """The speed app crash-looping as on a poison record, so the test needs no model."""
+
+    backoff = Backoff(initial_s=0.5, factor=2, max_s=2, reset_after_s=60)
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-c", "import sys; sys.stderr.write('Traceback (most recent "
+                "call last):\\nRecursionError: maximum recursion depth exceeded\\n'); sys.exit(1)"]
+
+
+def test_status_lists_a_crash_looping_app_with_its_last_error(platform: Settings) -> None:
+    speed = _PoisonedSpeed(platform)
+    speed.start()
+    try:
+        assert wait_until(lambda: (speed.state() or {}).get("restarts", 0) >= 2, timeout=30)
+        result = lambdalake("status", "--json", check=False)
+        assert result.returncode == 3  # not healthy
+        entries = {e["service"]: e for e in (json.loads(line) for line in
+                                             result.stdout.splitlines() if line.startswith("{"))}
+        app = entries["speed"]  # never omitted
+        assert not app["healthy"] and app["state"] in ("restarting", "starting", "running")
+        assert app["restarts"] >= 2 and app["last_exit"] == "exit code 1"
+        assert "RecursionError: maximum recursion depth exceeded" in app["last_error"]
+        assert app["pids"] and app["pids"][0] == speed.supervisor.pid()
+        table = lambdalake("status", check=False).stdout
+        assert "speed last exited with exit code 1" in table and "RecursionError" in table
+        with urllib.request.urlopen(speed.metrics_url, timeout=5) as answer:
+            metrics = answer.read().decode()
+        restarts = [line for line in metrics.splitlines()
+                    if line.startswith('lambdalake_app_restarts_total{app="speed"}')]
+        assert restarts and float(restarts[0].split()[-1]) >= 2, metrics
+        assert 'lambdalake_app_up{app="speed"}' in metrics
+    finally:
+        speed.stop()
+    assert not speed.pids() and speed.state() is None
+    listed = [json.loads(line)["service"] for line in
+              lambdalake("status", "--json", check=False).stdout.splitlines() if line.startswith("{")]
+    assert "speed" not in listed  # stopped on purpose: no longer part of the platform
 
 
 @pytest.mark.platform_teardown

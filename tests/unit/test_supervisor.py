@@ -114,6 +114,14 @@ def _until(check: Callable[[], bool], timeout: float = 15) -> None:
     assert wait_until(check, timeout=timeout, interval=0.05), "condition not reached in time"
 
 
+def _gone(pid: int) -> bool:
+    """Exited: no such process, or a zombie its (new) parent has yet to collect."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
 def _stop(supervisor: subprocess.Popen[bytes]) -> None:
     """What `lambdalake down` does: SIGTERM the group, SIGKILL after a timeout."""
     stop_group(supervisor.pid, timeout=15)
@@ -198,7 +206,7 @@ def test_stop_sends_sigterm_then_sigkill_to_an_app_that_ignores_it(tmp_path: Pat
     started = time.monotonic()
     _stop(supervisor)
     assert time.monotonic() - started < 10  # the supervisor killed it after 1 s, not down's 15
-    assert not Path(f"/proc/{child}").exists()
+    assert _gone(child)
     log = (tmp_path / "app.log").read_text()
     assert "ignoring SIGTERM" in log and '"event": "kill"' in log
     state = _state(tmp_path)
@@ -276,7 +284,7 @@ def test_up_apps_supervises_both_apps_and_down_stops_them(tmp_path: Path,
         pids = [pid for h in Platform(settings).status() for pid in h.pids]
     finally:
         platform.down()
-    assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+    assert all(_gone(pid) for pid in pids)
     assert Platform(settings).status() == []  # brought down: no longer part of the platform
     assert not list(settings.run_dir.glob("*.state.json"))
 
@@ -298,4 +306,4 @@ def test_an_app_outliving_its_killed_supervisor_is_shown_and_stopped(
         assert f"unsupervised, pid {app}" in health.detail and health.pids == (app,)
     finally:
         speed.stop()
-    assert not Path(f"/proc/{app}").exists()
+    assert _gone(app)
