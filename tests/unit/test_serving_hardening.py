@@ -290,6 +290,145 @@ def test_times_beyond_pythons_range_are_written_as_duckdb_writes_them(client: Cl
         assert (row["d"], row["t"]) == (iso(row["d_text"]), iso(row["t_text"]))
 
 
+# ------------------------------------------------------------------ fuzzing the whole app
+EXPLICIT = {"open_brackets": b"[" * 5000, "digits": b"7" * 5000, "invalid_utf8": b"\xff\xfe\xfd{",
+            "over_the_limit": b"[" + b"1," * LIMIT + b"1]"}
+
+
+@pytest.mark.parametrize("path", POSTS)
+@pytest.mark.parametrize("key", [None, ADMIN])
+def test_explicit_hostile_bodies_get_no_server_error(client: Client, path: str, key: str | None) -> None:
+    headers = {"Content-Type": "application/json", **({"X-API-Key": key} if key else {})}
+    for name, body in EXPLICIT.items():
+        response = client.post(path, content=body, headers=headers)
+        expected = 401 if key is None else 413 if name == "over_the_limit" else None
+        assert 400 <= response.status_code < 500, (name, response.status_code, response.text[:200])
+        assert expected is None or response.status_code == expected, (name, response.text[:200])
+
+
+FUZZ_EXAMPLES = 200
+INPUT = ("POST", "GET /v1/entities")  # the operations that take parameters or a body
+
+
+@pytest.mark.slow
+def test_openapi_fuzzing_finds_no_server_error(app: Any) -> None:
+    """Every operation of the OpenAPI document, FUZZ_EXAMPLES positive and as many negative
+    (schema-violating) cases each, with a key: no answer is a 5xx."""
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis.errors import Unsatisfiable
+    from schemathesis.generation import GenerationMode
+
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    tried: dict[str, int] = {}
+    failures: list[str] = []
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        label = f"{operation.method.upper()} {operation.path}"
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, phases=[Phase.generate],
+                      suppress_health_check=list(HealthCheck))
+            @given(case=operation.as_strategy(generation_mode=mode))
+            def fuzz(case: Any) -> None:
+                response = case.call(headers={"X-API-Key": ADMIN})
+                tried[label] = tried.get(label, 0) + 1
+                if response.status_code >= 500:
+                    failures.append(f"{case.method} {case.formatted_path} {case.body!r:.200} → "
+                                    f"{response.status_code}: {response.text[:200]}")
+
+            try:
+                fuzz()
+            except Unsatisfiable:  # an operation without input has nothing to violate
+                assert mode is GenerationMode.NEGATIVE and not label.startswith(INPUT), label
+    print(f"fuzzed: {tried}; 5xx: {len(failures)}")
+    assert not failures, failures[:5]
+    with_input = [label for label in tried if label.startswith(INPUT)]
+    assert len(with_input) == 4 and all(tried[label] >= FUZZ_EXAMPLES for label in with_input), tried
+
+
+@pytest.mark.slow
+def test_any_body_answers_a_4xx_or_an_answer_never_a_5xx(client: Client) -> None:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    documents = st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+        max_leaves=20).map(lambda d: json.dumps(d).encode())
+    shaped = st.one_of(
+        st.builds(lambda n, fill: fill * n, st.integers(1, 6000), st.sampled_from([b"[", b'{"a":', b"9", b"-0."])),
+        st.builds(lambda q, n: json.dumps({"query": q, "max_rows": 1}).encode().replace(b"1}", b"1" * n + b"}"),
+                  st.sampled_from(["SELECT 1", "SELECT 'infinity'::DOUBLE AS x"]), st.integers(1, 5000)),
+        st.builds(lambda head, tail: head + tail, documents, st.binary(max_size=8)))
+    bodies = st.one_of(st.binary(max_size=300), documents, shaped)
+    statuses: dict[int, int] = {}
+
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    @given(body=bodies, path=st.sampled_from(POSTS), key=st.sampled_from([ADMIN, ADMIN, None]))
+    def post(body: bytes, path: str, key: str | None) -> None:
+        headers = {"Content-Type": "application/json", **({"X-API-Key": key} if key else {})}
+        response = client.post(path, content=body, headers=headers)
+        statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+        assert response.status_code < 500, (path, body[:100], response.text[:300])
+        assert key is not None or response.status_code == 401
+        strict_json(response.content)
+
+    post()
+    assert len(statuses) > 2, statuses
+
+
+def sql_values() -> Any:
+    """DuckDB expressions of every kind of value a result can hold, extremes included."""
+    from hypothesis import strategies as st
+
+    years = st.integers(-290_000, 294_000).filter(lambda y: y != 0)
+    dates = st.builds(lambda y, m, d: f"DATE '{abs(y):04d}-{m:02d}-{d:02d}{' (BC)' if y < 0 else ''}'",
+                      years, st.integers(1, 12), st.integers(1, 28))
+    clocks = st.builds(lambda h, m, s, us: f"{h:02d}:{m:02d}:{s:02d}.{us:06d}", st.integers(0, 23),
+                       st.integers(0, 59), st.integers(0, 59), st.integers(0, 999_999))
+    timestamps = st.builds(lambda d, c, kind: f"CAST({d[:-1]} {c}' AS {kind})".replace("DATE ", ""),
+                           dates, clocks, st.sampled_from(["TIMESTAMP", "TIMESTAMPTZ", "TIMESTAMP_S",
+                                                           "TIMESTAMP_MS"]))
+    specials = st.sampled_from(["'infinity'::DOUBLE", "'-infinity'::DOUBLE", "'nan'::DOUBLE", "'infinity'::DATE",
+                                "'-infinity'::TIMESTAMP", "'infinity'::TIMESTAMPTZ", "NULL", "'nan'::FLOAT",
+                                "gen_random_uuid()", "TIME '24:00:00'", "INTERVAL 9999 YEARS", "'\\x00\\xff'::BLOB"])
+    numbers = st.one_of(st.integers(-(10**38) + 1, 10**38 - 1).map(lambda n: f"{n}::HUGEINT"),
+                        st.floats().map(lambda x: f"'{x!r}'::DOUBLE"),
+                        st.decimals(allow_nan=False, allow_infinity=False, places=6)
+                        .filter(lambda d: abs(d) < 10**30).map(lambda d: f"CAST('{d}' AS DECIMAL(38, 6))"))
+    texts = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00"), max_size=20).map(
+        lambda t: "'" + t.replace("'", "''") + "'")
+    scalars = st.one_of(dates, timestamps, specials, numbers, texts, clocks.map(lambda c: f"TIME '{c}'"))
+    return st.recursive(scalars, lambda inner: st.one_of(
+        st.lists(inner, min_size=1, max_size=3).map(lambda xs: f"[{', '.join(xs)}]"),
+        st.lists(inner, min_size=1, max_size=3).map(
+            lambda xs: "{" + ", ".join(f"'f{i}': {x}" for i, x in enumerate(xs)) + "}")), max_leaves=6)
+
+
+@pytest.mark.slow
+def test_any_sql_value_answers_valid_json_or_a_4xx(client: Client) -> None:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    statuses: dict[int, int] = {}
+
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    @given(expressions=st.lists(sql_values(), min_size=1, max_size=4))
+    def query(expressions: list[str]) -> None:
+        select = ", ".join(f"{e} AS c{i}" for i, e in enumerate(expressions))
+        response = client.post("/v1/sql", json={"query": f"SELECT {select}"}, headers={"X-API-Key": ADMIN})
+        statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+        assert response.status_code in (200, 400), (select, response.text[:300])
+        if response.status_code == 200:
+            assert len(strict_json(response.content)["rows"][0]) == len(expressions)
+
+    query()
+    assert statuses.get(200, 0) > FUZZ_EXAMPLES // 4, statuses  # many are values DuckDB accepts (a list
+    # of mixed types is not)
+
+
 # ------------------------------------------------------------------ item 10: DuckDB
 REFUSED = [
     ("SELECT * FROM duckdb_settings()", "duckdb_settings"),
