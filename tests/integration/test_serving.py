@@ -27,7 +27,7 @@ from batch.views import BatchRun, compute_views
 from lakehouse.config import Settings
 from lakehouse.errors import ValidationError
 from lakehouse.spec import format_timestamp_ms
-from serving.duck import DuckEngine
+from serving.duck import DuckEngine, SqlError
 from tests.integration.models import publish, random_model
 from tests.integration.streams import Stream, new_stream, run_in_process, scored, send, serve_champion
 from tests.unit.test_serving_engine import Arrived, recompute
@@ -141,11 +141,18 @@ def test_merged_views_equal_a_recomputation_from_kafka_on_both_engines(world: Wo
     for view in stream.spec.views:
         rows = duck.query(f"SELECT * FROM merged.{view.name}_states", row_cap=10**6).table.to_pylist()
         assert states_of(rows, view) == recompute(arrived, snapshot.coverage)[view.name]
+    files_setting = spark.conf.get("spark.sql.runSQLOnFiles")
     assert sparks.register().run_id == second.run_id
+    assert spark.conf.get("spark.sql.runSQLOnFiles") == files_setting  # register() restores it
     with pytest.raises(Exception, match="only one SELECT"):
         sparks.query("DROP VIEW merged.user_all")
     with pytest.raises(Exception, match="cannot be found|TABLE_OR_VIEW_NOT_FOUND"):
         sparks.query("SELECT * FROM csv.`/etc/passwd`")
+    for escape in ("SELECT reflect('java.lang.System', 'getProperty', 'user.home') AS h",
+                   "SELECT java_method('java.lang.System', 'getProperty', 'user.home') AS h",
+                   "SELECT TRANSFORM(user_id) USING 'cat' AS (x) FROM merged.user_all"):
+        with pytest.raises(SqlError, match="not allowed"):
+            sparks.query(escape)
 
 
 # ------------------------------------------------------------------------------- the HTTP API
@@ -263,7 +270,10 @@ def test_every_protected_route_needs_a_key_with_its_scope(api: Api, method: str,
 @pytest.mark.parametrize("query", [
     "SELECT * FROM read_csv('/etc/passwd')", "COPY merged.user_all TO '/tmp/lambdalake-x.csv'",
     "ATTACH '/tmp/lambdalake-x.db'", "INSTALL httpfs", "LOAD httpfs", "DROP VIEW merged.user_all",
-    "SET enable_external_access = true", "SELECT 1; SELECT 2", "SELEC nonsense"])
+    "SET enable_external_access = true", "SELECT 1; SELECT 2", "SELEC nonsense",
+    "SELECT * FROM duckdb_settings()", "SELECT current_setting('temp_directory') AS t",
+    "SELECT * FROM duckdb_databases()", "SELECT * FROM glob('.tmp/*')", "SELECT * FROM read_text('.tmp/x')",
+    "SELECT * FROM pg_catalog.pg_settings"])
 def test_sql_escapes_get_a_4xx_over_http(api: Api, query: str) -> None:
     with api.client() as client:
         response = client.post("/v1/sql", json={"query": query})
@@ -316,30 +326,63 @@ def test_bad_input_gets_a_4xx_with_a_reason(api: Api) -> None:
         assert bad_sql_body.status_code == 422
 
 
+FUZZ_EXAMPLES = 200
+INPUT = ("POST", "GET /v1/entities")  # the operations that take parameters or a body
+
+
 def test_openapi_fuzzing_finds_no_server_error(api: Api) -> None:
+    """Every operation of the OpenAPI document, FUZZ_EXAMPLES positive and as many negative
+    (schema-violating) cases each, with a key; then the hostile bodies on every POST route,
+    without and with a key: no answer is a 5xx."""
     import schemathesis
-    from hypothesis import HealthCheck, given, settings
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis.errors import Unsatisfiable
+    from schemathesis.generation import GenerationMode
 
     schema = schemathesis.openapi.from_url(f"{api.url}/openapi.json")
     failures: list[str] = []
-    checked = 0
+    tried: Counter[str] = Counter()
     for result in schema.get_all_operations():
         operation = result.ok()
+        label = f"{operation.method.upper()} {operation.path}"
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, phases=[Phase.generate],
+                      suppress_health_check=list(HealthCheck))
+            @given(case=operation.as_strategy(generation_mode=mode))
+            def fuzz(case: Any) -> None:
+                response = case.call(base_url=api.url, headers={"X-API-Key": ADMIN}, timeout=30)
+                tried[label] += 1
+                if response.status_code >= 500:
+                    failures.append(f"{case.method} {case.formatted_path} {case.body!r:.200} → "
+                                    f"{response.status_code}: {response.text[:200]}")
 
-        @settings(max_examples=40, deadline=None, database=None,
-                  suppress_health_check=list(HealthCheck))
-        @given(case=operation.as_strategy())
-        def fuzz(case: Any) -> None:
-            nonlocal checked
-            response = case.call(base_url=api.url, headers={"X-API-Key": ADMIN}, timeout=30)
-            checked += 1
-            if response.status_code >= 500:
-                failures.append(f"{case.method} {case.formatted_path} → {response.status_code}: "
-                                f"{response.text[:200]}")
+            try:
+                fuzz()
+            except Unsatisfiable:  # an operation without input has nothing to violate
+                assert mode is GenerationMode.NEGATIVE and not label.startswith(INPUT), label
 
-        fuzz()
-    assert checked > 100
+    limit = api.world.settings.api_max_body_bytes
+    hostile = {"open_brackets": b"[" * 5000, "digits": b"7" * 5000, "digits_in_sql": (
+        b'{"query": "SELECT 1", "max_rows": ' + b"9" * 5000 + b"}"), "invalid_utf8": b'{"query": "\xff\xfe"}',
+        "over_the_limit": b"[" * (limit + 1)}
+    statuses: Counter[tuple[str, int]] = Counter()
+    for path in ("/v1/predict", "/v1/predict/batch", "/v1/sql"):
+        for name, body in hostile.items():
+            for key in (None, ADMIN):
+                with api.client(key) as client:
+                    response = client.post(path, content=body, headers={"Content-Type": "application/json"})
+                tried["hostile bodies"] += 1
+                statuses[(name, response.status_code)] += 1
+                expected = 401 if key is None else 413 if name == "over_the_limit" else None
+                if response.status_code >= 500 or not 400 <= response.status_code < 500 or (
+                        expected is not None and response.status_code != expected):
+                    failures.append(f"{path} {name} key={key is not None} → {response.status_code}: "
+                                    f"{response.text[:200]}")
+    print(f"fuzzed: {dict(tried)} ({sum(tried.values())} requests); hostile bodies: {dict(statuses)}; "
+          f"failures: {len(failures)}")
     assert not failures, failures[:5]
+    with_input = [label for label in tried if label.startswith(INPUT)]
+    assert len(with_input) == 4 and all(tried[label] >= FUZZ_EXAMPLES for label in with_input), tried
 
 
 def test_metrics_count_predictions_by_version_and_cache(api: Api) -> None:
