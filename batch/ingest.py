@@ -14,7 +14,7 @@ Kafka timestamp, and the time of ingestion (UTC). Nothing is parsed or dropped h
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -43,12 +43,16 @@ def ingest_topics(
     *,
     bootstrap_servers: str,
     topics: Sequence[str],
+    kafka_options: Mapping[str, str] | None = None,
     max_offsets_per_trigger: int | None = None,
     echo: Callable[[str], None] = lambda line: None,
 ) -> list[TopicIngest]:
-    """Append every new record of each topic to its bronze table; return what was added."""
+    """Append every new record of each topic to its bronze table; return what was added.
+    `kafka_options`: the Kafka source's security options, `lakehouse.streams.spark_kafka_options`
+    (none: a PLAINTEXT broker)."""
     return [
         _ingest_topic(spark, lakehouse, bootstrap_servers=bootstrap_servers, topic=topic,
+                      kafka_options=kafka_options or {},
                       max_offsets_per_trigger=max_offsets_per_trigger, echo=echo)
         for topic in topics
     ]
@@ -60,6 +64,7 @@ def _ingest_topic(
     *,
     bootstrap_servers: str,
     topic: str,
+    kafka_options: Mapping[str, str],
     max_offsets_per_trigger: int | None,
     echo: Callable[[str], None],
 ) -> TopicIngest:
@@ -69,6 +74,7 @@ def _ingest_topic(
     reader = (
         spark.readStream.format("kafka")
         .option("kafka.bootstrap.servers", bootstrap_servers)
+        .options(**kafka_options)
         .option("subscribe", topic)
         .option("startingOffsets", "earliest")
         # offsets that expired from Kafka before ingestion are a loss we must hear about

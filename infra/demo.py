@@ -41,7 +41,9 @@ def _api_key(settings: Settings) -> str:
 def _topic_counts(settings: Settings, spec: PlatformSpec) -> dict[str, int]:
     from kafka import KafkaConsumer, TopicPartition
 
-    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers.split(","))
+    from lakehouse.streams import kafka_client_config
+
+    consumer = KafkaConsumer(**kafka_client_config(settings))
     out = {}
     for topic in spec.topics:
         partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
@@ -71,11 +73,11 @@ def run_demo(settings: Settings, spec: PlatformSpec, *, events: int, stream: int
     started = time.monotonic()
     timings: dict[str, float] = {}
     seed = int(time.time()) % 1_000_000  # fresh event ids on every run
-    ensure_topics(settings.kafka_bootstrap_servers, spec.topics, partitions=settings.kafka_partitions)
+    ensure_topics(settings, spec.topics, partitions=settings.kafka_partitions)
 
     echo(f"1/5 generating {events:,} transactions (seed {seed}) with their labels into Kafka")
     phase = time.monotonic()
-    kafka = producer(settings.kafka_bootstrap_servers)
+    kafka = producer(settings)
     generated = produce(generate(GeneratorOptions(events=events, seed=seed)), producer=kafka,
                         progress=True, total_events=events).messages
     kafka.close()
@@ -104,7 +106,7 @@ def run_demo(settings: Settings, spec: PlatformSpec, *, events: int, stream: int
     client = httpx.Client(base_url=url, headers={"X-API-Key": _api_key(settings)}, timeout=60)
 
     echo(f"4/5 streaming {stream:,} more transactions at {rate:g}/s while the speed layer scores")
-    kafka = producer(settings.kafka_bootstrap_servers)
+    kafka = producer(settings)
     streamed = produce(generate(GeneratorOptions(events=stream, seed=seed + 1)), producer=kafka,
                        rate=rate).messages
     kafka.close()
@@ -137,7 +139,7 @@ def run_demo(settings: Settings, spec: PlatformSpec, *, events: int, stream: int
         prediction = client.post("/v1/predict", json={**probe, "amount": 100 + i}).json()
         latencies.append((time.perf_counter() - begun) * 1000)
     before = client.get(f"/v1/entities/user_id/{user}/features").json()["views"]["user_all"]["count"]
-    kafka = producer(settings.kafka_bootstrap_servers)
+    kafka = producer(settings)
     sent = time.perf_counter()
     kafka.send(spec.events.topic, key=user.encode(), value=json.dumps(probe).encode())
     kafka.flush()

@@ -23,7 +23,8 @@ Then the platform's security policy (`policy_problems`, a function per rule): th
 model-signing key only where training runs; no Service exposes Ray's dashboard or client
 port and Ray's token authentication is on, for the cluster and its clients; MLflow runs
 with basic-auth and its admin from a Secret; every Kafka listener authenticates; each
-namespace has a default-deny NetworkPolicy and every pod a policy that selects it.
+namespace has a default-deny NetworkPolicy and every pod a policy that selects it; a Secret
+volume with the private key or the API keys is mounted with a mode lambdalake reads.
 
 `lambdalake k8s-check [DIR]` runs all of this; tests/unit/test_k8s_manifests.py too.
 """
@@ -232,15 +233,20 @@ def lambdalake_env(doc: dict[str, Any]) -> dict[str, str | None]:
     if doc.get("kind") == "ConfigMap":
         found.update({k: str(v) for k, v in (doc.get("data") or {}).items() if k.startswith(ENV_PREFIX)})
     for container in _containers(doc):
-        for entry in container.get("env") or []:
-            name = entry.get("name", "")
-            if name.startswith(ENV_PREFIX):
-                found[name] = str(entry["value"]) if "value" in entry else None
+        found.update(container_lambdalake_env(container))
     return found
+
+
+def container_lambdalake_env(container: dict[str, Any]) -> dict[str, str | None]:
+    """LAMBDALAKE_* variables of one container's `env` (None: from a Secret/ConfigMap)."""
+    return {entry["name"]: str(entry["value"]) if "value" in entry else None
+            for entry in container.get("env") or [] if str(entry.get("name", "")).startswith(ENV_PREFIX)}
 
 
 def settings_problems(env: dict[str, str | None]) -> list[tuple[str, str]]:
     """Names that are no setting, and values lambdalake would refuse."""
+    from pydantic import SecretStr
+
     from lakehouse.config import CONFIG_FILE_ENV, Settings, load_settings
     from lakehouse.errors import ConfigError
 
@@ -253,6 +259,8 @@ def settings_problems(env: dict[str, str | None]) -> list[tuple[str, str]]:
             problems.append((name, "is not a lambdalake setting (see the README's Configuration)"))
         elif value is not None:
             values[field] = value
+        elif Settings.model_fields[field].annotation is SecretStr:
+            values[field] = "from-a-secret"  # set (a secretKeyRef), so rules that need it hold
     try:
         load_settings(**values)
     except ConfigError as error:
@@ -368,6 +376,8 @@ def check_manifests(directory: Path = MANIFESTS_DIR, *, crds_dir: Path) -> list[
         if path.name.endswith("-values.yaml"):
             for where, message in airflow_values_problems(docs[0] if docs else {}):
                 problems.append(Problem(label, "Airflow chart values", where, message))
+            if docs and isinstance(docs[0], dict):  # the task pods' own settings (Kafka user ...)
+                env.update(container_lambdalake_env(docs[0].get("workers") or {}))
             continue
         for doc in docs:
             for where, message in check_document(doc, crds):
@@ -720,8 +730,90 @@ def network_policy_problems(manifests: dict[str, list[Any]]) -> Iterator[Problem
                               f"they connect to")
 
 
+API_KEYS_SECRET = "lambdalake-api-keys"
+# Secrets lambdalake reads as files only when nobody but their owner (or, for a root-owned
+# file, its group) can read them (lakehouse.secret_files): what each holds
+SECRET_FILES = {SIGNING_KEY_SECRET: "the private model-signing key", API_KEYS_SECRET: "the API keys"}
+KUBERNETES_SECRET_MODE = 0o644  # a Secret volume's files when no defaultMode or mode says
+IMAGE_USER = 50000  # the lambdalake image's USER (Dockerfile), and the Airflow chart's uid
+
+
+_Volume = tuple[str, str, tuple[Any, ...], dict[str, Any], int]
+
+
+def _secret_volumes(manifests: dict[str, list[Any]]) -> Iterator[_Volume]:
+    """(file, object, path, volume, uid of the pods that mount it) for every volume."""
+    for group in pods(manifests):
+        if group.obj == AIRFLOW_VALUES:
+            pod = _at(group.spec, "securityContexts", "pod") or {}
+            uid = pod.get("runAsUser", IMAGE_USER)
+            for index, volume in enumerate(group.spec.get("extraVolumes") or []):
+                yield group.file, group.obj, (*group.path, "extraVolumes", index), volume, uid
+        elif group.obj.startswith("SparkApplication/"):
+            (doc,) = [d for f, d in _kube_objects(manifests)
+                      if f == group.file and _object_name(d) == group.obj]
+            uid = _at(group.spec, "podSecurityContext", "runAsUser")
+            uid = IMAGE_USER if uid is None else uid
+            mounted = {m.get("name") for m in group.spec.get("volumeMounts") or []}
+            for index, volume in enumerate(_at(doc, "spec", "volumes") or []):
+                if volume.get("name") in mounted:
+                    yield group.file, group.obj, ("spec", "volumes", index), volume, uid
+        else:
+            uid = _at(group.spec, "securityContext", "runAsUser")
+            uid = IMAGE_USER if uid is None else uid
+            for index, volume in enumerate(group.spec.get("volumes") or []):
+                yield group.file, group.obj, (*group.path, "spec", "volumes", index), volume, uid
+    for file, values in _airflow_values(manifests):  # the chart's volumes for every component
+        uid = _at(values, "securityContexts", "pod", "runAsUser")
+        uid = values.get("uid", IMAGE_USER) if uid is None else uid
+        for index, volume in enumerate(values.get("volumes") or []):
+            yield file, AIRFLOW_VALUES, ("volumes", index), volume, uid
+
+
+def secret_mode_problems(manifests: dict[str, list[Any]]) -> Iterator[Problem]:
+    """A Secret volume holding the private key or the API keys is mounted with a mode that
+    lambdalake's own check accepts (`lakehouse.secret_files.exposure`): Kubernetes mounts it
+    owned by root, 0644 unless told; 0440 serves a non-root pod through its fsGroup, 0400 a
+    pod that runs as root."""
+    from lakehouse.secret_files import exposure
+
+    seen: set[tuple[str, str, tuple[Any, ...]]] = set()
+    for file, obj, path, volume, uid in _secret_volumes(manifests):
+        sources = [(("secret",), volume["secret"], volume["secret"].get("defaultMode"))] \
+            if isinstance(volume.get("secret"), dict) else []
+        projected = volume.get("projected")
+        if isinstance(projected, dict):
+            sources += [(("projected", "sources", i, "secret"), source["secret"],
+                         projected.get("defaultMode"))
+                        for i, source in enumerate(projected.get("sources") or [])
+                        if isinstance(source.get("secret"), dict)]
+        for where, secret, default_mode in sources:
+            name = secret.get("secretName", secret.get("name"))
+            if name not in SECRET_FILES or (file, obj, (*path, *where)) in seen:
+                continue
+            seen.add((file, obj, (*path, *where)))
+            by_default = default_mode is None
+            modes = [((*where, "defaultMode") if not by_default else where,
+                      KUBERNETES_SECRET_MODE if by_default else default_mode, by_default)]
+            modes += [((*where, "items", i, "mode"), item["mode"], False)
+                      for i, item in enumerate(secret.get("items") or []) if "mode" in item]
+            if secret.get("items") and all("mode" in item for item in secret["items"]):
+                modes = modes[1:]  # every file has its own mode: the default applies to none
+            for at, mode, by_default in modes:
+                readers = exposure(int(mode), owner=0, me=int(uid))
+                if readers is None:
+                    continue
+                root = " in a pod that runs as root" if uid == 0 else ""
+                note = " (Kubernetes' default)" if by_default else ""
+                yield Problem(file, obj, _dotted((*path, *at)),
+                              f"Secret {name} ({SECRET_FILES[name]}) is mounted with mode "
+                              f"{int(mode):04o}{note}{root}: {readers} can read it, and lambdalake "
+                              f"refuses such a file; set defaultMode: 0440 (a non-root pod reads it "
+                              f"through its fsGroup) or 0400 (a pod that runs as root)")
+
+
 POLICY_CHECKS = (private_key_problems, ray_port_problems, ray_auth_problems, mlflow_auth_problems,
-                 kafka_auth_problems, network_policy_problems)
+                 kafka_auth_problems, network_policy_problems, secret_mode_problems)
 
 
 def policy_problems(manifests: dict[str, list[Any]]) -> list[Problem]:

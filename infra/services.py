@@ -17,7 +17,7 @@ import sys
 import uuid
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -248,9 +248,12 @@ class KafkaService(Service):
         from kafka import KafkaAdminClient
         from kafka.errors import KafkaError
 
+        from lakehouse.streams import kafka_client_config
+
         try:
-            admin = KafkaAdminClient(
-                bootstrap_servers=f"{LOCALHOST}:{self.settings.kafka_port}",
+            admin = KafkaAdminClient(  # the broker this platform started, whatever else is listed
+                **{**kafka_client_config(self.settings),
+                   "bootstrap_servers": [f"{LOCALHOST}:{self.settings.kafka_port}"]},
                 request_timeout_ms=3000,
                 client_id="lambdalake-health",
             )
@@ -319,7 +322,7 @@ class RayService(Service):
         return f"ray://{self.settings.ray_address} (Serve http://{LOCALHOST}:{self.settings.serve_http_port})"
 
     def _env(self) -> dict[str, str]:
-        return ray_local_env()
+        return ray_local_env(self.settings)
 
     def processes(self) -> list[ManagedProcess]:
         port = self.gcs_port
@@ -380,22 +383,39 @@ class RayService(Service):
             raise ServiceError(self._failure(f"`serve start` failed:\n{result.stderr[-2000:]}"))
 
 
-def ray_local_env() -> dict[str, str]:
-    """Environment for processes that start or join the local Ray head.
+def ray_is_local(settings: Settings) -> bool:
+    """Whether the Ray head is this machine's: the one `lambdalake up` starts (manage_ray),
+    or one at a loopback address."""
+    address = settings.ray_address.removeprefix("ray://")
+    host = address.rsplit(":", 1)[0].strip("[]")
+    return settings.manage_ray or host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+
+
+def ray_local_env(settings: Settings | None = None, *,
+                  environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment for processes that start or join the local Ray head; nothing for a Ray
+    cluster elsewhere (`ray_is_local`), whose clients bring their own (a pod's
+    RAY_AUTH_MODE=token and RAY_AUTH_TOKEN). Without settings the head is taken to be local.
 
     Ray resolves "127.0.0.1" to the machine's outward address unless told that this is a
     single-machine cluster; the local platform talks only to loopback. Ray's token
     authentication is off for the same reason: with it on, every process that joins needs
     the token file Ray keeps in ~/.ray, state outside the platform's state dir that a
-    second platform (tests) or an older head can leave stale. A real cluster configures
-    its own authentication.
+    second platform (tests) or an older head can leave stale. A RAY_AUTH_MODE already in
+    `environ` (default: this process's environment) is never overridden: whoever set it
+    chose the head's and its clients' authentication.
     """
-    return {
+    if settings is not None and not ray_is_local(settings):
+        return {}
+    env = {
         "RAY_AUTH_MODE": "disabled",
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_DEDUP_LOGS": "0",
     }
+    if "RAY_AUTH_MODE" in (os.environ if environ is None else environ):
+        del env["RAY_AUTH_MODE"]
+    return env
 
 
 ServiceFactory = Callable[[Settings], Service]

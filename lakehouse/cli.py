@@ -133,9 +133,8 @@ def generate(
     config = settings()
     truth_path = truth or config.state_path / "generated" / f"truth-seed{seed}.parquet"
     truth_path.parent.mkdir(parents=True, exist_ok=True)
-    ensure_topics(config.kafka_bootstrap_servers, FRAUD_SPEC.topics,
-                  partitions=config.kafka_partitions)
-    kafka = producer(config.kafka_bootstrap_servers)
+    ensure_topics(config, FRAUD_SPEC.topics, partitions=config.kafka_partitions)
+    kafka = producer(config)
     try:
         summary = generate_and_produce(options, producer=kafka, rate=rate or None,
                                        progress=progress, truth_path=truth_path)
@@ -172,9 +171,11 @@ def batch_ingest(
     """Append every new Kafka record to the bronze Delta tables, exactly once."""
     from batch.ingest import ingest_topics
     from lakehouse.fraud import FRAUD_SPEC
+    from lakehouse.streams import spark_kafka_options
 
     config = settings()
     added = ingest_topics(_spark(), _lakehouse(), bootstrap_servers=config.kafka_bootstrap_servers,
+                          kafka_options=spark_kafka_options(config),
                           topics=topics or [FRAUD_SPEC.events.topic, FRAUD_SPEC.labels.topic],
                           max_offsets_per_trigger=max_offsets_per_trigger, echo=_echo)
     print(json.dumps({"ingested": [a.__dict__ for a in added]}))
@@ -275,11 +276,13 @@ def batch_run(
     from batch.ingest import ingest_topics
     from batch.views import compute_views
     from lakehouse.fraud import FRAUD_SPEC
+    from lakehouse.streams import spark_kafka_options
 
     config = settings()
     _cutoff_ms(label_cutoff)  # a bad value fails before Spark starts
     spark, lakehouse = _spark(), _lakehouse()
     added = ingest_topics(spark, lakehouse, bootstrap_servers=config.kafka_bootstrap_servers,
+                          kafka_options=spark_kafka_options(config),
                           topics=[FRAUD_SPEC.events.topic, FRAUD_SPEC.labels.topic],
                           max_offsets_per_trigger=max_offsets_per_trigger, echo=_echo)
     validated = _validate_all(spark, lakehouse)
@@ -322,10 +325,10 @@ def model_serve(alias: AliasOption = "champion") -> None:
 
     from infra.services import ray_local_env
 
-    os.environ.update(ray_local_env())  # before Ray is imported
+    config = settings()
+    os.environ.update(ray_local_env(config))  # before Ray is imported
     from speed.model_service import app_name, serve_on_ray
 
-    config = settings()
     service = _service_args(alias)
     _echo(f"deploying the model service ({alias}) on Ray at {config.ray_address}")
     info = serve_on_ray(config.ray_address, service)
@@ -370,7 +373,7 @@ def speed_run(
 
     from infra.services import ray_local_env
 
-    os.environ.update(ray_local_env())  # before Ray is imported
+    os.environ.update(ray_local_env(settings()))  # before Ray is imported
     import logging
 
     import ray

@@ -86,6 +86,23 @@ class Settings(BaseSettings):
         default="127.0.0.1:9092",
         description="Comma-separated host:port list of Kafka brokers.",
     )
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        default="PLAINTEXT",
+        description="How lambdalake's Kafka clients connect (Kafka's security.protocol); the "
+        "local broker speaks PLAINTEXT only.",
+    )
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        default=None, description="SASL mechanism of a SASL_* security protocol.",
+    )
+    kafka_sasl_username: str = Field(default="", description="SASL user of lambdalake's Kafka clients.")
+    kafka_sasl_password: SecretStr = Field(
+        default=SecretStr(""), description="SASL password of lambdalake's Kafka clients.",
+    )
+    kafka_ssl_cafile: Path | None = Field(
+        default=None,
+        description="PEM file of the CA certificates the brokers' TLS certificates are checked "
+        "against (SSL, SASL_SSL). Empty means the system's trust store.",
+    )
     kafka_partitions: int = Field(
         default=4, ge=1, le=1024, description="Partitions of topics lambdalake creates."
     )
@@ -307,6 +324,32 @@ class Settings(BaseSettings):
         raise ValueError(
             f"expected local[N], local[*], spark://host:port, k8s://url or yarn, got {value!r}"
         )
+
+    @model_validator(mode="after")
+    def _check_kafka_security(self) -> Settings:
+        protocol = self.kafka_security_protocol
+        sasl = {"kafka_sasl_mechanism": self.kafka_sasl_mechanism,
+                "kafka_sasl_username": self.kafka_sasl_username,
+                "kafka_sasl_password": self.kafka_sasl_password.get_secret_value()}
+        if protocol.startswith("SASL_"):
+            missing = tuple(name for name, value in sasl.items() if not value)
+            if missing:
+                raise CrossFieldError(missing, f"kafka_security_protocol {protocol} needs "
+                                      f"{', '.join(missing)} (the password is never shown)")
+        elif any(sasl.values()):
+            given = tuple(name for name, value in sasl.items() if value)
+            raise CrossFieldError(("kafka_security_protocol", *given),
+                                  f"{', '.join(given)} set but kafka_security_protocol {protocol} "
+                                  "sends no SASL credentials: use SASL_SSL or SASL_PLAINTEXT")
+        if self.kafka_ssl_cafile is not None and not protocol.endswith("SSL"):
+            raise CrossFieldError(("kafka_security_protocol", "kafka_ssl_cafile"),
+                                  f"kafka_ssl_cafile set but kafka_security_protocol {protocol} "
+                                  "uses no TLS: use SSL or SASL_SSL")
+        if self.manage_kafka and protocol != "PLAINTEXT":
+            raise CrossFieldError(("manage_kafka", "kafka_security_protocol"),
+                                  f"the broker `lambdalake up` starts (manage_kafka) speaks PLAINTEXT "
+                                  f"only, not {protocol}: set manage_kafka false to use your cluster")
+        return self
 
     @model_validator(mode="after")
     def _check_replicas(self) -> Settings:

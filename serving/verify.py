@@ -27,8 +27,10 @@ def topic_prefix(settings: Settings, topic: str, until: dict[int, int],
     """(partition, offset, value) of every record at or below `until[partition]`."""
     from kafka import KafkaConsumer, TopicPartition
 
-    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers.split(","),
-                             enable_auto_commit=False, max_poll_records=5000)
+    from lakehouse.streams import kafka_client_config
+
+    consumer = KafkaConsumer(**kafka_client_config(settings), enable_auto_commit=False,
+                             max_poll_records=5000)
     wanted = {p: o for p, o in until.items() if o >= 0}
     partitions = [TopicPartition(topic, p) for p in sorted(wanted)]
     consumer.assign(partitions)

@@ -111,6 +111,8 @@ class SpeedLayer:
     def _connect(self) -> None:
         from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
 
+        from lakehouse.streams import kafka_client_config
+
         layer = self
 
         class Listener(ConsumerRebalanceListener):
@@ -125,7 +127,7 @@ class SpeedLayer:
 
         lake.ensure_scored_table(self.lakehouse, self.schema)
         self._consumer = KafkaConsumer(
-            bootstrap_servers=self.settings.kafka_bootstrap_servers.split(","),
+            **kafka_client_config(self.settings),
             group_id=self.options.group_id,
             enable_auto_commit=False,
             # never jump silently: an offset Kafka no longer holds raises, `_missing_offsets`
@@ -135,8 +137,7 @@ class SpeedLayer:
             client_id=f"lambdalake-speed-{threading.get_native_id()}",
         )
         self._consumer.subscribe(topics=[self.topic], listener=Listener())
-        self._producer = KafkaProducer(
-            bootstrap_servers=self.settings.kafka_bootstrap_servers.split(","), acks="all", linger_ms=5)
+        self._producer = KafkaProducer(**kafka_client_config(self.settings), acks="all", linger_ms=5)
 
     def _missing_offsets(self, partition: int, wanted: int, oldest: int) -> int:
         """Kafka no longer holds offsets wanted..oldest-1 of a partition (retention deleted

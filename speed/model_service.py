@@ -19,8 +19,8 @@ Deploy with `lambdalake model serve`, or with a standard Serve config file:
         args: {tracking_uri: "http://127.0.0.1:5000", model_name: fraud,
                verify_key_pem: "-----BEGIN PUBLIC KEY-----..."}
 
-(or `verify_key_file: /path/to/key.pub` where the key is mounted, as in the KubeRay
-RayService `infra/k8s/ray-service.yaml`.)
+(or `verify_key_file: /path/to/key.pub` where the key is mounted, as on the KubeRay
+RayCluster's workers in `infra/k8s/ray-cluster.yaml`.)
 
 (`serve run config.yaml` / `serve deploy config.yaml`; `lambdalake model config` prints one
 for the current settings.)

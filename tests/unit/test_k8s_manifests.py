@@ -34,6 +34,8 @@ from infra.k8s import (
     serve_config_problems,
     settings_problems,
 )
+from infra.services import ray_local_env
+from lakehouse.config import load_settings
 from speed.model_service import ServiceArgs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -156,6 +158,26 @@ def test_lambdalake_settings_in_the_manifests_are_read_as_lambdalake_reads_them(
     assert "LAMBDALAKE_SPARK_MASTER" in problems[1][1]
 
 
+def test_kafka_security_settings_from_a_secret_count_as_set() -> None:
+    kafka = {"LAMBDALAKE_MANAGE_KAFKA": "false", "LAMBDALAKE_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+             "LAMBDALAKE_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512", "LAMBDALAKE_KAFKA_SASL_USERNAME": "airflow",
+             "LAMBDALAKE_KAFKA_SASL_PASSWORD": None}  # valueFrom.secretKeyRef
+    assert settings_problems(kafka) == []
+    del kafka["LAMBDALAKE_KAFKA_SASL_PASSWORD"]
+    (problem,) = settings_problems(kafka)
+    assert "LAMBDALAKE_KAFKA_SASL_PASSWORD" in problem[1]
+
+
+def test_the_airflow_task_pods_settings_are_checked_with_the_platforms(tmp_path) -> None:
+    for path in MANIFESTS_DIR.glob("*.yaml"):
+        (tmp_path / path.name).write_text(path.read_text())
+    values = (MANIFESTS_DIR / "airflow-values.yaml").read_text()
+    (tmp_path / "airflow-values.yaml").write_text(
+        values.replace("LAMBDALAKE_KAFKA_SASL_USERNAME", "LAMBDALAKE_KAFKA_SASL_USER", 1))
+    problems = [str(p) for p in check_manifests(tmp_path, crds_dir=CRDS_DIR)]
+    assert any("LAMBDALAKE_KAFKA_SASL_USER: is not a lambdalake setting" in p for p in problems), problems
+
+
 def test_airflow_chart_values_are_checked_against_airflows_own_config() -> None:
     values = yaml.safe_load((MANIFESTS_DIR / "airflow-values.yaml").read_text())
     assert airflow_values_problems(values) == []
@@ -234,13 +256,13 @@ def _env(container: dict[str, Any], name: str) -> dict[str, Any]:
 
 def _private_key_in_the_api(m: dict[str, list[Any]]) -> None:
     _pod(_find(m, "apps.yaml", "Deployment", "api"))["volumes"].append(
-        {"name": "signing", "secret": {"secretName": SIGNING_KEY_SECRET}})
+        {"name": "signing", "secret": {"secretName": SIGNING_KEY_SECRET, "defaultMode": 0o440}})
 
 
 def _private_key_on_the_ray_workers(m: dict[str, list[Any]]) -> None:
     volumes = _ray(m)["workerGroupSpecs"][0]["template"]["spec"]["volumes"]
     (volume,) = [v for v in volumes if v.get("secret", {}).get("secretName") == VERIFY_KEY_SECRET]
-    volume["secret"]["secretName"] = SIGNING_KEY_SECRET
+    volume["secret"].update(secretName=SIGNING_KEY_SECRET, defaultMode=0o440)
 
 
 def _private_key_as_env_of_the_speed_layer(m: dict[str, list[Any]]) -> None:
@@ -250,7 +272,7 @@ def _private_key_as_env_of_the_speed_layer(m: dict[str, list[Any]]) -> None:
 
 def _private_key_on_every_airflow_pod(m: dict[str, list[Any]]) -> None:
     m["airflow-values.yaml"][0].setdefault("volumes", []).append(
-        {"name": "signing", "secret": {"secretName": SIGNING_KEY_SECRET}})
+        {"name": "signing", "secret": {"secretName": SIGNING_KEY_SECRET, "defaultMode": 0o440}})
 
 
 def _dashboard_port_on_the_head(m: dict[str, list[Any]]) -> None:
@@ -319,6 +341,27 @@ def _no_policy_for_the_api(m: dict[str, list[Any]]) -> None:
     m["network-policies.yaml"].remove(_find(m, "network-policies.yaml", "NetworkPolicy", "api"))
 
 
+def _api_keys_readable_by_everyone(m: dict[str, list[Any]]) -> None:
+    (volume,) = _pod(_find(m, "apps.yaml", "Deployment", "api"))["volumes"]
+    volume["secret"]["defaultMode"] = 0o644
+
+
+def _signing_key_in_kubernetes_default_mode(m: dict[str, list[Any]]) -> None:
+    volumes = _find(m, "spark-batch.yaml", "SparkApplication", "lambdalake-batch")["spec"]["volumes"]
+    (volume,) = [v for v in volumes if v.get("secret", {}).get("secretName") == SIGNING_KEY_SECRET]
+    del volume["secret"]["defaultMode"]
+
+
+def _signing_key_item_readable_by_everyone(m: dict[str, list[Any]]) -> None:
+    volumes = m["airflow-values.yaml"][0]["workers"]["extraVolumes"]
+    (volume,) = [v for v in volumes if v.get("secret", {}).get("secretName") == SIGNING_KEY_SECRET]
+    volume["secret"]["items"] = [{"key": "model-signing.pem", "path": "model-signing.pem", "mode": 0o444}]
+
+
+def _api_as_root_with_group_readable_keys(m: dict[str, list[Any]]) -> None:
+    _pod(_find(m, "apps.yaml", "Deployment", "api"))["securityContext"]["runAsUser"] = 0
+
+
 @pytest.mark.parametrize(("mutate", "expected"), [
     (_private_key_in_the_api,
      f"apps.yaml: Deployment/api spec.template.spec.volumes[1].secret.secretName: references the "
@@ -379,6 +422,23 @@ def _no_policy_for_the_api(m: dict[str, list[Any]]) -> None:
      "apps.yaml: Deployment/api spec.template.metadata.labels: no NetworkPolicy selects these pods "
      "by their labels ({'app.kubernetes.io/name': 'api', 'app.kubernetes.io/part-of': 'lambdalake'}), "
      "so the default deny cuts them off: add a policy that allows what they connect to"),
+    (_api_keys_readable_by_everyone,
+     "apps.yaml: Deployment/api spec.template.spec.volumes[0].secret.defaultMode: Secret "
+     "lambdalake-api-keys (the API keys) is mounted with mode 0644: everyone can read it, and "
+     "lambdalake refuses such a file; set defaultMode: 0440 (a non-root pod reads it through its "
+     "fsGroup) or 0400 (a pod that runs as root)"),
+    (_signing_key_in_kubernetes_default_mode,
+     "spark-batch.yaml: SparkApplication/lambdalake-batch spec.volumes[0].secret: Secret "
+     "lambdalake-model-signing-key (the private model-signing key) is mounted with mode 0644 "
+     "(Kubernetes' default): everyone can read it"),
+    (_signing_key_item_readable_by_everyone,
+     "airflow-values.yaml: Airflow chart values workers.extraVolumes[0].secret.items[0].mode: Secret "
+     "lambdalake-model-signing-key (the private model-signing key) is mounted with mode 0444: "
+     "everyone can read it"),
+    (_api_as_root_with_group_readable_keys,
+     "apps.yaml: Deployment/api spec.template.spec.volumes[0].secret.defaultMode: Secret "
+     "lambdalake-api-keys (the API keys) is mounted with mode 0440 in a pod that runs as root: "
+     "its group can read it"),
 ])
 def test_each_policy_rule_reports_exactly_its_violation(manifests, mutate, expected) -> None:
     broken = copy.deepcopy(manifests)
@@ -398,3 +458,31 @@ def test_k8s_check_reports_a_policy_violation(tmp_path) -> None:
     (tmp_path / "kafka.yaml").write_text(kafka.replace("        authentication: {type: scram-sha-512}\n", "", 1))
     problems = [str(p) for p in check_manifests(tmp_path, crds_dir=CRDS_DIR)]
     assert len(problems) == 1 and "accepts clients without authentication" in problems[0], problems
+
+
+# --- Ray's token in a pod is the pod's, not the local platform's ---------------------------
+
+def test_the_local_platform_environment_applies_to_a_local_ray_head_only() -> None:
+    local = load_settings(manage_ray=True, ray_address="127.0.0.1:6379")
+    assert ray_local_env(local, environ={})["RAY_AUTH_MODE"] == "disabled"
+    own_head = load_settings(manage_ray=False, ray_address="localhost:6379")  # started by hand
+    assert ray_local_env(own_head, environ={})["RAY_AUTH_MODE"] == "disabled"
+    for remote in ("lambdalake-model-head-svc.lambdalake.svc:6379", "ray://10.0.0.7:10001"):
+        assert ray_local_env(load_settings(manage_ray=False, ray_address=remote), environ={}) == {}
+
+
+def test_an_explicit_ray_auth_mode_is_never_overridden() -> None:
+    local = load_settings(manage_ray=True, ray_address="127.0.0.1:6379")
+    env = ray_local_env(local, environ={"RAY_AUTH_MODE": "token"})
+    assert "RAY_AUTH_MODE" not in env and env["RAY_USAGE_STATS_ENABLED"] == "0"
+    assert "RAY_AUTH_MODE" not in ray_local_env(environ={"RAY_AUTH_MODE": "token"})  # no settings given
+
+
+def test_the_shipped_ray_clients_keep_their_pods_token(manifests) -> None:
+    config = _find(manifests, "platform.yaml", "ConfigMap", "lambdalake-config")["data"]
+    settings = load_settings(**{name[len("LAMBDALAKE_"):].lower(): value for name, value in config.items()})
+    for name in ("speed-layer", "api"):
+        container = _pod(_find(manifests, "apps.yaml", "Deployment", name))["containers"][0]
+        pod_env = {**config, **{e["name"]: e.get("value", "<from a Secret>") for e in container["env"]}}
+        assert pod_env["RAY_AUTH_MODE"] == "token"
+        assert ray_local_env(settings, environ=pod_env) == {}
