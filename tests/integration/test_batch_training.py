@@ -8,7 +8,6 @@ import dataclasses
 import json
 import math
 import uuid
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from lakehouse.fraud import CHARGEBACK_LABELS, FRAUD_SPEC, TRANSACTIONS
 from lakehouse.generator import GeneratorOptions, fraud_probability, generate, write_truth
 from lakehouse.streams import ensure_topics, producer
 from lakehouse.tables import Lakehouse
+from tests.oracle import fraud_features, kafka_arrival, point_in_time_states
 
 pytestmark = pytest.mark.integration
 
@@ -88,48 +88,24 @@ def _silver_events(spark, prepared: Prepared) -> list[dict[str, Any]]:  # type: 
     return events
 
 
-def _by_hand(events: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
-    """Each event's view states from the events strictly before it, computed without
-    lakehouse.features: users by Kafka offset (brute force over the user's history),
-    merchants by (event time, partition, offset) with running totals."""
-    states: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
-    by_user: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    by_merchant: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for e in events:
-        by_user[e["user_id"]].append(e)
-        by_merchant[e["merchant_id"]].append(e)
-    for history in by_user.values():
-        history.sort(key=lambda e: (e["partition"], e["offset"]))
-        for i, e in enumerate(history):
-            before = history[:i]
-            amounts = [x["amount"] for x in before]
-            states[e["event_id"]]["user_all"] = {
-                "count": len(before), "amount_sum": sum(amounts),
-                "amount_sum_sq": sum(a * a for a in amounts), "amount_max": max(amounts, default=None)}
-            for view, minutes, buckets in (("user_10m", 1, 10), ("user_24h", 60, 24)):
-                width = minutes * 60_000
-                mine = e["event_time"] // width
-                inside = [x for x in before if mine - buckets < x["event_time"] // width <= mine]
-                states[e["event_id"]][view] = {"count": len(inside),
-                                               "amount_sum": sum(x["amount"] for x in inside)}
-    for history in by_merchant.values():
-        history.sort(key=lambda e: (e["event_time"], e["partition"], e["offset"]))
-        count = total = squares = 0
-        for e in history:
-            states[e["event_id"]]["merchant_all"] = {
-                "count": count, "amount_sum": total, "amount_sum_sq": squares}
-            count, total, squares = count + 1, total + e["amount"], squares + e["amount"] ** 2
-    return states
+def _oracle_states(spec: Any, events: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Each event's view states from the events of its entities that arrived before it, by
+    the test oracle (never lakehouse.features): users by Kafka offset, merchants by (event
+    time, partition, offset)."""
+    states = point_in_time_states(spec.views, events, spec.events.time_field,
+                                  arrival=kafka_arrival(spec))
+    return {e["event_id"]: before for e, before in zip(events, states, strict=True)}
 
 
 def test_training_features_are_point_in_time(spark, prepared: Prepared) -> None:  # type: ignore[no-untyped-def]
-    """Every training vector equals the spec's model inputs over the events strictly
-    before it, recomputed here by hand; and where a user's history has no late event
-    (arrival order = event-time order), the generator's true probability of the features
-    equals p_true: the platform's features are the ones the labels were drawn from."""
+    """Every training vector equals the model inputs over the events strictly before it,
+    recomputed by the test oracle (states and inputs by hand); and where a user's history
+    has no late event (arrival order = event-time order), the generator's true probability
+    of the features equals p_true: the platform's features are the ones the labels were
+    drawn from."""
     events = _silver_events(spark, prepared)
     by_id = {e["event_id"]: e for e in events}
-    expected_states = _by_hand(events)
+    expected_states = _oracle_states(prepared.spec, events)
     rows = spark.read.format("delta").option("versionAsOf", prepared.training_set.version).load(
         prepared.training_set.path).collect()
     assert len(rows) == prepared.training_set.rows > 0.9 * EVENTS
@@ -138,7 +114,7 @@ def test_training_features_are_point_in_time(spark, prepared: Prepared) -> None:
     checked_truth = first_events = 0
     for row in rows:
         event = by_id[row["event_id"]]
-        expected = FRAUD_SPEC.features(expected_states[row["event_id"]], event)
+        expected = fraud_features(expected_states[row["event_id"]], event)
         got = [row[n] for n in names]
         assert got == expected, (row["event_id"], dict(zip(names, got)), dict(zip(names, expected)))
         first_events += expected_states[row["event_id"]]["user_all"]["count"] == 0

@@ -1,11 +1,10 @@
-"""Batch views against an independent recomputation in plain Python over the same events,
+"""Batch views against the test oracle's plain recomputation over the same events,
 and the publish step: readers see only complete runs, with their boundary."""
 
 from __future__ import annotations
 
 import dataclasses
 import uuid
-from collections import defaultdict
 from decimal import Decimal
 
 import pytest
@@ -18,19 +17,9 @@ from lakehouse.fraud import FRAUD_SPEC, TRANSACTIONS
 from lakehouse.generator import GeneratorOptions, generate
 from lakehouse.streams import ensure_topics, producer
 from lakehouse.tables import Lakehouse
+from tests.oracle import view_states
 
 pytestmark = pytest.mark.integration
-
-
-def _recompute(events: list[dict], view) -> dict:  # type: ignore[no-untyped-def,type-arg]
-    """The view by hand: monoid states per (entity, bucket), no Spark involved."""
-    states: dict = defaultdict(dict)  # type: ignore[type-arg]
-    for event in events:
-        key = (event[view.entity], view.bucket_of(event["event_time"]))
-        for name, aggregation in view.aggregations.items():
-            lifted = aggregation.lift(event)
-            states[key][name] = aggregation.plus(states[key].get(name, aggregation.zero), lifted)
-    return dict(states)
 
 
 def test_batch_views_equal_an_independent_recomputation(spark, platform: Settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -62,7 +51,7 @@ def test_batch_views_equal_an_independent_recomputation(spark, platform: Setting
     assert run.row_counts["events"] == len(valid)
 
     for view in spec.views:
-        expected = _recompute(list(valid.values()), view)
+        expected = view_states(view, valid.values(), spec.events.time_field)
         rows = read_view(spark, lakehouse, run, view.name).collect()
         got = {
             (r[view.entity], r[BUCKET]): {

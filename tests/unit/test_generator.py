@@ -36,6 +36,7 @@ from lakehouse.generator import (
     write_truth,
 )
 from lakehouse.spec import format_timestamp_ms
+from tests.oracle import fraud_model_inputs, point_in_time_states
 
 NOISY = dict(malformed_fraction=0.02, duplicate_fraction=0.02, late_fraction=0.03)
 
@@ -198,23 +199,11 @@ def test_compromised_cards_burst(transactions: list[Message]) -> None:
 
 
 def point_in_time_features(records: list[dict[str, Any]]) -> Iterator[dict[str, float]]:
-    """The model inputs of each record, from the spec's views over the earlier records
-    (records in event-time order): an independent, slow reference."""
-    buckets: dict[tuple[str, Any, int], dict[str, Any]] = {}
-    for record in records:
-        states = {}
-        for view in FRAUD_SPEC.views:
-            state = {name: a.zero for name, a in view.aggregations.items()}
-            for bucket in view.window_buckets_of(record["event_time"]):
-                found = buckets.get((view.name, record[view.entity], bucket))
-                if found is not None:
-                    state = {n: a.plus(state[n], found[n]) for n, a in view.aggregations.items()}
-            states[view.name] = state
-        yield dict(zip(FRAUD_SPEC.feature_names, FRAUD_SPEC.features(states, record)))
-        for view in FRAUD_SPEC.views:
-            slot = (view.name, record[view.entity], view.bucket_of(record["event_time"]))
-            old = buckets.get(slot, {n: a.zero for n, a in view.aggregations.items()})
-            buckets[slot] = {n: a.plus(old[n], a.lift(record)) for n, a in view.aggregations.items()}
+    """The model inputs of each record from the earlier records (in the order given), by the
+    test oracle: plain states and inputs written out by hand, not the spec's fold."""
+    states = point_in_time_states(FRAUD_SPEC.views, records, TRANSACTIONS.time_field)
+    for record, before in zip(records, states, strict=True):
+        yield fraud_model_inputs(before, record)
 
 
 def test_p_true_is_a_function_of_the_model_inputs() -> None:

@@ -16,12 +16,12 @@ import pyarrow as pa
 import pytest
 
 from batch.views import BUCKET
-from lakehouse.features import ViewStates
 from lakehouse.fraud import FRAUD_SPEC
 from lakehouse.generator import GeneratorOptions, generate
 from lakehouse.tables import BatchRun, Lakehouse, publish_run
 from serving.duck import DuckEngine, SqlError, SqlTimeout, gold_schema
 from speed import lake
+from tests.oracle import states_by_view, window_states
 
 GROUP, PARTITIONS = "speed-test", 4
 SPEC = FRAUD_SPEC
@@ -48,27 +48,14 @@ def stream(events: int = 900, seed: int = 5) -> list[Arrived]:
     return out
 
 
+def covered(arrived: list[Arrived], coverage: dict[int, int]) -> list[dict[str, Any]]:
+    """The events at or below `coverage[partition]`."""
+    return [a.event for a in arrived if a.offset <= coverage.get(a.partition, -1)]
+
+
 def recompute(arrived: list[Arrived], coverage: dict[int, int]) -> dict[str, dict[tuple[Any, int], dict[str, int]]]:
-    """Every view's states per (entity, bucket) over the covered events, by hand."""
-    out: dict[str, dict[tuple[Any, int], dict[str, int]]] = {}
-    for view in SPEC.views:
-        states: dict[tuple[Any, int], dict[str, int]] = {}
-        for a in arrived:
-            if a.offset > coverage.get(a.partition, -1):
-                continue
-            t = a.event["event_time"]
-            bucket = t - t % view.bucket_ms if view.bucket_ms else 0
-            s = states.setdefault((a.event[view.entity], bucket), {})
-            for name, agg in view.aggregations.items():
-                value = 1 if agg.kind == "count" else a.event[agg.field]
-                if agg.kind == "sum_sq":
-                    value = value * value
-                if agg.kind == "max":
-                    s[name] = max(s.get(name, value), value)
-                else:
-                    s[name] = s.get(name, 0) + value
-        out[view.name] = states
-    return out
+    """Every view's states per (entity, bucket) over the covered events, by the test oracle."""
+    return states_by_view(SPEC.views, covered(arrived, coverage), SPEC.events.time_field)
 
 
 def merged_states(engine: DuckEngine) -> dict[str, dict[tuple[Any, int], dict[str, int]]]:
@@ -91,13 +78,10 @@ class Lake:
         from deltalake import write_deltalake
 
         versions = {}
+        tables = recompute(arrived, boundary)  # the oracle's states: never the fold under test
         for view in SPEC.views:
-            table = ViewStates(view)
-            for a in arrived:
-                if a.offset <= boundary.get(a.partition, -1):
-                    table.add(a.event, "event_time")
-            rows = [{view.entity: entity, BUCKET: bucket, **state,
-                     "batch_run_id": f"run-{self.runs}"} for (entity, bucket), state in table.items()]
+            rows = [{view.entity: entity, BUCKET: bucket, **state, "batch_run_id": f"run-{self.runs}"}
+                    for (entity, bucket), state in tables[view.name].items()]
             write_deltalake(self.lakehouse.gold(view.name),
                             pa.Table.from_pylist(rows, schema=gold_schema(SPEC, view)), mode="overwrite")
             from deltalake import DeltaTable
@@ -254,19 +238,18 @@ def test_other_groups_and_windows(setup: tuple[Lake, DuckEngine, list[Arrived]])
         assert profile[user]["std_amount"] == pytest.approx(std)
 
 
-def test_entity_states_are_the_speed_layers_fold(setup: tuple[Lake, DuckEngine, list[Arrived]]) -> None:
+def test_entity_states_equal_a_recomputation(setup: tuple[Lake, DuckEngine, list[Arrived]]) -> None:
+    """What /predict reads for an event: each view's states over its window, as recomputed."""
     written, engine, arrived = setup
     b = positions(arrived, 0.5)
     written.publish_run(arrived, b)
     written.score(between(arrived, b, positions(arrived, 1.0)))
     engine.refresh()
-    tables = [ViewStates(v) for v in SPEC.views]
-    for a in arrived:
-        for t in tables:
-            t.add(a.event, "event_time")
+    tables = recompute(arrived, positions(arrived, 1.0))
     probe = dict(arrived[-1].event, event_time=arrived[-1].event["event_time"] + 1)
     found = engine.entity_states(probe)
-    assert found.states == {t.view.name: t.read(probe[t.view.entity], probe["event_time"]) for t in tables}
+    assert found.states == {v.name: window_states(v, tables[v.name], probe[v.entity], probe["event_time"])
+                            for v in SPEC.views}
     assert found.unknown == [] and found.snapshot["batch_run_id"] == "run-1"
     stranger = dict(probe, user_id="nobody", merchant_id="nowhere")
     unknown = engine.entity_states(stranger)
