@@ -34,9 +34,11 @@ def _spark(settings: Settings):  # type: ignore[no-untyped-def]
 
 def ingest(settings: Settings, spec: PlatformSpec, echo: Echo = _print) -> dict[str, Any]:
     from batch.ingest import ingest_topics
+    from lakehouse.streams import spark_kafka_options
 
     added = ingest_topics(_spark(settings), Lakehouse(settings.delta_uri),
                           bootstrap_servers=settings.kafka_bootstrap_servers,
+                          kafka_options=spark_kafka_options(settings),
                           topics=[spec.events.topic, spec.labels.topic], echo=echo)
     return {a.topic: a.rows for a in added}
 
@@ -102,7 +104,7 @@ def roll_out(settings: Settings, trained: dict[str, Any], echo: Echo = _print,
     until its registry poller has swapped the new champion in."""
     from infra.services import ray_local_env
 
-    os.environ.update(ray_local_env())  # before Ray is imported
+    os.environ.update(ray_local_env(settings))  # before Ray is imported
     import ray
     from ray import serve
 
@@ -143,4 +145,6 @@ def maintenance(settings: Settings, spec: PlatformSpec, echo: Echo = _print) -> 
     from lakehouse.maintenance import maintain
 
     return [asdict(u) for u in maintain(Lakehouse(settings.delta_uri), spec,
-                                        retention_hours=settings.delta_vacuum_retention_hours, echo=echo)]
+                                        retention_hours=settings.delta_vacuum_retention_hours,
+                                        allow_unsafe_retention=settings.delta_vacuum_allow_unsafe_retention,
+                                        echo=echo)]

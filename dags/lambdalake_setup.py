@@ -33,7 +33,7 @@ def lambdalake_setup() -> None:
         from lakehouse.streams import ensure_topics
 
         settings = load_settings()
-        ensure_topics(settings.kafka_bootstrap_servers, FRAUD_SPEC.topics,
+        ensure_topics(settings, FRAUD_SPEC.topics,
                       partitions=settings.kafka_partitions)
         return list(FRAUD_SPEC.topics)
 

@@ -82,6 +82,7 @@ def run_demo(settings: Settings, spec: PlatformSpec, *, events: int, stream: int
                         progress=True, total_events=events).messages
     kafka.close()
     timings["generate_s"] = round(time.monotonic() - phase, 1)
+    at_batch = _topic_counts(settings, spec)  # what the batch DAG's ingest finds
 
     echo("2/5 batch layer and training through Airflow (lambdalake_batch, lambdalake_train)")
     airflow = AirflowClient(settings)
@@ -156,6 +157,7 @@ def run_demo(settings: Settings, spec: PlatformSpec, *, events: int, stream: int
     counts = {
         "generated_messages": generated + streamed,
         "kafka_events": topics[spec.events.topic], "kafka_labels": topics[spec.labels.topic],
+        "kafka_events_at_batch": at_batch[spec.events.topic],
         "kafka_dlq": topics[spec.topics[2]],
         "bronze_events": _table_rows(lakehouse.bronze(spec.events.topic)),
         "silver_events": _table_rows(lakehouse.silver(spec.events.name)),
@@ -167,6 +169,7 @@ def run_demo(settings: Settings, spec: PlatformSpec, *, events: int, stream: int
                                     ).json()["rows"][0]["n"],
     }
     summary = {
+        "seed": seed,
         "counts": counts,
         "exact_merge": {"passed": exact["ok"], "valid_events": exact["valid_events"],
                         "states": sum(v["states"] for v in exact["views"].values()),

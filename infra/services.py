@@ -503,7 +503,9 @@ class Platform:
 
     def status(self) -> list[Health]:
         """Every service, and the apps that run."""
-        return [s.health() for s in self.services] + [a.health() for a in self.apps if a.pids()]
+        # an app with a state file is supervised (maybe down or restarting): always listed
+        return [s.health() for s in self.services] + [a.health() for a in self.apps
+                                                     if a.pids() or a.state_path.exists()]
 
     def down(self, *, echo: Callable[[str], None] = lambda line: None) -> None:
         """Stop every service; raise if one of our ports still listens afterwards."""

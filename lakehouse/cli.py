@@ -425,9 +425,9 @@ def sql(
     except SqlError as exc:
         err.print(f"[red]query refused:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from None
-    from serving.api import jsonable
+    from serving.api import json_rows
 
-    rows = [jsonable(r) for r in table.to_pylist()]
+    rows = json_rows(table)
     if as_json:
         for row in rows:
             print(json.dumps(row))

@@ -120,7 +120,7 @@ class Settings(BaseSettings):
 
     batch_max_failure_rate: float = Field(
         default=0.05, ge=0.0, le=1.0,
-        description="A validation run whose share of invalid records exceeds this fails.",
+        description="A validation slice whose share of invalid records exceeds this is refused, unwritten, until `lambdalake batch accept`.",
     )
 
     # --- Ray / Ray Serve -----------------------------------------------------------------

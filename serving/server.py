@@ -48,7 +48,7 @@ def build_serving(settings: Settings, spec: PlatformSpec, *, lakehouse: Lakehous
     from infra.services import ray_local_env
     from speed.model_service import app_name
 
-    os.environ.update(ray_local_env())  # before Ray is imported: it reads them then
+    os.environ.update(ray_local_env(settings))  # before Ray is imported: it reads them then
     import ray
 
     if not ray.is_initialized():

@@ -1,8 +1,10 @@
 """The exact-merge check (DESIGN.md invariant 1), runnable against a live platform.
 
 Reads the events topic itself from the beginning up to the merged views' coverage, keeps
-the valid, first-seen events (the spec's validation, deduplicated by event id in arrival
-order, as the batch and speed layers do), folds them with the monoids per (entity, bucket),
+the valid, first-seen events (the spec's validation with each record's Kafka key and
+timestamp, deduplicated by (key entity, id) in arrival order, as the batch and speed layers
+do), recomputes their states per (entity, bucket) in plain Python (`lakehouse.recompute`,
+not the monoids' fold that the layers share, so a bug in that fold cannot hide itself here),
 and compares every state with `merged.<view>_states` of a fresh DuckDB snapshot. Any
 difference is reported; there should be none, whatever the boundary, the speed layer's lag
 or the crashes before.
@@ -16,15 +18,15 @@ from typing import Any
 
 from lakehouse.config import Settings
 from lakehouse.errors import ValidationError
-from lakehouse.features import ViewStates
+from lakehouse.recompute import states_by_view
 from lakehouse.spec import PlatformSpec
 from lakehouse.tables import Lakehouse
 from serving.duck import DuckEngine
 
 
 def topic_prefix(settings: Settings, topic: str, until: dict[int, int],
-                 echo: Callable[[str], None] = lambda line: None) -> list[tuple[int, int, bytes]]:
-    """(partition, offset, value) of every record at or below `until[partition]`."""
+                 echo: Callable[[str], None] = lambda line: None) -> list[tuple[int, int, Any]]:
+    """(partition, offset, record) of every record at or below `until[partition]`."""
     from kafka import KafkaConsumer, TopicPartition
 
     from lakehouse.streams import kafka_client_config
@@ -36,14 +38,14 @@ def topic_prefix(settings: Settings, topic: str, until: dict[int, int],
     consumer.assign(partitions)
     for tp in partitions:
         consumer.seek_to_beginning(tp)
-    out: list[tuple[int, int, bytes]] = []
+    out: list[tuple[int, int, Any]] = []
     pending = set(wanted)
     deadline = time.monotonic() + 600
     while pending and time.monotonic() < deadline:
         for tp, records in consumer.poll(timeout_ms=1000).items():
             for r in records:
                 if r.offset <= wanted[tp.partition]:
-                    out.append((tp.partition, r.offset, r.value))
+                    out.append((tp.partition, r.offset, r))
             if records and records[-1].offset >= wanted[tp.partition]:
                 pending.discard(tp.partition)
                 consumer.pause(tp)
@@ -61,28 +63,27 @@ def check_exact_merge(settings: Settings, spec: PlatformSpec, *, lakehouse: Lake
     snapshot = engine.refresh()
     records = topic_prefix(settings, spec.events.topic, snapshot.coverage, echo)
     records.sort(key=lambda r: (r[0], r[1]))
-    tables = [ViewStates(view) for view in spec.views]
-    seen: set[str] = set()
-    valid = 0
-    for _, _, value in records:
+    seen: set[tuple[Any, Any]] = set()
+    events: list[dict[str, Any]] = []
+    for _, _, record in records:
         try:
-            event = spec.events.parse(value)
+            event = spec.events.parse(record.value, key=record.key,
+                                      arrival_ms=record.timestamp if record.timestamp >= 0 else None)
         except ValidationError:
             continue
-        if event[spec.events.id_field] in seen:
+        if spec.events.dedup_key(event) in seen:
             continue
-        seen.add(event[spec.events.id_field])
-        valid += 1
-        for table in tables:
-            table.add(event, spec.events.time_field)
+        seen.add(spec.events.dedup_key(event))
+        events.append(event)
+    valid = len(events)
+    recomputed = states_by_view(spec.views, events, spec.events.time_field)
     views: dict[str, Any] = {}
-    for table in tables:
-        view = table.view
+    for view in spec.views:
         names = list(view.aggregations)
         merged = {
             (r[view.entity], r["bucket_start_ms"]): {n: None if r[n] is None else int(r[n]) for n in names}
             for r in engine.query(f"SELECT * FROM merged.{view.name}_states", row_cap=10**9).table.to_pylist()}
-        expected = dict(table.items())
+        expected = recomputed[view.name]
         differing = [k for k in expected.keys() | merged.keys() if expected.get(k) != merged.get(k)]
         views[view.name] = {"states": len(expected), "mismatches": len(differing),
                             "examples": [str(k) for k in differing[:3]]}

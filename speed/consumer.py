@@ -10,7 +10,12 @@ micro-batch (bounded by `max_batch` records and `max_wait_ms`):
    topic/partition/offset in the headers. A value larger than `dlq_max_value_bytes` is
    stored truncated, its original size and SHA-256 in the headers (bronze keeps it whole).
    Every DLQ delivery is acknowledged before anything of the batch is committed: a failed
-   one stops the layer (ServiceError) with nothing committed, so the batch is replayed;
+   one stops the layer (ServiceError) with nothing committed, so the batch is replayed.
+   Each source partition's DLQ records go to one DLQ partition (source partition modulo
+   the DLQ's partitions), and each Kafka offset commit records, in its metadata, where in
+   that DLQ partition records of later offsets can start; a member taking a partition over
+   reads the DLQ from there and does not send again what a crashed predecessor delivered
+   before its commit. So each (partition, offset) reaches the DLQ exactly once;
 2. computes each valid event's features in offset order from `SpeedState` (the adopted
    batch run's views ⊕ the increments after its boundary), then folds the event in;
 3. scores the batch through the model service's deployment handle (the `/predict` path);
@@ -96,6 +101,10 @@ class SpeedLayer:
         # partition → (key entity, id) of the events scored from it: a later copy goes to the DLQ
         self.seen: dict[int, set[tuple[Any, Any]]] = {}
         self._dlq_sent: list[Any] = []  # this batch's DLQ deliveries, acknowledged before commit
+        self._dlq_partitions = 0  # of the DLQ topic, known at the first send
+        self._dlq_from: dict[int, int] = {}  # DLQ partition → offset later records land at or after
+        self._dlq_done: dict[int, set[int]] = {}  # source partition → offsets already in the DLQ
+        self._dlq_pending: dict[int, int] = {}  # assigned partitions whose DLQ is not read yet → resume
         self._pending_run: tuple[Any, SpeedState] | None = None
         self._loading = False
         self._last_run_check = 0.0
@@ -139,6 +148,63 @@ class SpeedLayer:
         self._consumer.subscribe(topics=[self.topic], listener=Listener())
         self._producer = KafkaProducer(**kafka_client_config(self.settings), acks="all", linger_ms=5)
 
+    def _dlq_partition(self, source_partition: int) -> int:
+        if not self._dlq_partitions:
+            self._dlq_partitions = len(self._producer.partitions_for(self.dlq_topic))
+        return source_partition % self._dlq_partitions
+
+    def _recover_dlq(self, partitions: set[int], resume: dict[int, int]) -> None:
+        """The offsets at or above each resume point that a predecessor (this group, a crashed
+        or revoked member) already delivered to the DLQ: they are not sent again. Reads each
+        DLQ partition from where the group's last offset commit said later records start
+        (the DLQ's beginning before the first commit): one micro-batch's worth, not the DLQ's
+        history."""
+        from kafka import KafkaConsumer, TopicPartition
+
+        from lakehouse.streams import kafka_client_config
+
+        starts: dict[int, int] = {}
+        for p in partitions:
+            committed = self._consumer.committed(TopicPartition(self.topic, p), metadata=True)
+            try:
+                start = int(json.loads(committed.metadata)["dlq_from"]) if committed else 0
+            except (ValueError, KeyError, TypeError):
+                start = 0
+            d = self._dlq_partition(p)
+            starts[d] = min(starts.get(d, start), start)
+            self._dlq_done[p] = set()
+        reader = KafkaConsumer(**kafka_client_config(self.settings), enable_auto_commit=False,
+                               max_partition_fetch_bytes=4 * 1024 * 1024)
+        try:
+            tps = {d: TopicPartition(self.dlq_topic, d) for d in starts}
+            reader.assign(list(tps.values()))
+            ends = reader.end_offsets(list(tps.values()))
+            oldest = reader.beginning_offsets(list(tps.values()))
+            for d, tp in tps.items():
+                self._dlq_from[d] = max(self._dlq_from.get(d, 0), ends[tp])
+                reader.seek(tp, max(starts[d], oldest[tp]))
+            deadline = time.monotonic() + 120
+            while any(reader.position(tp) < ends[tp] for tp in tps.values()):
+                if time.monotonic() > deadline:
+                    raise ServiceError(f"the DLQ topic {self.dlq_topic!r} could not be read to its end")
+                for records in reader.poll(timeout_ms=1000).values():
+                    for r in records:
+                        h = dict(r.headers)
+                        try:
+                            source = int(h.get("source_partition", b"-1"))
+                            offset = int(h.get("source_offset", b"-1"))
+                        except ValueError:
+                            continue
+                        if (source in partitions and offset >= resume[source]
+                                and h.get("source_topic") == self.topic.encode()
+                                and h.get("consumer_group") == self.options.group_id.encode()):
+                            self._dlq_done[source].add(offset)
+        finally:
+            reader.close()
+        found = {p: len(o) for p, o in self._dlq_done.items() if o}
+        if found:
+            log.info(json.dumps({"event": "dlq_recovered", "already_delivered": found}))
+
     def _missing_offsets(self, partition: int, wanted: int, oldest: int) -> int:
         """Kafka no longer holds offsets wanted..oldest-1 of a partition (retention deleted
         them before this group scored them): fail with the numbers, or, with the "skip"
@@ -174,12 +240,12 @@ class SpeedLayer:
         self.owned |= partitions
         self._idle_since = time.monotonic()
         resume = lake.resume_offsets(self.lakehouse, self.options.group_id, self.topic, sorted(self.owned))
-        oldest = self._consumer.beginning_offsets([TopicPartition(self.topic, p) for p in partitions])
+        # Only local calls here: the callback runs inside kafka-python's network loop. A resume
+        # offset Kafka no longer holds surfaces in the next poll (`_poll`), and the DLQ is read
+        # (`_recover_dlq`) before any record of these partitions is processed.
         for p in partitions:
-            held = oldest[TopicPartition(self.topic, p)]
-            if resume[p] < held:
-                resume[p] = self._missing_offsets(p, resume[p], held)
             self._consumer.seek(TopicPartition(self.topic, p), resume[p])
+            self._dlq_pending[p] = resume[p]
         self.state = self._rebuild(resume)
         self._pending_run = None
         metrics.OWNED_PARTITIONS.set(len(self.owned))
@@ -255,6 +321,9 @@ class SpeedLayer:
         try:
             while not stop.is_set():
                 polled = self._poll()
+                if self._dlq_pending:
+                    pending, self._dlq_pending = self._dlq_pending, {}
+                    self._recover_dlq(set(pending), pending)
                 self._check_for_new_run()
                 records = [r for tp_records in polled.values() for r in tp_records]
                 if not records:
@@ -294,6 +363,7 @@ class SpeedLayer:
         return time.monotonic() - self._idle_since > allowed
 
     def _process(self, records: list[Any]) -> None:
+        from kafka.errors import CommitFailedError
         from kafka.structs import OffsetAndMetadata, TopicPartition
 
         started = time.perf_counter()
@@ -349,8 +419,16 @@ class SpeedLayer:
                                      group=self.options.group_id, topic=self.topic)
         if written < len(rows):  # another member owns these partitions now and wrote them
             log.warning(json.dumps({"event": "stale_rows_skipped", "rows": len(rows) - written}))
-        self._consumer.commit({TopicPartition(self.topic, p): OffsetAndMetadata(o + 1, "", -1)
-                               for p, o in last.items()})
+        # where this group's DLQ records of later offsets can start (see `_recover_dlq`)
+        try:
+            self._consumer.commit({
+                TopicPartition(self.topic, p): OffsetAndMetadata(
+                    o + 1, json.dumps({"dlq_from": self._dlq_from.get(self._dlq_partition(p), 0)}), -1)
+                for p, o in last.items()})
+        except CommitFailedError:  # the group rebalanced while this batch ran (a stalled member)
+            log.warning(json.dumps({"event": "offset_commit_refused", "partitions": sorted(last),
+                                    "why": "the group rebalanced; Delta's app transactions decide "
+                                           "where each partition resumes"}))
         committed = time.time()
         if self.on_commit is not None:
             self.on_commit(rows, committed)
@@ -387,10 +465,13 @@ class SpeedLayer:
         raise AssertionError("unreachable")
 
     def _to_dlq(self, record: Any, reasons: list[str]) -> None:
+        if record.offset in self._dlq_done.get(record.partition, ()):
+            return  # delivered by a predecessor that crashed before its commit
         value = record.value
         headers = [("source_topic", record.topic.encode()),
                    ("source_partition", str(record.partition).encode()),
-                   ("source_offset", str(record.offset).encode())]
+                   ("source_offset", str(record.offset).encode()),
+                   ("consumer_group", self.options.group_id.encode())]
         limit = self.options.dlq_max_value_bytes
         if value is not None and len(value) > limit:
             headers += [("original_size", str(len(value)).encode()),
@@ -400,7 +481,8 @@ class SpeedLayer:
             value = value[:limit]
         key = record.key if record.key is None or len(record.key) <= 1024 else record.key[:1024]
         self._dlq_sent.append(self._producer.send(
-            self.dlq_topic, key=key, value=value, headers=[("reason", "; ".join(reasons).encode()), *headers]))
+            self.dlq_topic, key=key, value=value, partition=self._dlq_partition(record.partition),
+            headers=[("reason", "; ".join(reasons).encode()), *headers]))
 
     def _await_dlq(self) -> None:
         """Every DLQ record of this batch acknowledged, or ServiceError before any commit."""
@@ -412,6 +494,9 @@ class SpeedLayer:
             raise ServiceError(f"{len(failed)} of {len(sent)} DLQ records of this micro-batch were not "
                                f"delivered to {self.dlq_topic!r} ({first!r}); nothing of the batch was "
                                "committed: it is consumed again on restart")
+        for future in sent:
+            placed = future.value  # RecordMetadata of the acknowledged record
+            self._dlq_from[placed.partition] = max(self._dlq_from.get(placed.partition, 0), placed.offset + 1)
 
     def _report_lag(self) -> None:
         from kafka import TopicPartition

@@ -96,17 +96,24 @@ def scored(stream: Stream) -> list[dict[str, Any]]:
     return DeltaTable(stream.lakehouse.scored_events).to_pyarrow_table().to_pylist()
 
 
-def dlq_messages(stream: Stream, expected: int) -> list[Any]:
-    from kafka import KafkaConsumer
+def read_dlq(stream: Stream) -> list[Any]:
+    """Every record of the stream's DLQ topic, up to its end offsets (never stopping at an
+    expected count, so a record delivered twice is seen)."""
+    from kafka import KafkaConsumer, TopicPartition
 
-    consumer = KafkaConsumer(f"{stream.topic}.dlq", bootstrap_servers=stream.settings.kafka_bootstrap_servers,
-                             auto_offset_reset="earliest", consumer_timeout_ms=5000,
-                             group_id=f"dlq-reader-{uuid.uuid4().hex[:6]}")
-    out = []
-    for record in consumer:
-        out.append(record)
-        if len(out) >= expected:
-            break
+    topic = f"{stream.topic}.dlq"
+    consumer = KafkaConsumer(bootstrap_servers=stream.settings.kafka_bootstrap_servers,
+                             enable_auto_commit=False, max_partition_fetch_bytes=2 * 1024 * 1024)
+    partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+    consumer.assign(partitions)
+    consumer.seek_to_beginning(*partitions)
+    ends = consumer.end_offsets(partitions)
+    out: list[Any] = []
+    deadline = time.monotonic() + 120
+    while any(consumer.position(tp) < ends[tp] for tp in partitions):
+        assert time.monotonic() < deadline, "the DLQ topic could not be read to its end"
+        for records in consumer.poll(timeout_ms=1000).values():
+            out.extend(records)
     consumer.close()
     return out
 

@@ -181,3 +181,35 @@ def test_later_slices_route_each_record_to_exactly_one_place(spark, platform: Se
     expected_duplicates = sum(1 for m in second if m.kind == "duplicate") + len(resent)
     assert summary.duplicates == expected_duplicates
     assert summary.silver_rows == len({m.event_id for m in second if m.kind in ("valid", "late")})
+
+
+def test_a_slice_over_the_failure_rate_stays_blocked_until_accepted(spark, platform: Settings, isolated) -> None:  # type: ignore[no-untyped-def]
+    """The gate judges a slice before anything of it is written, so the DAG's retry meets the
+    same slice and fails with the same numbers; `accept` lets it through."""
+    import re
+
+    from batch.validate import accept_slice
+    from lakehouse.errors import DataQualityError
+
+    lakehouse, events, labels = isolated
+    sent = [m for m in _send(platform, GeneratorOptions(events=1000, seed=51, malformed_fraction=0.12),
+                             events, labels) if m.topic == TRANSACTIONS.topic]
+    ingest_topics(spark, lakehouse, bootstrap_servers=platform.kafka_bootstrap_servers, topics=[events])
+    schema = dataclasses.replace(TRANSACTIONS, topic=events)
+    gx_dir = Path(lakehouse.root) / "gx"
+    refusals = []
+    for _ in range(2):  # the run, then its retry
+        with pytest.raises(DataQualityError) as refused:
+            validate_topic(spark, lakehouse, schema, gx_dir=gx_dir, max_failure_rate=0.05)
+        refusals.append(str(refused.value))
+    assert refusals[0] == refusals[1]
+    invalid = sum(1 for m in sent if m.kind.startswith("malformed:"))
+    assert f"has {invalid} of {len(sent)} records invalid" in refusals[0]
+    from deltalake import DeltaTable
+
+    for path in (lakehouse.silver("transaction"), lakehouse.quarantine("transaction")):
+        assert not DeltaTable.is_deltatable(path)  # nothing of the slice was written
+    slice_id = re.search(r"lambdalake batch accept (\S+)`", refusals[0]).group(1)  # type: ignore[union-attr]
+    accept_slice(lakehouse, slice_id, accepted_by="test", note="known producer bug")
+    summary = validate_topic(spark, lakehouse, schema, gx_dir=gx_dir, max_failure_rate=0.05)
+    assert summary.bronze_rows == len(sent) and summary.quarantined == invalid

@@ -72,3 +72,37 @@ def test_batch_views_equal_an_independent_recomputation(spark, platform: Setting
     assert published == run
     assert read_view(spark, lakehouse, published, "user_all").count() == run.row_counts["user_all"]
     assert expected_rows == run.row_counts[spec.views[-1].name]
+
+
+def test_the_boundary_is_what_validation_routed_not_bronzes_high_water_mark(spark, platform: Settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """An ingest between validate and views adds bronze offsets that silver does not have:
+    the run's boundary stops where validation stopped, so no event falls in between."""
+    suffix = uuid.uuid4().hex[:8]
+    topic = f"events-{suffix}"
+    ensure_topics(platform.kafka_bootstrap_servers, [topic], partitions=platform.kafka_partitions)
+    lakehouse = Lakehouse(f"{platform.delta_uri}/boundary-{suffix}")
+    spec = dataclasses.replace(FRAUD_SPEC, events=dataclasses.replace(TRANSACTIONS, topic=topic))
+    messages = [m for m in generate(GeneratorOptions(events=3000, seed=22)) if m.topic == TRANSACTIONS.topic]
+    kafka = producer(platform.kafka_bootstrap_servers)
+    for m in messages[:2000]:
+        kafka.send(topic, key=m.key, value=m.value)
+    kafka.flush()
+    ingest_topics(spark, lakehouse, bootstrap_servers=platform.kafka_bootstrap_servers, topics=[topic])
+    validate_topic(spark, lakehouse, spec.events, gx_dir=tmp_path / "gx")
+    validated = {int(r["partition"]): int(r["offset"]) for r in spark.read.format("delta").load(
+        lakehouse.bronze(topic)).groupBy("partition").agg({"offset": "max"}).withColumnRenamed(
+        "max(offset)", "offset").collect()}
+    for m in messages[2000:]:
+        kafka.send(topic, key=m.key, value=m.value)
+    kafka.flush()
+    kafka.close()
+    ingest_topics(spark, lakehouse, bootstrap_servers=platform.kafka_bootstrap_servers, topics=[topic])
+    run = compute_views(spark, lakehouse, spec)  # before the new slice is validated
+    assert run.boundary == validated and run.sequence == 1
+    silver_ids = {r["event_id"] for r in spark.read.format("delta").load(
+        lakehouse.silver(spec.events.name)).select("event_id").collect()}
+    assert run.row_counts["events"] == len(silver_ids)
+    validate_topic(spark, lakehouse, spec.events, gx_dir=tmp_path / "gx")
+    later = compute_views(spark, lakehouse, spec)
+    assert later.sequence == 2 and all(later.boundary[p] > o for p, o in validated.items())
+    assert sum(later.boundary.values()) + len(later.boundary) == len(messages)

@@ -94,10 +94,20 @@ def test_batch_then_train_then_maintenance_run_to_success(home: dict[str, str], 
     finally:
         serve.delete("model")
 
-    files_before = len(DeltaTable(lakehouse.bronze("events")).file_uris())
-    upkeep = run_dag(home, "lambdalake_maintenance", **lake, LAMBDALAKE_DELTA_VACUUM_RETENTION_HOURS="0")
+    bronze = Path(lakehouse.bronze("events"))
+    files_before = DeltaTable(str(bronze)).file_uris()
+    def data_files() -> set[Path]:
+        return {f for f in bronze.rglob("*.parquet") if "_delta_log" not in f.parts}
+
+    on_disk_before = data_files()
+    upkeep = run_dag(home, "lambdalake_maintenance", **lake, LAMBDALAKE_DELTA_VACUUM_RETENTION_HOURS="0",
+                     LAMBDALAKE_DELTA_VACUUM_ALLOW_UNSAFE_RETENTION="true")
     assert upkeep["state"] == "success", upkeep
-    assert len(DeltaTable(lakehouse.bronze("events")).file_uris()) <= files_before
+    files_after = DeltaTable(str(bronze)).file_uris()
+    assert len(files_before) > 1 and len(files_after) < len(files_before)  # compacted
+    on_disk = data_files()
+    assert on_disk == {Path(u.removeprefix("file://")) for u in files_after}  # vacuumed: no stale file left
+    assert on_disk_before - on_disk  # the compacted files were deleted
 
 
 # ------------------------------------------------------------------------------ drift

@@ -17,10 +17,11 @@ pytestmark = pytest.mark.integration
 
 def test_spec_topics_are_created_once(platform: Settings) -> None:
     servers = platform.kafka_bootstrap_servers
-    first = ensure_topics(servers, FRAUD_SPEC.topics, partitions=platform.kafka_partitions)
-    again = ensure_topics(servers, FRAUD_SPEC.topics, partitions=platform.kafka_partitions)
-    assert again == []
-    assert set(first) <= set(FRAUD_SPEC.topics)
+    fresh = [f"created-once-{uuid.uuid4().hex[:8]}-{n}" for n in range(3)]
+    assert sorted(ensure_topics(servers, fresh, partitions=2)) == sorted(fresh)
+    assert ensure_topics(servers, fresh, partitions=2) == []
+    ensure_topics(servers, FRAUD_SPEC.topics, partitions=platform.kafka_partitions)  # `up` made them
+    assert ensure_topics(servers, FRAUD_SPEC.topics, partitions=platform.kafka_partitions) == []
     admin = KafkaAdminClient(bootstrap_servers=servers)
     try:
         described = {d["name"]: d for d in admin.describe_topics(list(FRAUD_SPEC.topics))}

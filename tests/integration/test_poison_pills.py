@@ -18,7 +18,7 @@ from batch.ingest import ingest_topics
 from batch.validate import validate_topic
 from lakehouse.config import Settings
 from lakehouse.streams import producer
-from tests.integration.streams import Stream, new_stream, scored_or_empty, serve_champion, speed_process, wait_for
+from tests.integration.streams import new_stream, read_dlq, scored_or_empty, serve_champion, speed_process, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -56,26 +56,6 @@ def poison(template: dict[str, Any], key: bytes) -> list[tuple[bytes | None, byt
     ]
 
 
-def read_dlq(stream: Stream) -> list[Any]:
-    """Every record of the DLQ topic, up to its end offsets (not up to an expected count)."""
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(bootstrap_servers=stream.settings.kafka_bootstrap_servers,
-                             enable_auto_commit=False, max_partition_fetch_bytes=2 * 1024 * 1024,
-                             group_id=None)
-    partitions = [TopicPartition(f"{stream.topic}.dlq", p)
-                  for p in consumer.partitions_for_topic(f"{stream.topic}.dlq")]
-    consumer.assign(partitions)
-    consumer.seek_to_beginning(*partitions)
-    ends = consumer.end_offsets(partitions)
-    out: list[Any] = []
-    while any(consumer.position(tp) < ends[tp] for tp in partitions):
-        for records in consumer.poll(timeout_ms=1000).values():
-            out.extend(records)
-    consumer.close()
-    return out
-
-
 def test_hostile_records_stop_neither_layer_and_are_kept_with_their_reasons(served: Settings, spark: Any) -> None:
     stream = new_stream(served, 10_000, seed=61, malformed_fraction=0.0, duplicate_fraction=0.0)
     valid = [m for m in stream.messages if m.kind in ("valid", "late")]
@@ -92,12 +72,20 @@ def test_hostile_records_stop_neither_layer_and_are_kept_with_their_reasons(serv
     kafka.close()
 
     process = speed_process(stream, "poison")
+
+    def running(done: Any) -> Any:
+        def check() -> bool:
+            if process.poll() is not None:
+                raise AssertionError(f"the speed layer stopped: {process.communicate()[1][-4000:]}")
+            return bool(done())
+        return check
+
     try:
-        wait_for(lambda: len(scored_or_empty(stream)) >= len(valid), timeout=300)
-        wait_for(lambda: len(read_dlq(stream)) >= len(pills), timeout=60)
-        assert process.poll() is None, "the speed layer stopped"
+        wait_for(running(lambda: len(scored_or_empty(stream)) >= len(valid)), timeout=300)
+        wait_for(running(lambda: len(read_dlq(stream)) >= len(pills)), timeout=60)
     finally:
-        process.send_signal(signal.SIGTERM)
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=60)
     assert process.returncode == 0, stderr[-3000:]
 

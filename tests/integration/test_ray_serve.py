@@ -31,7 +31,10 @@ def test_deployment_answers_over_http(ray_client: Settings) -> None:
     class Summer:
         async def __call__(self, request: Request) -> dict[str, float]:
             body = await request.json()
-            return {"sum": float(sum(body["values"])), "pid": os.getpid()}
+            return self.total(body["values"])
+
+        def total(self, values: list[float]) -> dict[str, float]:
+            return {"sum": float(sum(values)), "pid": os.getpid()}
 
     serve.run(Summer.bind(), name="test-summer", route_prefix="/test-summer")
     try:
@@ -44,7 +47,8 @@ def test_deployment_answers_over_http(ray_client: Settings) -> None:
             answer = json.load(response)
         assert answer["sum"] == 6.5
         assert answer["pid"] != os.getpid()  # answered by a Serve replica, not by this process
-        handle = serve.get_app_handle("test-summer")
-        assert handle is not None
+        handle = serve.get_app_handle("test-summer")  # the same replicas, through a handle
+        by_handle = handle.total.remote([1, 2, 3.5, 4]).result(timeout_s=60)
+        assert by_handle == {"sum": 10.5, "pid": answer["pid"]}
     finally:
         serve.delete("test-summer")

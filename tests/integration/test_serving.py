@@ -31,6 +31,7 @@ from serving.duck import DuckEngine, SqlError
 from tests.integration.models import publish, random_model
 from tests.integration.streams import Stream, new_stream, run_in_process, scored, send, serve_champion
 from tests.unit.test_serving_engine import Arrived, recompute
+from tests.fuzzing import FUZZ_EXAMPLES, every_input_operation_fuzzed, fuzz_operations
 
 pytestmark = pytest.mark.integration
 
@@ -210,6 +211,10 @@ def next_event(stream: Stream, **changes: Any) -> dict[str, Any]:
             "event_time": format_timestamp_ms(latest + 1000), **changes}
 
 
+def stranger_event(event: dict[str, Any]) -> dict[str, Any]:
+    return {**event, "user_id": "nobody-known", "merchant_id": "nowhere"}
+
+
 def test_predict_scores_an_event_as_the_speed_layer_does(api: Api) -> None:
     from lakehouse.streams import producer
 
@@ -236,10 +241,18 @@ def test_predict_scores_an_event_as_the_speed_layer_does(api: Api) -> None:
     with api.client() as client:
         stranger = client.post("/v1/predict", json={**event, "user_id": "nobody-known",
                                                    "merchant_id": "nowhere"}).json()
-        many = client.post("/v1/predict/batch", json={"events": [event, {**event, "event_id": "b2"}]})
+        other = {**event, "event_id": "b2", "amount": 4321.5, "channel": "atm"}
+        many = client.post("/v1/predict/batch", json={"events": [event, other, stranger_event(event)]})
+        one_by_one = [client.post("/v1/predict", json=e).json() for e in (event, other, stranger_event(event))]
     assert stranger["defaults_used_for"] == ["merchant_id", "user_id"]
     assert stranger["features"]["user_count_24h"] == 0.0
-    assert many.status_code == 200 and len(many.json()["predictions"]) == 2
+    assert many.status_code == 200, many.text
+    predictions = many.json()["predictions"]
+    assert [p["event_id"] for p in predictions] == [event["event_id"], "b2", event["event_id"]]
+    for batched, single in zip(predictions, one_by_one, strict=True):  # each event's own answer
+        assert batched["score"] == pytest.approx(single["score"], abs=1e-9)
+        assert batched["features"] == single["features"] and batched["model_version"] == single["model_version"]
+    assert predictions[0]["score"] != predictions[1]["score"]  # not one answer repeated
 
 
 ROUTES = [("post", "/v1/predict", "predict"), ("post", "/v1/predict/batch", "predict"),
@@ -326,8 +339,6 @@ def test_bad_input_gets_a_4xx_with_a_reason(api: Api) -> None:
         assert bad_sql_body.status_code == 422
 
 
-FUZZ_EXAMPLES = 200
-INPUT = ("POST", "GET /v1/entities")  # the operations that take parameters or a body
 
 
 def test_openapi_fuzzing_finds_no_server_error(api: Api) -> None:
@@ -335,31 +346,10 @@ def test_openapi_fuzzing_finds_no_server_error(api: Api) -> None:
     (schema-violating) cases each, with a key; then the hostile bodies on every POST route,
     without and with a key: no answer is a 5xx."""
     import schemathesis
-    from hypothesis import HealthCheck, Phase, given, settings
-    from hypothesis.errors import Unsatisfiable
-    from schemathesis.generation import GenerationMode
 
     schema = schemathesis.openapi.from_url(f"{api.url}/openapi.json")
-    failures: list[str] = []
-    tried: Counter[str] = Counter()
-    for result in schema.get_all_operations():
-        operation = result.ok()
-        label = f"{operation.method.upper()} {operation.path}"
-        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-            @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, phases=[Phase.generate],
-                      suppress_health_check=list(HealthCheck))
-            @given(case=operation.as_strategy(generation_mode=mode))
-            def fuzz(case: Any) -> None:
-                response = case.call(base_url=api.url, headers={"X-API-Key": ADMIN}, timeout=30)
-                tried[label] += 1
-                if response.status_code >= 500:
-                    failures.append(f"{case.method} {case.formatted_path} {case.body!r:.200} → "
-                                    f"{response.status_code}: {response.text[:200]}")
-
-            try:
-                fuzz()
-            except Unsatisfiable:  # an operation without input has nothing to violate
-                assert mode is GenerationMode.NEGATIVE and not label.startswith(INPUT), label
+    tried, failures = fuzz_operations(
+        schema, lambda case: case.call(base_url=api.url, headers={"X-API-Key": ADMIN}, timeout=30))
 
     limit = api.world.settings.api_max_body_bytes
     hostile = {"open_brackets": b"[" * 5000, "digits": b"7" * 5000, "digits_in_sql": (
@@ -381,17 +371,38 @@ def test_openapi_fuzzing_finds_no_server_error(api: Api) -> None:
     print(f"fuzzed: {dict(tried)} ({sum(tried.values())} requests); hostile bodies: {dict(statuses)}; "
           f"failures: {len(failures)}")
     assert not failures, failures[:5]
-    with_input = [label for label in tried if label.startswith(INPUT)]
-    assert len(with_input) == 4 and all(tried[label] >= FUZZ_EXAMPLES for label in with_input), tried
+    assert every_input_operation_fuzzed(tried), tried
+
+
+def metric(exposed: str, name: str, **labels: str) -> float:
+    """The value of one sample of a Prometheus text exposition (0 when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(exposed):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0
 
 
 def test_metrics_count_predictions_by_version_and_cache(api: Api) -> None:
-    exposed = httpx.get(f"{api.url}/metrics", timeout=30).text
-    for name in ("lambdalake_api_requests_total", "lambdalake_api_request_seconds",
-                 "lambdalake_api_predictions_total", "lambdalake_api_prediction_cache_hit_rate",
-                 "lambdalake_api_speed_increments"):
-        assert name in exposed, name
-    assert 'model_version="1"' in exposed
+    before = httpx.get(f"{api.url}/metrics", timeout=30).text
+    event = next_event(api.world.stream)
+    with api.client() as client:
+        for i in range(3):  # three distinct events (misses), then the first again (a hit)
+            assert client.post("/v1/predict", json={**event, "event_id": f"m{i}", "amount": 10 + i}).status_code == 200
+        assert client.post("/v1/predict", json={**event, "event_id": "m0", "amount": 10}).status_code == 200
+    after = httpx.get(f"{api.url}/metrics", timeout=30).text
+
+    def grew(name: str, **labels: str) -> float:
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    assert grew("lambdalake_api_predictions_total", alias="champion", model_version="1") == 4
+    assert grew("lambdalake_api_requests_total", route="/v1/predict", status="200") == 4
+    assert grew("lambdalake_api_prediction_cache_lookups_total", result="miss") == 3
+    assert grew("lambdalake_api_prediction_cache_lookups_total", result="hit") == 1
+    assert grew("lambdalake_api_request_seconds_count", route="/v1/predict") == 4
+    assert 0 < metric(after, "lambdalake_api_prediction_cache_hit_rate") <= 1
 
 
 def test_rollout_splits_traffic_by_weight_sticky_per_entity(world: World, tmp_path_factory: pytest.TempPathFactory) -> None:

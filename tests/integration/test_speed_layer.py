@@ -27,8 +27,8 @@ from lakehouse.streams import producer
 from tests.integration.streams import (
     Stream,
     cli_env,
-    dlq_messages,
     new_stream,
+    read_dlq,
     run_in_process,
     scored,
     scored_or_empty,
@@ -58,6 +58,24 @@ def assert_exactly_once(stream: Stream) -> list[dict[str, Any]]:
     return rows
 
 
+def kafka_positions(stream: Stream) -> dict[bytes, set[tuple[int, int]]]:
+    """(partition, offset) of every record of the stream's topic, by value."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=stream.settings.kafka_bootstrap_servers, enable_auto_commit=False)
+    partitions = [TopicPartition(stream.topic, p) for p in sorted(consumer.partitions_for_topic(stream.topic))]
+    consumer.assign(partitions)
+    consumer.seek_to_beginning(*partitions)
+    ends = consumer.end_offsets(partitions)
+    out: dict[bytes, set[tuple[int, int]]] = {}
+    while any(consumer.position(tp) < ends[tp] for tp in partitions):
+        for tp, records in consumer.poll(timeout_ms=1000).items():
+            for r in records:
+                out.setdefault(r.value, set()).add((tp.partition, r.offset))
+    consumer.close()
+    return out
+
+
 def test_every_valid_event_is_scored_once_and_invalid_ones_reach_the_dlq(served: Settings) -> None:
     stream = new_stream(served, 3000, seed=41, malformed_fraction=0.02, duplicate_fraction=0.01,
                         late_fraction=0.02)
@@ -68,13 +86,16 @@ def test_every_valid_event_is_scored_once_and_invalid_ones_reach_the_dlq(served:
     assert {r["model_version"] for r in rows} == {1}
     assert all(0.0 < r["score"] < 1.0 and len(r["features"]) == len(FRAUD_SPEC.feature_names) for r in rows)
     rejected = [m for m in stream.messages if m.kind.startswith("malformed:") or m.kind == "duplicate"]
-    dlq = dlq_messages(stream, len(rejected))
+    dlq = read_dlq(stream)
     assert counts["dlq"] == len(dlq) == len(rejected)
+    sources = kafka_positions(stream)  # value → (partition, offset) of each record on the topic
     by_value: dict[bytes, list[str]] = {}
     for record in dlq:
         headers = dict(record.headers)
         by_value.setdefault(record.value, []).append(headers["reason"].decode())
-        assert headers["source_topic"].decode() == stream.topic and headers["source_offset"]
+        assert headers["source_topic"].decode() == stream.topic
+        source = (int(headers["source_partition"]), int(headers["source_offset"]))
+        assert source in sources[record.value], (source, sources[record.value])
     for message in rejected:
         reasons = by_value[message.value]
         if message.kind == "duplicate":
@@ -84,19 +105,34 @@ def test_every_valid_event_is_scored_once_and_invalid_ones_reach_the_dlq(served:
             assert any(r.split(":")[0] == rule for r in reasons), (message.kind, reasons)
 
 
-def test_sigkill_at_random_points_still_scores_each_event_once(served: Settings) -> None:
-    stream = new_stream(served, 6000, seed=42, malformed_fraction=0.0, duplicate_fraction=0.0)
+def test_sigkill_part_way_still_scores_each_event_once_and_dlqs_each_bad_record_once(served: Settings) -> None:
+    """Three SIGKILLs, each landing after some but not all events were scored, with invalid
+    records and duplicates mixed in (so some kills fall between a batch's DLQ delivery and
+    its commit): every valid event is scored once, every bad record reaches the DLQ once."""
+    stream = new_stream(served, 12_000, seed=42, malformed_fraction=0.03, duplicate_fraction=0.01)
     send(stream, stream.messages)
+    total = len(stream.valid_ids)
     rng = random.Random(7)
-    for _ in range(3):
+    for share in (0.15, 0.45, 0.75):
         process = speed_process(stream, "killed")
-        time.sleep(rng.uniform(8.0, 14.0))  # start-up is ~6 s: kill while it scores
+        target = int(total * rng.uniform(share - 0.05, share + 0.05))
+        wait_for(lambda: process.poll() is not None or len(scored_or_empty(stream)) >= target, timeout=300)
+        assert process.poll() is None, process.communicate()[1][-3000:]
         process.send_signal(signal.SIGKILL)
         process.communicate(timeout=30)
+        done = len({r["event_id"] for r in scored_or_empty(stream)})
+        assert 0 < done < total, (done, total)  # the kill landed part-way
     final = speed_process(stream, "killed", "--idle-exit", "5")
     out, err = final.communicate(timeout=600)
     assert final.returncode == 0, err[-3000:]
     assert_exactly_once(stream)
+    sources = kafka_positions(stream)
+    bad = {position for m in stream.messages if m.kind.startswith("malformed:") or m.kind == "duplicate"
+           for position in sources[m.value] if m.kind != "duplicate" or position != min(sources[m.value])}
+    delivered = Counter((int(dict(r.headers)["source_partition"]), int(dict(r.headers)["source_offset"]))
+                        for r in read_dlq(stream))
+    assert set(delivered) == bad
+    assert set(delivered.values()) == {1}, [k for k, n in delivered.items() if n > 1][:5]
 
 
 def test_two_members_of_a_group_share_the_partitions_exactly_once(served: Settings) -> None:
@@ -118,6 +154,30 @@ def test_two_members_of_a_group_share_the_partitions_exactly_once(served: Settin
     rows = assert_exactly_once(stream)
     assert len({r["consumer_group"] for r in rows}) == 1
     assert all(n > 0 for n in scored_by) and sum(scored_by) == len(rows)  # both took part
+
+
+def test_a_member_stalled_past_the_session_timeout_is_fenced(served: Settings) -> None:
+    """Two members score a backlog; one is SIGSTOPped mid-batch for longer than the session
+    timeout, so the other takes its partitions and scores that batch; SIGCONT lets the
+    stalled one finish its batch: its commit writes none of those rows twice (the
+    stale-rows warning says so), and every event is scored exactly once."""
+    stream = new_stream(served, 40_000, seed=45, malformed_fraction=0.0, duplicate_fraction=0.0)
+    send(stream, stream.messages)
+    members = [speed_process(stream, "fenced", "--idle-exit", "20") for _ in range(2)]
+    wait_for(lambda: len(scored_or_empty(stream)) > 2000, timeout=300)
+    members[0].send_signal(signal.SIGSTOP)
+    stalled_at = len(scored_or_empty(stream))
+    time.sleep(25.0)  # 10 s session timeout, then the rebalance and the other member's commits
+    assert len(scored_or_empty(stream)) > stalled_at  # the other member took over
+    members[0].send_signal(signal.SIGCONT)
+    outputs = []
+    for member in members:
+        out, err = member.communicate(timeout=600)
+        assert member.returncode == 0, err[-3000:]
+        outputs.append(err)
+    assert_exactly_once(stream)
+    events = [json.loads(line).get("event") for line in outputs[0].splitlines() if line.startswith("{")]
+    assert "stale_rows_skipped" in events, events[-20:]
 
 
 def test_features_equal_the_batch_layers_across_a_handover(served: Settings, spark) -> None:  # type: ignore[no-untyped-def]
@@ -203,3 +263,78 @@ def test_sigterm_stops_cleanly_and_metrics_are_served(served: Settings) -> None:
     _, err = rest.communicate(timeout=600)
     assert rest.returncode == 0, err[-3000:]
     assert_exactly_once(stream)
+
+
+def _topic_with_dlq(settings: Settings, dlq_config: dict[str, str], partitions: int = 2) -> Stream:
+    """A stream whose DLQ topic has the given broker configuration."""
+    import dataclasses
+    import uuid
+
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    stream = new_stream(settings, 600, seed=47, malformed_fraction=0.0, duplicate_fraction=0.0)
+    topic = f"events-{uuid.uuid4().hex[:8]}"
+    admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    try:
+        admin.create_topics([NewTopic(topic, partitions, 1),
+                             NewTopic(f"{topic}.dlq", partitions, 1, topic_configs=dlq_config)])
+    finally:
+        admin.close()
+    spec = dataclasses.replace(stream.spec, events=dataclasses.replace(stream.spec.events, topic=topic),
+                               dlq_topic=f"{topic}.dlq")
+    return dataclasses.replace(stream, spec=spec, topic=topic)
+
+
+def test_a_failed_dlq_delivery_commits_nothing_of_its_batch(served: Settings) -> None:
+    """The broker refuses a DLQ record (the DLQ topic takes at most 1 KiB): the layer stops
+    before the batch's Delta and Kafka commits, so after the fix every record is handled once."""
+    from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
+
+    from lakehouse.errors import ServiceError
+    from speed import lake
+
+    stream = _topic_with_dlq(served, {"max.message.bytes": "1024"})
+    bad = stream.messages[0]._replace(value=b"{" + b"x" * 3000, kind="malformed:malformed_json")
+    send(stream, [*stream.messages[:300], bad, *stream.messages[300:]])
+    with pytest.raises(ServiceError, match="DLQ records of this micro-batch were not delivered"):
+        run_in_process(stream, group="dlq-fails")
+    positions = kafka_positions(stream)
+    bad_partition, bad_offset = next(iter(positions[bad.value]))
+    resume = lake.resume_offsets(stream.lakehouse, "dlq-fails", stream.topic, [bad_partition])
+    assert resume[bad_partition] <= bad_offset  # its batch was not committed
+    assert all(r["offset"] < bad_offset for r in scored_or_empty(stream) if r["partition"] == bad_partition)
+    admin = KafkaAdminClient(bootstrap_servers=served.kafka_bootstrap_servers)
+    try:
+        admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, f"{stream.topic}.dlq",
+                                            configs={"max.message.bytes": "1048588"})])
+    finally:
+        admin.close()
+    counts = run_in_process(stream, group="dlq-fails")
+    assert_exactly_once(stream)
+    assert counts["dlq"] == 1
+    dlq = read_dlq(stream)
+    assert [(int(dict(r.headers)["source_partition"]), int(dict(r.headers)["source_offset"])) for r in dlq] == [
+        (bad_partition, bad_offset)]
+
+
+def test_a_resume_offset_kafka_no_longer_holds_is_an_error_with_the_numbers(served: Settings) -> None:
+    from kafka import TopicPartition
+    from kafka.admin import KafkaAdminClient
+
+    from lakehouse.errors import ServiceError
+    from speed.consumer import SpeedLayer, SpeedOptions, serve_scorer
+
+    stream = _topic_with_dlq(served, {}, partitions=1)
+    send(stream, stream.messages[:200])
+    admin = KafkaAdminClient(bootstrap_servers=served.kafka_bootstrap_servers)
+    try:  # retention deletes the first 50 records before the speed layer ever read them
+        admin.delete_records({TopicPartition(stream.topic, 0): 50})
+    finally:
+        admin.close()
+    with pytest.raises(ServiceError, match="must resume at offset 0, but Kafka holds offsets from 50 only: 50 records"):
+        run_in_process(stream, group="gone")
+    layer = SpeedLayer(stream.settings, stream.spec, serve_scorer(), lakehouse=stream.lakehouse,
+                       options=SpeedOptions(group_id="gone", max_batch=500, on_missing_offsets="skip"))
+    counts = layer.run(threading.Event(), idle_exit_s=4.0)
+    assert counts["scored"] == 150
+    assert sorted(r["offset"] for r in scored(stream)) == list(range(50, 200))

@@ -32,6 +32,7 @@ from serving.api import Serving, ServingConfig, create_app
 from serving.auth import ApiKeys
 from serving.duck import DuckEngine, SqlError
 from serving.rollout import CHAMPION, PredictionCache, Rollout
+from tests.fuzzing import FUZZ_EXAMPLES, every_input_operation_fuzzed, fuzz_operations
 
 SPEC = FRAUD_SPEC
 ADMIN, READER = "admin-key-0123456789abcdef", "reader-key-0123456789abcdef"
@@ -306,8 +307,6 @@ def test_explicit_hostile_bodies_get_no_server_error(client: Client, path: str, 
         assert expected is None or response.status_code == expected, (name, response.text[:200])
 
 
-FUZZ_EXAMPLES = 200
-INPUT = ("POST", "GET /v1/entities")  # the operations that take parameters or a body
 
 
 @pytest.mark.slow
@@ -315,35 +314,12 @@ def test_openapi_fuzzing_finds_no_server_error(app: Any) -> None:
     """Every operation of the OpenAPI document, FUZZ_EXAMPLES positive and as many negative
     (schema-violating) cases each, with a key: no answer is a 5xx."""
     import schemathesis
-    from hypothesis import HealthCheck, Phase, given, settings
-    from hypothesis.errors import Unsatisfiable
-    from schemathesis.generation import GenerationMode
 
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
-    tried: dict[str, int] = {}
-    failures: list[str] = []
-    for result in schema.get_all_operations():
-        operation = result.ok()
-        label = f"{operation.method.upper()} {operation.path}"
-        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-            @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, phases=[Phase.generate],
-                      suppress_health_check=list(HealthCheck))
-            @given(case=operation.as_strategy(generation_mode=mode))
-            def fuzz(case: Any) -> None:
-                response = case.call(headers={"X-API-Key": ADMIN})
-                tried[label] = tried.get(label, 0) + 1
-                if response.status_code >= 500:
-                    failures.append(f"{case.method} {case.formatted_path} {case.body!r:.200} → "
-                                    f"{response.status_code}: {response.text[:200]}")
-
-            try:
-                fuzz()
-            except Unsatisfiable:  # an operation without input has nothing to violate
-                assert mode is GenerationMode.NEGATIVE and not label.startswith(INPUT), label
+    tried, failures = fuzz_operations(schema, lambda case: case.call(headers={"X-API-Key": ADMIN}))
     print(f"fuzzed: {tried}; 5xx: {len(failures)}")
     assert not failures, failures[:5]
-    with_input = [label for label in tried if label.startswith(INPUT)]
-    assert len(with_input) == 4 and all(tried[label] >= FUZZ_EXAMPLES for label in with_input), tried
+    assert every_input_operation_fuzzed(tried), tried
 
 
 @pytest.mark.slow
