@@ -309,8 +309,8 @@ def _gate(lakehouse: Lakehouse, schema: RecordSchema, parsed: DataFrame, batch_i
     invalid = sum(int(r["invalid"]) for r in by_partition)
     if not rows or invalid / rows <= limit:
         return
-    by_rule = {r["rule"]: int(r["count"]) for r in parsed.where(F.size(REASONS) > 0).select(
-        F.split(F.explode(REASONS), ":")[0].alias("rule")).groupBy("rule").count().collect()}
+    by_rule = {r["rule"]: int(r["count"]) for r in parsed.select(F.explode(REASONS).alias("reason"))
+               .select(F.split("reason", ":")[0].alias("rule")).groupBy("rule").count().collect()}
     check = SliceCheck(schema.name, slice_id(schema, batch_id, offsets), rows, invalid, by_rule, offsets)
     check_failure_rate(check, limit, accepted=check.slice_id in accepted_slices(lakehouse))
 

@@ -118,6 +118,15 @@ def read_dlq(stream: Stream) -> list[Any]:
     return out
 
 
+def scored_count(stream: Stream) -> int:
+    """Rows of the stream's scored_events (0 before its first commit), read cheaply."""
+    from deltalake import DeltaTable
+
+    if not DeltaTable.is_deltatable(stream.lakehouse.scored_events):
+        return 0
+    return DeltaTable(stream.lakehouse.scored_events).to_pyarrow_table(columns=["offset"]).num_rows
+
+
 def scored_or_empty(stream: Stream) -> list[dict[str, Any]]:
     from deltalake import DeltaTable
 
@@ -126,10 +135,10 @@ def scored_or_empty(stream: Stream) -> list[dict[str, Any]]:
     return scored(stream)
 
 
-def wait_for(condition: Any, timeout: float = 300.0) -> None:
+def wait_for(condition: Any, timeout: float = 300.0, every_s: float = 1.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, "timed out"
-        time.sleep(1.0)
+        time.sleep(every_s)
 
 

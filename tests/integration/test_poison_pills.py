@@ -18,7 +18,15 @@ from batch.ingest import ingest_topics
 from batch.validate import validate_topic
 from lakehouse.config import Settings
 from lakehouse.streams import producer
-from tests.integration.streams import new_stream, read_dlq, scored_or_empty, serve_champion, speed_process, wait_for
+from tests.integration.streams import (
+    new_stream,
+    read_dlq,
+    scored_count,
+    scored_or_empty,
+    serve_champion,
+    speed_process,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -81,7 +89,7 @@ def test_hostile_records_stop_neither_layer_and_are_kept_with_their_reasons(serv
         return check
 
     try:
-        wait_for(running(lambda: len(scored_or_empty(stream)) >= len(valid)), timeout=300)
+        wait_for(running(lambda: scored_count(stream) >= len(valid)), timeout=300)
         wait_for(running(lambda: len(read_dlq(stream)) >= len(pills)), timeout=60)
     finally:
         if process.poll() is None:

@@ -31,6 +31,7 @@ from tests.integration.streams import (
     read_dlq,
     run_in_process,
     scored,
+    scored_count,
     scored_or_empty,
     send,
     serve_champion,
@@ -113,10 +114,11 @@ def test_sigkill_part_way_still_scores_each_event_once_and_dlqs_each_bad_record_
     send(stream, stream.messages)
     total = len(stream.valid_ids)
     rng = random.Random(7)
-    for share in (0.15, 0.45, 0.75):
-        process = speed_process(stream, "killed")
+    for share in (0.1, 0.3, 0.5):
+        process = speed_process(stream, "killed", "--max-batch", "100")
         target = int(total * rng.uniform(share - 0.05, share + 0.05))
-        wait_for(lambda: process.poll() is not None or len(scored_or_empty(stream)) >= target, timeout=300)
+        wait_for(lambda: process.poll() is not None or scored_count(stream) >= target, timeout=300,
+                 every_s=0.1)
         assert process.poll() is None, process.communicate()[1][-3000:]
         process.send_signal(signal.SIGKILL)
         process.communicate(timeout=30)
@@ -164,11 +166,11 @@ def test_a_member_stalled_past_the_session_timeout_is_fenced(served: Settings) -
     stream = new_stream(served, 40_000, seed=45, malformed_fraction=0.0, duplicate_fraction=0.0)
     send(stream, stream.messages)
     members = [speed_process(stream, "fenced", "--idle-exit", "20") for _ in range(2)]
-    wait_for(lambda: len(scored_or_empty(stream)) > 2000, timeout=300)
+    wait_for(lambda: scored_count(stream) > 2000, timeout=300, every_s=0.2)
     members[0].send_signal(signal.SIGSTOP)
-    stalled_at = len(scored_or_empty(stream))
+    stalled_at = scored_count(stream)
     time.sleep(25.0)  # 10 s session timeout, then the rebalance and the other member's commits
-    assert len(scored_or_empty(stream)) > stalled_at  # the other member took over
+    assert scored_count(stream) > stalled_at  # the other member took over
     members[0].send_signal(signal.SIGCONT)
     outputs = []
     for member in members:

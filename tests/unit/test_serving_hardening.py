@@ -497,6 +497,10 @@ def spark(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """A bare local Spark session: the checks need Spark's parser and analyzer, no jars."""
     from pyspark.sql import SparkSession
 
+    running = SparkSession.getActiveSession()  # the whole suite's session, when it runs first
+    if running is not None:
+        yield running
+        return
     session = (SparkSession.builder.master("local[1]").appName("serving-hardening")
                .config("spark.ui.enabled", "false").config("spark.driver.memory", "512m")
                .config("spark.sql.warehouse.dir", str(tmp_path_factory.mktemp("warehouse")))
@@ -551,7 +555,12 @@ def test_spark_reads_no_file_and_substitutes_no_variable(spark: Any, spark_engin
 @pytest.mark.slow
 def test_spark_register_restores_run_sql_on_files_when_it_fails(spark: Any, spark_engine: Any) -> None:
     spark.conf.set("spark.sql.runSQLOnFiles", "false")
-    # a bare session has no Delta classes: register() fails part-way, after switching the setting
-    with pytest.raises(Exception):  # noqa: B017 - any failure will do, the setting is the point
+
+    def fails_part_way() -> Any:
+        assert spark.conf.get("spark.sql.runSQLOnFiles") == "true"  # on while it registers
+        raise RuntimeError("a Delta table could not be read")
+
+    spark_engine._register = fails_part_way  # whatever fails inside, the setting is restored
+    with pytest.raises(RuntimeError, match="could not be read"):
         spark_engine.register()
     assert spark.conf.get("spark.sql.runSQLOnFiles") == "false"
