@@ -212,4 +212,6 @@ def test_a_slice_over_the_failure_rate_stays_blocked_until_accepted(spark, platf
     slice_id = re.search(r"lambdalake batch accept (\S+)`", refusals[0]).group(1)  # type: ignore[union-attr]
     accept_slice(lakehouse, slice_id, accepted_by="test", note="known producer bug")
     summary = validate_topic(spark, lakehouse, schema, gx_dir=gx_dir, max_failure_rate=0.05)
-    assert summary.bronze_rows == len(sent) and summary.quarantined == invalid
+    duplicates = sum(1 for m in sent if m.kind == "duplicate")
+    assert summary.bronze_rows == len(sent) and summary.duplicates == duplicates
+    assert summary.quarantined == invalid + duplicates

@@ -69,6 +69,12 @@ def test_hostile_records_stop_neither_layer_and_are_kept_with_their_reasons(serv
     valid = [m for m in stream.messages if m.kind in ("valid", "late")]
     assert len(valid) == len(stream.valid_ids) == 10_000
     pills = poison(json.loads(valid[0].value), valid[0].key)
+    # deduplication has one scope in both layers, (key entity, event id): a re-send is a
+    # duplicate for both; the same id under another user is a different event for both
+    pills.append((valid[1].key, valid[1].value, ["duplicate:event_id"]))
+    same_id = {**json.loads(valid[2].value), "user_id": "another-user"}
+    also_valid = [(b"another-user", json.dumps(same_id).encode())]
+    expected_ids = Counter(stream.valid_ids) + Counter([same_id["event_id"]])
     kafka = producer(stream.settings.kafka_bootstrap_servers, max_request_size=2 * 1024 * 1024)
     step = len(valid) // len(pills)
     for i, message in enumerate(valid):
@@ -76,6 +82,8 @@ def test_hostile_records_stop_neither_layer_and_are_kept_with_their_reasons(serv
         if i % step == step // 2 and i // step < len(pills):
             key, value, _ = pills[i // step]
             kafka.send(stream.topic, key=key, value=value)
+    for key, value in also_valid:
+        kafka.send(stream.topic, key=key, value=value)
     kafka.flush()
     kafka.close()
 
@@ -89,7 +97,7 @@ def test_hostile_records_stop_neither_layer_and_are_kept_with_their_reasons(serv
         return check
 
     try:
-        wait_for(running(lambda: scored_count(stream) >= len(valid)), timeout=300)
+        wait_for(running(lambda: scored_count(stream) >= len(valid) + len(also_valid)), timeout=300)
         wait_for(running(lambda: len(read_dlq(stream)) >= len(pills)), timeout=60)
     finally:
         if process.poll() is None:
@@ -98,7 +106,7 @@ def test_hostile_records_stop_neither_layer_and_are_kept_with_their_reasons(serv
     assert process.returncode == 0, stderr[-3000:]
 
     rows = scored_or_empty(stream)
-    assert Counter(r["event_id"] for r in rows) == Counter(stream.valid_ids)  # each exactly once
+    assert Counter(r["event_id"] for r in rows) == expected_ids  # each exactly once
     dlq = read_dlq(stream)
     assert len(dlq) == len(pills)
     by_source = Counter((int(dict(r.headers)["source_partition"]), int(dict(r.headers)["source_offset"]))
@@ -111,8 +119,9 @@ def test_hostile_records_stop_neither_layer_and_are_kept_with_their_reasons(serv
     big_size = int(dict(truncated[0].headers)["original_size"])
     assert big_size > BIG
     expected = ["; ".join(reasons) for _, _, reasons in pills]
-    expected[-1] += (f"; dlq_truncated: the value kept its first 524288 of {big_size} bytes "
-                     "(bronze holds it whole)")
+    big = next(i for i, (_, _, reasons) in enumerate(pills) if reasons == ["too_long:event_id"])
+    expected[big] += (f"; dlq_truncated: the value kept its first 524288 of {big_size} bytes "
+                      "(bronze holds it whole)")
     assert sorted(dlq_reasons.values()) == sorted(expected)
 
     # the batch layer: the same records, the same reasons, nothing dropped, nothing stopped
@@ -121,9 +130,9 @@ def test_hostile_records_stop_neither_layer_and_are_kept_with_their_reasons(serv
     summary = validate_topic(spark, stream.lakehouse, stream.spec.events,
                              gx_dir=Path(stream.lakehouse.root) / "gx",
                              max_failure_rate=stream.settings.batch_max_failure_rate)
-    assert summary.bronze_rows == len(valid) + len(pills)
+    assert summary.bronze_rows == len(valid) + len(pills) + len(also_valid)
     silver = spark.read.format("delta").load(stream.lakehouse.silver(stream.spec.events.name))
-    assert Counter(r["event_id"] for r in silver.select("event_id").collect()) == Counter(stream.valid_ids)
+    assert Counter(r["event_id"] for r in silver.select("event_id").collect()) == expected_ids
     quarantine = {(r["partition"], r["offset"]): "; ".join(r["reasons"]) for r in spark.read.format("delta")
                   .load(stream.lakehouse.quarantine(stream.spec.events.name)).collect()}
     assert set(quarantine) == set(dlq_reasons)
