@@ -8,7 +8,7 @@ Silver events and labels are built straight from the generator (parsed with the 
 written with deltalake), so the figures measure the batch layer, not Kafka. Training needs
 the MLflow server of `lambdalake up`. Run (it takes long at 10M):
 
-    .venv/bin/python tests/benchmarks/batch_layer.py --sizes 1000000 10000000
+    .venv/bin/python -m tests.benchmarks.batch_layer --sizes 1000000 10000000
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 shared between forked workers count once) and RSS of every process in each service's
 process groups. Run after `lambdalake up`:
 
-    .venv/bin/python tests/benchmarks/platform_memory.py
+    .venv/bin/python -m tests.benchmarks.platform_memory
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 on the same server stack, and SQL over merged views at 1M entities.
 
     make up   # Kafka is not needed; MLflow and Ray Serve are
-    .venv/bin/python tests/benchmarks/serving.py --entities 1000000 --speed-events 100000
+    .venv/bin/python -m tests.benchmarks.serving --entities 1000000 --speed-events 100000
 
 What it does:
 1. writes a synthetic lakehouse (delta-rs) in a temporary directory: a published batch run

@@ -9,7 +9,7 @@
 If the registry has no champion for LAMBDALAKE_MODEL_NAME, a random signed model is
 registered (throughput does not depend on the weights). Run:
 
-    .venv/bin/python tests/benchmarks/speed_layer.py --events 50000 --rate 2000 --seconds 20
+    .venv/bin/python -m tests.benchmarks.speed_layer --events 50000 --rate 2000 --seconds 20
 """
 
 from __future__ import annotations
