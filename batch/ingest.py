@@ -24,9 +24,6 @@ from lakehouse.tables import Lakehouse, appended_since, table_version
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
-BRONZE_COLUMNS = ("key", "value", "topic", "partition", "offset", "kafka_timestamp", "ingest_time")
-
-
 @dataclass(frozen=True)
 class TopicIngest:
     """What one run added to one bronze table."""

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from batch.views import BatchRun, within_boundary
+from batch.views import within_boundary
 from lakehouse.errors import PlatformError
 from lakehouse.features import (
     OFFSET,
@@ -33,13 +33,12 @@ from lakehouse.features import (
     views_by_entity,
 )
 from lakehouse.spec import FeatureView, PlatformSpec
-from lakehouse.tables import Lakehouse, last_commit, table_version
+from lakehouse.tables import EVENT_TIME_MS, BatchRun, Lakehouse, last_commit, table_version
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
 EVENT_ID = "event_id"
-EVENT_TIME_MS = "event_time_ms"
 LABEL = "label"
 LABEL_TIME_MS = "label_time_ms"
 BATCH_RUN_ID = "batch_run_id"

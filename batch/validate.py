@@ -38,8 +38,9 @@ from batch.expectations import (
     expectation_for,
 )
 from lakehouse.errors import DataQualityError
-from lakehouse.spec import FieldSpec, RecordSchema
+from lakehouse.spec import RecordSchema
 from lakehouse.tables import Lakehouse, appended_since, table_version
+from lakehouse.types import arrow_type, typed_arrow_schema
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -48,24 +49,10 @@ REASONS = "reasons"
 FAILED_EXPECTATIONS = "failed_expectations"
 LINEAGE = ("topic", "partition", "offset", "kafka_timestamp", "ingest_time")
 
-_ARROW_TYPES: dict[str, pa.DataType] = {
-    "string": pa.string(),
-    "long": pa.int64(),
-    "double": pa.float64(),
-    "money": pa.int64(),
-    "boolean": pa.bool_(),
-    "timestamp": pa.timestamp("us", tz="UTC"),  # Spark's precision; values are whole ms
-}
-
-
-def _arrow_type(field: FieldSpec) -> pa.DataType:
-    return _ARROW_TYPES[field.type]
-
-
 def parsed_arrow_schema(schema: RecordSchema) -> pa.Schema:
     """Inspected fields, the data-quality columns, the reasons, then the raw record."""
     return pa.schema(
-        [pa.field(f.name, _arrow_type(f)) for f in schema.fields]
+        list(typed_arrow_schema(schema))
         + [
             pa.field(JSON_OBJECT, pa.bool_()),
             pa.field(UNKNOWN_FIELDS, pa.int32()),
@@ -113,7 +100,7 @@ def inspect_batches(schema: RecordSchema) -> Callable[[Iterator[pa.RecordBatch]]
                 envelopes.append(found.envelope_ok)
                 reasons.append(found.reasons)
                 failed.append(sorted({expectation_for(r, schema) for r in found.reasons}))
-            arrays = [pa.array(columns[f.name], type=_arrow_type(f)) for f in schema.fields]
+            arrays = [pa.array(columns[f.name], type=arrow_type(f)) for f in schema.fields]
             arrays += [
                 pa.array(objects, type=pa.bool_()),
                 pa.array(unknown, type=pa.int32()),

@@ -43,11 +43,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from lakehouse.config import ENV_PREFIX
 from lakehouse.errors import ServiceError
 
 MANIFESTS_DIR = Path(__file__).resolve().parent / "k8s"
 KUBERNETES_VERSION = "1.34.0"
-ENV_PREFIX = "LAMBDALAKE_"
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 

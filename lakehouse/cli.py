@@ -414,7 +414,7 @@ def sql(
     max_rows: Annotated[int | None, typer.Option(min=1, help="at most this many rows [default: LAMBDALAKE_SQL_ROW_CAP]")] = None,
 ) -> None:
     """Query the merged views (batch ⊕ speed, exact) and the raw tables, read-only."""
-    from serving.duck import SqlError
+    from lakehouse.errors import SqlError
 
     if engine not in ("duckdb", "spark"):
         raise typer.BadParameter(f"--engine must be duckdb or spark, got {engine!r}")

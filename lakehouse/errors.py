@@ -31,3 +31,15 @@ class ValidationError(PlatformError):
 
 class DataQualityError(PlatformError):
     """A batch run found more invalid records than the configured threshold allows."""
+
+
+class ServingError(PlatformError):
+    """The serving layer cannot answer a request as asked (a 4xx for an HTTP caller)."""
+
+
+class SqlError(ServingError):
+    """A query an engine (DuckDB or Spark SQL) refuses or cannot answer; the message says why."""
+
+
+class SqlTimeout(SqlError):
+    """A query ran past its timeout and was stopped."""

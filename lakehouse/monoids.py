@@ -3,7 +3,7 @@
 Each aggregation lifts one event to a state and adds states with an associative,
 commutative `plus` that has an identity (`zero`). Batch views, speed increments and
 merged views are all built from these states, so merge(batch, speed) equals a full
-recomputation whatever the split point or order (Summingbird's lesson, see DESIGN.md).
+recomputation whatever the split point or order (Summingbird's lesson, see docs/architecture.md).
 
 States are exact: integers (Python ints are unbounded; the batch layer stores them as
 DECIMAL(38,0)/BIGINT) or (time, value) pairs. Money enters as integer cents, never floats,

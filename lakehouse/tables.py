@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
 BUCKET = "bucket_start_ms"  # gold tables: start (epoch ms) of an (entity, bucket) state's bucket
+EVENT_TIME_MS = "event_time_ms"  # an event's time as integer epoch milliseconds (UTC)
 PUBLISH_APP_ID = "lambdalake-publish"  # batch_runs' app transaction: its version is the sequence
 
 

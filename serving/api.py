@@ -9,7 +9,7 @@
 
 Scores come from the speed layer's Ray Serve deployment (app `model`, or `model-challenger`
 for the challenger's share of a rollout) through deployment handles: one model path (see
-DESIGN.md invariant 3). An event's features are computed exactly as the speed layer computes
+docs/architecture.md, invariant 3). An event's features are computed exactly as the speed layer computes
 them: the merged monoid states of its entities over its windows (`DuckEngine.entity_states`)
 and the spec's model inputs. Nothing here adds the event to any state: /predict asks "what
 would this event score now", the Kafka topic is where events are recorded.
@@ -53,11 +53,11 @@ from starlette.datastructures import Headers
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from lakehouse.errors import ValidationError
+from lakehouse.errors import SqlError, SqlTimeout, ValidationError
 from lakehouse.safejson import JsonLimits, JsonRefused, decode
 from lakehouse.spec import PlatformSpec
 from serving.auth import HEADER, ApiKeys, Caller
-from serving.duck import DuckEngine, SqlError, SqlTimeout
+from serving.duck import DuckEngine
 from serving.rollout import CHAMPION, Rollout
 
 log = logging.getLogger("lambdalake.serving")

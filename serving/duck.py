@@ -42,10 +42,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from lakehouse.errors import PlatformError
+from lakehouse.errors import SqlError, SqlTimeout
 from lakehouse.features import OFFSET, PARTITION
 from lakehouse.spec import FeatureView, PlatformSpec
 from lakehouse.tables import Lakehouse
+from lakehouse.types import arrow_type
 from serving.point import PointIndex, exact_int
 from serving.views import (
     BUCKET,
@@ -71,12 +72,6 @@ REFUSED_PREFIXES = ("duckdb_", "pragma_", "read_", "parquet_", "sniff_", "pg_", 
 _FILE_NAME_CHARACTERS = frozenset("/\\.:*?~")
 
 
-class SqlError(PlatformError):
-    """A query the engine refuses or cannot answer; the message says why (a 4xx)."""
-
-
-class SqlTimeout(SqlError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -111,9 +106,7 @@ class EntityStates:
 
 
 def _arrow_type(spec: PlatformSpec, name: str) -> pa.DataType:
-    from batch.validate import _arrow_type as typed
-
-    return typed(next(f for f in spec.events.fields if f.name == name))
+    return arrow_type(next(f for f in spec.events.fields if f.name == name))
 
 
 def gold_schema(spec: PlatformSpec, view: FeatureView) -> pa.Schema:

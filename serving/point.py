@@ -24,8 +24,7 @@ import pyarrow.compute as pc
 
 from lakehouse.features import OFFSET, PARTITION, ViewStates
 from lakehouse.spec import FeatureView, PlatformSpec
-
-BUCKET = "bucket_start_ms"
+from lakehouse.tables import BUCKET
 
 # entity field → entity → [(partition, offset, typed event), ...] in arrival order
 Increments = dict[str, dict[Any, list[tuple[int, int, dict[str, Any]]]]]

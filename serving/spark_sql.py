@@ -22,11 +22,12 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+from lakehouse.errors import SqlError
 from lakehouse.features import OFFSET, PARTITION
 from lakehouse.spec import PlatformSpec
-from lakehouse.tables import Lakehouse
-from serving.duck import Snapshot, SqlError
-from serving.views import EVENT_TIME_MS, SPARK, merged_views, raw_tables
+from lakehouse.tables import EVENT_TIME_MS, Lakehouse
+from serving.duck import Snapshot
+from serving.views import SPARK, merged_views, raw_tables
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession

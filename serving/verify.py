@@ -1,4 +1,4 @@
-"""The exact-merge check (DESIGN.md invariant 1), runnable against a live platform.
+"""The exact-merge check (docs/architecture.md, invariant 1), runnable against a live platform.
 
 Reads the events topic itself from the beginning up to the merged views' coverage, keeps
 the valid, first-seen events (the spec's validation with each record's Kafka key and

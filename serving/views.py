@@ -34,10 +34,8 @@ from dataclasses import dataclass
 
 from lakehouse.monoids import Count, Max, Min, Sum, SumOfSquares
 from lakehouse.spec import FeatureView, PlatformSpec
-from lakehouse.tables import Lakehouse
+from lakehouse.tables import BUCKET, EVENT_TIME_MS, Lakehouse
 
-BUCKET = "bucket_start_ms"
-EVENT_TIME_MS = "event_time_ms"
 WINDOW_END = "window_end_ms"
 
 

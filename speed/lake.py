@@ -25,6 +25,7 @@ from lakehouse.errors import ServiceError
 from lakehouse.features import OFFSET, PARTITION
 from lakehouse.spec import PlatformSpec
 from lakehouse.tables import BUCKET, BatchRun, Lakehouse, published_runs
+from lakehouse.types import typed_arrow_schema
 from speed.state import GoldRow
 
 
@@ -97,11 +98,8 @@ def scored_history(lakehouse: Lakehouse, spec: PlatformSpec, partition: int,
 
 
 def scored_schema(spec: PlatformSpec) -> pa.Schema:
-    from batch.validate import parsed_arrow_schema
-
-    event = parsed_arrow_schema(spec.events)
     return pa.schema([
-        *[event.field(name) for name in spec.events.field_names],
+        *typed_arrow_schema(spec.events),
         pa.field(PARTITION, pa.int32(), nullable=False),
         pa.field(OFFSET, pa.int64(), nullable=False),
         pa.field("kafka_timestamp", pa.timestamp("us", tz="UTC")),

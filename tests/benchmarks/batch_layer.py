@@ -25,14 +25,14 @@ from deltalake import write_deltalake
 from kafka.partitioner.default import murmur2
 
 from batch.train import TrainOptions, train_model
-from batch.training_set import EVENT_TIME_MS, build_training_set
+from batch.training_set import build_training_set
 from batch.validate import LINEAGE, parsed_arrow_schema
 from batch.views import compute_views
 from lakehouse.config import load_settings
 from lakehouse.fraud import CHARGEBACK_LABELS, FRAUD_SPEC, TRANSACTIONS
 from lakehouse.generator import GeneratorOptions, generate
 from lakehouse.spark import spark_session
-from lakehouse.tables import Lakehouse
+from lakehouse.tables import EVENT_TIME_MS, Lakehouse
 
 CHUNK = 200_000
 

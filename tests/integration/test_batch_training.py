@@ -18,7 +18,7 @@ import pytest
 from batch import registry
 from batch.ingest import ingest_topics
 from batch.train import TrainOptions, holdout_split, read_rows, train_model
-from batch.training_set import EVENT_TIME_MS, LABEL_TIME_MS, build_training_set
+from batch.training_set import LABEL_TIME_MS, build_training_set
 from batch.validate import validate_topic
 from batch.views import compute_views
 from lakehouse.bundle import ModelSignatureError, load_verify_key, verify_bundle
@@ -26,7 +26,7 @@ from lakehouse.config import Settings
 from lakehouse.fraud import CHARGEBACK_LABELS, FRAUD_SPEC, TRANSACTIONS
 from lakehouse.generator import GeneratorOptions, fraud_probability, generate, write_truth
 from lakehouse.streams import ensure_topics, producer
-from lakehouse.tables import Lakehouse
+from lakehouse.tables import EVENT_TIME_MS, Lakehouse
 from tests.oracle import fraud_features, kafka_arrival, point_in_time_states
 
 pytestmark = pytest.mark.integration

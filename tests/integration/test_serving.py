@@ -25,9 +25,9 @@ from batch.ingest import ingest_topics
 from batch.validate import validate_topic
 from batch.views import BatchRun, compute_views
 from lakehouse.config import Settings
-from lakehouse.errors import ValidationError
+from lakehouse.errors import SqlError, ValidationError
 from lakehouse.spec import format_timestamp_ms
-from serving.duck import DuckEngine, SqlError
+from serving.duck import DuckEngine
 from tests.integration.models import publish, random_model
 from tests.integration.streams import Stream, new_stream, run_in_process, scored, send, serve_champion
 from tests.unit.test_serving_engine import Arrived, recompute

@@ -13,12 +13,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from batch.validate import parsed_arrow_schema
 from lakehouse.errors import ValidationError
 from lakehouse.fraud import CHARGEBACK_LABELS, TRANSACTIONS
 from lakehouse.generator import GeneratorOptions, generate
 from lakehouse.safejson import JsonLimits
 from lakehouse.spec import FieldSpec, RecordLimits, RecordSchema, parse_timestamp_ms
+from lakehouse.types import typed_arrow_schema
 
 GOOD = {
     "event_id": "e-1", "user_id": "u1", "merchant_id": "m1", "merchant_category": "grocery",
@@ -140,7 +140,7 @@ def _accepted_values_fit_the_tables(schema: RecordSchema, raw: Any) -> None:
             schema.parse(raw)
         return
     typed = schema.parse(raw)
-    arrow = parsed_arrow_schema(schema)
+    arrow = typed_arrow_schema(schema)
     for field in schema.fields:
         value = typed[field.name]
         if field.type == "timestamp" and value is not None:

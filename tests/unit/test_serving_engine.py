@@ -15,11 +15,11 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from batch.views import BUCKET
+from lakehouse.errors import SqlError, SqlTimeout
 from lakehouse.fraud import FRAUD_SPEC
 from lakehouse.generator import GeneratorOptions, generate
-from lakehouse.tables import BatchRun, Lakehouse, publish_run
-from serving.duck import DuckEngine, SqlError, SqlTimeout, gold_schema
+from lakehouse.tables import BUCKET, BatchRun, Lakehouse, publish_run
+from serving.duck import DuckEngine, gold_schema
 from speed import lake
 from tests.oracle import states_by_view, window_states
 

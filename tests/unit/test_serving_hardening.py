@@ -25,12 +25,13 @@ from typing import Any
 import httpx
 import pytest
 
+from lakehouse.errors import SqlError
 from lakehouse.fraud import FRAUD_SPEC
 from lakehouse.safejson import JsonRefused, decode
 from lakehouse.tables import Lakehouse
 from serving.api import Serving, ServingConfig, create_app
 from serving.auth import ApiKeys
-from serving.duck import DuckEngine, SqlError
+from serving.duck import DuckEngine
 from serving.rollout import CHAMPION, PredictionCache, Rollout
 from tests.fuzzing import FUZZ_EXAMPLES, every_input_operation_fuzzed, fuzz_operations
 
