@@ -79,7 +79,7 @@ def views(settings: Settings, spec: PlatformSpec, echo: Echo = _print) -> dict[s
 
 def training_set(settings: Settings, spec: PlatformSpec, echo: Echo = _print) -> dict[str, Any]:
     from batch.training_set import build_training_set
-    from batch.views import latest_run
+    from lakehouse.tables import latest_run
 
     spark, lakehouse = _spark(settings), Lakehouse(settings.delta_uri)
     run = latest_run(lakehouse)

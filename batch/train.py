@@ -35,12 +35,11 @@ import numpy as np
 from batch import registry
 from batch.evaluation import metrics, write_plots
 from batch.training_set import LABEL, TrainingSet, build_training_set
-from batch.views import latest_run
 from lakehouse.bundle import load_bundle, load_or_create_signing_key, load_verify_key, write_bundle
 from lakehouse.config import Settings
 from lakehouse.errors import PlatformError
 from lakehouse.spec import PlatformSpec
-from lakehouse.tables import EVENT_TIME_MS, Lakehouse
+from lakehouse.tables import EVENT_TIME_MS, Lakehouse, latest_run
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession

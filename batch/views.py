@@ -23,7 +23,6 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
-from lakehouse import tables
 from lakehouse.errors import PlatformError
 from lakehouse.spec import FeatureView, PlatformSpec
 from lakehouse.tables import BUCKET, BatchRun, Lakehouse, last_commit, publish_run, table_version
@@ -31,7 +30,7 @@ from lakehouse.tables import BUCKET, BatchRun, Lakehouse, last_commit, publish_r
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
-__all__ = ["BUCKET", "BatchRun", "compute_views", "latest_run", "read_view", "view_states",
+__all__ = ["BUCKET", "BatchRun", "compute_views", "read_view", "view_states",
            "validated_boundary", "within_boundary"]
 
 BATCH_RUN_ID = "batch_run_id"
@@ -128,11 +127,6 @@ def compute_views(
     run = publish_run(lakehouse, run)
     echo(f"published {run_id} (#{run.sequence}): boundary {boundary}")
     return run
-
-
-def latest_run(lakehouse: Lakehouse) -> BatchRun | None:
-    """The newest published batch run (publish order), or None before the first."""
-    return tables.latest_run(lakehouse)
 
 
 def read_view(spark: SparkSession, lakehouse: Lakehouse, run: BatchRun, view: str) -> DataFrame:

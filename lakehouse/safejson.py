@@ -17,6 +17,7 @@ batch validation, the HTTP API) decodes through `decode` instead, which raises n
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -71,8 +72,7 @@ def decode(raw: bytes | bytearray | memoryview | str | None, limits: JsonLimits 
         if depth > limits.max_depth:
             raise JsonRefused("too_deep", f"nested {depth} deep > {limits.max_depth}")
     try:
-        return json.loads(text, parse_int=_number(int, limits), parse_float=_number(float, limits),
-                          parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
+        return _decoder(limits).decode(text)
     except JsonRefused:
         raise
     except json.JSONDecodeError as exc:
@@ -94,6 +94,13 @@ def _max_depth(text: str) -> int:
         else:
             depth -= 1
     return deepest
+
+
+@functools.lru_cache(maxsize=16)
+def _decoder(limits: JsonLimits) -> json.JSONDecoder:
+    """One decoder per set of limits (built once, not per document: this is a hot path)."""
+    return json.JSONDecoder(parse_int=_number(int, limits), parse_float=_number(float, limits),
+                            parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
 
 
 def _number(kind: type, limits: JsonLimits) -> Any:

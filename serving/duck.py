@@ -45,7 +45,7 @@ import pyarrow.compute as pc
 from lakehouse.errors import SqlError, SqlTimeout
 from lakehouse.features import OFFSET, PARTITION
 from lakehouse.spec import FeatureView, PlatformSpec
-from lakehouse.tables import Lakehouse
+from lakehouse.tables import Lakehouse, published_runs
 from lakehouse.types import arrow_type
 from serving.point import PointIndex, exact_int
 from serving.views import (
@@ -190,7 +190,7 @@ class DuckEngine:
         from speed import lake
 
         with self._lock:
-            runs = [r for r in lake.published_runs(self.lakehouse)
+            runs = [r for r in published_runs(self.lakehouse)
                     if r.spec_fingerprint == self.spec.fingerprint()]
             run = runs[0] if runs else None
             scored = (DeltaTable(self.lakehouse.scored_events)

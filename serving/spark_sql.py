@@ -25,7 +25,7 @@ import pyarrow as pa
 from lakehouse.errors import SqlError
 from lakehouse.features import OFFSET, PARTITION
 from lakehouse.spec import PlatformSpec
-from lakehouse.tables import EVENT_TIME_MS, Lakehouse
+from lakehouse.tables import EVENT_TIME_MS, Lakehouse, published_runs
 from serving.duck import Snapshot
 from serving.views import SPARK, merged_views, raw_tables
 
@@ -90,7 +90,7 @@ class SparkEngine:
         for schema in (HIDDEN, "gold", "batch", "speed", "merged", "bronze", "silver", "quarantine",
                        "training", "serving"):
             spark.sql(f"CREATE DATABASE IF NOT EXISTS {schema}")
-        runs = [r for r in speed_lake.published_runs(lake) if r.spec_fingerprint == spec.fingerprint()]
+        runs = [r for r in published_runs(lake) if r.spec_fingerprint == spec.fingerprint()]
         run = runs[0] if runs else None
         boundary = run.boundary if run else {}
         for view in spec.views:

@@ -48,7 +48,7 @@ from typing import Any, Literal
 from lakehouse.config import Settings
 from lakehouse.errors import ServiceError, ValidationError
 from lakehouse.spec import PlatformSpec
-from lakehouse.tables import Lakehouse
+from lakehouse.tables import Lakehouse, published_runs
 from speed import lake, metrics
 from speed.state import SpeedState
 
@@ -258,7 +258,7 @@ class SpeedLayer:
         the events scored above its boundary."""
         state = SpeedState(self.spec)
         state.positions.update(resume)
-        for run in lake.published_runs(self.lakehouse):
+        for run in published_runs(self.lakehouse):
             if run.spec_fingerprint == self.spec.fingerprint() and state.can_adopt(run.boundary, self.owned):
                 state.adopt(run.run_id, run.boundary, lake.gold_rows(self.lakehouse, self.spec, run))
                 break
@@ -285,7 +285,7 @@ class SpeedLayer:
         if self._loading or time.monotonic() - self._last_run_check < self.options.run_check_s:
             return
         self._last_run_check = time.monotonic()
-        runs = lake.published_runs(self.lakehouse)
+        runs = published_runs(self.lakehouse)
         if not runs or runs[0].run_id == self.state.base.run_id:
             return
         run = runs[0]
@@ -349,8 +349,8 @@ class SpeedLayer:
         except OffsetOutOfRangeError as exc:  # retention deleted records ahead of this member
             from kafka import TopicPartition
 
-            partitions = [tp for tp in (exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {})]
-            partitions = partitions or [TopicPartition(self.topic, p) for p in sorted(self.owned)]
+            named = exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}  # {tp: offset}
+            partitions = list(named) or [TopicPartition(self.topic, p) for p in sorted(self.owned)]
             oldest = self._consumer.beginning_offsets(partitions)
             for tp in partitions:
                 wanted = self.state.positions.get(tp.partition, 0)

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 
 __all__ = ["app_id", "append_scored", "coverage", "append_through", "ensure_scored_table", "gold_rows", "now_utc",
-           "published_runs", "resume_offsets", "scored_history", "scored_schema"]
+           "resume_offsets", "scored_history", "scored_schema"]
 from typing import Any
 
 import pyarrow as pa
@@ -24,7 +24,7 @@ import pyarrow.compute  # noqa: F401 - pa.compute
 from lakehouse.errors import ServiceError
 from lakehouse.features import OFFSET, PARTITION
 from lakehouse.spec import PlatformSpec
-from lakehouse.tables import BUCKET, BatchRun, Lakehouse, published_runs
+from lakehouse.tables import BUCKET, BatchRun, Lakehouse
 from lakehouse.types import typed_arrow_schema
 from speed.state import GoldRow
 

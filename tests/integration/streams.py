@@ -96,13 +96,12 @@ def scored(stream: Stream) -> list[dict[str, Any]]:
     return DeltaTable(stream.lakehouse.scored_events).to_pyarrow_table().to_pylist()
 
 
-def read_dlq(stream: Stream) -> list[Any]:
-    """Every record of the stream's DLQ topic, up to its end offsets (never stopping at an
-    expected count, so a record delivered twice is seen)."""
+def read_topic(settings: Settings, topic: str) -> list[Any]:
+    """Every record of a topic, up to its end offsets (never stopping at an expected count,
+    so a record delivered twice is seen)."""
     from kafka import KafkaConsumer, TopicPartition
 
-    topic = f"{stream.topic}.dlq"
-    consumer = KafkaConsumer(bootstrap_servers=stream.settings.kafka_bootstrap_servers,
+    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers,
                              enable_auto_commit=False, max_partition_fetch_bytes=2 * 1024 * 1024)
     partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
     consumer.assign(partitions)
@@ -111,11 +110,16 @@ def read_dlq(stream: Stream) -> list[Any]:
     out: list[Any] = []
     deadline = time.monotonic() + 120
     while any(consumer.position(tp) < ends[tp] for tp in partitions):
-        assert time.monotonic() < deadline, "the DLQ topic could not be read to its end"
+        assert time.monotonic() < deadline, f"topic {topic} could not be read to its end"
         for records in consumer.poll(timeout_ms=1000).values():
             out.extend(records)
     consumer.close()
     return out
+
+
+def read_dlq(stream: Stream) -> list[Any]:
+    """Every record of the stream's DLQ topic."""
+    return read_topic(stream.settings, f"{stream.topic}.dlq")
 
 
 def scored_count(stream: Stream) -> int:

@@ -11,12 +11,12 @@ import pytest
 
 from batch.ingest import ingest_topics
 from batch.validate import validate_topic
-from batch.views import compute_views, latest_run, read_view
+from batch.views import compute_views, read_view
 from lakehouse.config import Settings
 from lakehouse.fraud import FRAUD_SPEC, TRANSACTIONS
 from lakehouse.generator import GeneratorOptions, generate
 from lakehouse.streams import ensure_topics, producer
-from lakehouse.tables import BUCKET, Lakehouse
+from lakehouse.tables import BUCKET, Lakehouse, latest_run
 from tests.oracle import view_states
 
 pytestmark = pytest.mark.integration

@@ -29,6 +29,7 @@ from tests.integration.streams import (
     cli_env,
     new_stream,
     read_dlq,
+    read_topic,
     run_in_process,
     scored,
     scored_count,
@@ -61,19 +62,9 @@ def assert_exactly_once(stream: Stream) -> list[dict[str, Any]]:
 
 def kafka_positions(stream: Stream) -> dict[bytes, set[tuple[int, int]]]:
     """(partition, offset) of every record of the stream's topic, by value."""
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(bootstrap_servers=stream.settings.kafka_bootstrap_servers, enable_auto_commit=False)
-    partitions = [TopicPartition(stream.topic, p) for p in sorted(consumer.partitions_for_topic(stream.topic))]
-    consumer.assign(partitions)
-    consumer.seek_to_beginning(*partitions)
-    ends = consumer.end_offsets(partitions)
     out: dict[bytes, set[tuple[int, int]]] = {}
-    while any(consumer.position(tp) < ends[tp] for tp in partitions):
-        for tp, records in consumer.poll(timeout_ms=1000).items():
-            for r in records:
-                out.setdefault(r.value, set()).add((tp.partition, r.offset))
-    consumer.close()
+    for r in read_topic(stream.settings, stream.topic):
+        out.setdefault(r.value, set()).add((r.partition, r.offset))
     return out
 
 
