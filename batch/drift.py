@@ -83,7 +83,7 @@ def ks(reference: np.ndarray, current: np.ndarray) -> tuple[float, float]:
 
 def champion_reference(settings: Settings, spec: PlatformSpec) -> tuple[int, np.ndarray]:
     """(champion version, its training rows' features) from the registry's lineage."""
-    from batch import registry
+    from lakehouse import registry
     from batch.train import read_rows
 
     client = registry.client(settings.mlflow_uri)

@@ -9,7 +9,7 @@ Steps (`train_model`):
    rows from the Delta version itself (delta-rs), so nothing large passes through the driver;
 4. evaluate on the holdout (ROC AUC, PR AUC, log loss, Brier, calibration error) and draw
    ROC, PR, calibration and loss plots;
-5. score the current champion on the same holdout; `registry.decide` says champion or
+5. score the current champion on the same holdout; `promotion.decide` says champion or
    challenger;
 6. write the signed bundle (torch weights + ONNX), log parameters, metrics, lineage and
    artifacts to MLflow, register a new version and set its alias.
@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from batch import registry
+from batch import promotion
+from lakehouse import registry
 from batch.evaluation import metrics, write_plots
 from batch.training_set import LABEL, TrainingSet, build_training_set
 from lakehouse.bundle import load_bundle, load_or_create_signing_key, load_verify_key, write_bundle
@@ -264,7 +265,7 @@ def train_model(
 
     client = registry.client(settings.mlflow_uri)
     champion, champion_scores = score_champion(client, settings, spec, x_hold, y_hold, echo)
-    promotion = registry.decide(found["roc_auc"], champion["roc_auc"] if champion else None)
+    promotion = promotion.decide(found["roc_auc"], champion["roc_auc"] if champion else None)
 
     experiment = f"lambdalake-{spec.name}"
     experiment_id = (client.get_experiment_by_name(experiment) or

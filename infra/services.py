@@ -25,6 +25,7 @@ from infra import jvm
 from infra.process import ManagedProcess, http_ok, port_holder, port_open, wait_until
 from lakehouse.config import Settings
 from lakehouse.errors import ServiceError
+from lakehouse.serve import ray_local_env
 
 LOCALHOST = "127.0.0.1"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -381,41 +382,6 @@ class RayService(Service):
         )
         if result.returncode != 0:
             raise ServiceError(self._failure(f"`serve start` failed:\n{result.stderr[-2000:]}"))
-
-
-def ray_is_local(settings: Settings) -> bool:
-    """Whether the Ray head is this machine's: the one `lambdalake up` starts (manage_ray),
-    or one at a loopback address."""
-    address = settings.ray_address.removeprefix("ray://")
-    host = address.rsplit(":", 1)[0].strip("[]")
-    return settings.manage_ray or host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
-
-
-def ray_local_env(settings: Settings | None = None, *,
-                  environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Environment for processes that start or join the local Ray head; nothing for a Ray
-    cluster elsewhere (`ray_is_local`), whose clients bring their own (a pod's
-    RAY_AUTH_MODE=token and RAY_AUTH_TOKEN). Without settings the head is taken to be local.
-
-    Ray resolves "127.0.0.1" to the machine's outward address unless told that this is a
-    single-machine cluster; the local platform talks only to loopback. Ray's token
-    authentication is off for the same reason: with it on, every process that joins needs
-    the token file Ray keeps in ~/.ray, state outside the platform's state dir that a
-    second platform (tests) or an older head can leave stale. A RAY_AUTH_MODE already in
-    `environ` (default: this process's environment) is never overridden: whoever set it
-    chose the head's and its clients' authentication.
-    """
-    if settings is not None and not ray_is_local(settings):
-        return {}
-    env = {
-        "RAY_AUTH_MODE": "disabled",
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_DEDUP_LOGS": "0",
-    }
-    if "RAY_AUTH_MODE" in (os.environ if environ is None else environ):
-        del env["RAY_AUTH_MODE"]
-    return env
 
 
 ServiceFactory = Callable[[Settings], Service]

@@ -58,7 +58,8 @@ from lakehouse.safejson import JsonLimits, JsonRefused, decode
 from lakehouse.spec import PlatformSpec
 from serving.auth import HEADER, ApiKeys, Caller
 from serving.duck import DuckEngine
-from serving.rollout import CHAMPION, Rollout
+from lakehouse.registry import CHAMPION
+from serving.rollout import Rollout
 
 log = logging.getLogger("lambdalake.serving")
 audit = logging.getLogger("lambdalake.audit")

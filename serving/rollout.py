@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-CHAMPION, CHALLENGER = "champion", "challenger"
+from lakehouse.registry import CHALLENGER, CHAMPION
+from lakehouse.serve import AsyncScoreCall
 
-# rows → {"scores": [...], "model_version": n}
-ScoreCall = Callable[[list[list[float]]], Awaitable[dict[str, Any]]]
+ScoreCall = AsyncScoreCall  # rows → {"scores": [...], "model_version": n}
 
 
 def share(entity: str) -> float:

@@ -10,54 +10,31 @@ snapshot of the lakehouse.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 from lakehouse.config import Settings
+from lakehouse.logs import json_logging
+from lakehouse.registry import CHALLENGER, CHAMPION
+from lakehouse.serve import app_name, async_score_call, connect, running_apps
 from lakehouse.spec import PlatformSpec
 from lakehouse.tables import Lakehouse
 from serving.api import Serving, ServingConfig, create_app
 from serving.auth import load_api_keys
 from serving.duck import DuckEngine
-from serving.rollout import CHALLENGER, CHAMPION, PredictionCache, Rollout, ScoreCall
+from serving.rollout import PredictionCache, Rollout
 
 log = logging.getLogger("lambdalake.serving")
-
-
-def handle_call(app: str) -> ScoreCall:
-    from ray import serve
-
-    handle = serve.get_app_handle(app)
-
-    async def call(rows: list[list[float]]) -> dict[str, Any]:
-        return await handle.score.remote(rows)
-
-    return call
-
-
-def running_apps() -> set[str]:
-    from ray import serve
-
-    return {name for name, app in serve.status().applications.items() if str(app.status) in (
-        "RUNNING", "ApplicationStatus.RUNNING")}
 
 
 def build_serving(settings: Settings, spec: PlatformSpec, *, lakehouse: Lakehouse | None = None,
                   create_keys: bool = False) -> tuple[Serving, str | None]:
     """The API's parts, connected to the platform's Ray cluster (initialised here)."""
-    from infra.services import ray_local_env
-    from speed.model_service import app_name
-
-    os.environ.update(ray_local_env(settings))  # before Ray is imported: it reads them then
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=settings.ray_address, log_to_driver=False, logging_level=logging.WARNING)
+    connect(settings, quiet=True)
     keys, created = load_api_keys(settings.api_keys.get_secret_value(), settings.api_keys_path,
                                   create=create_keys)
     engine = DuckEngine(spec, lakehouse or Lakehouse(settings.delta_uri), group=settings.speed_group,
                         partitions=settings.kafka_partitions, memory_limit=settings.duckdb_memory_limit)
-    rollout = Rollout({CHAMPION: handle_call(app_name(CHAMPION))}, settings.rollout_challenger_weight,
+    rollout = Rollout({CHAMPION: async_score_call(app_name(CHAMPION))}, settings.rollout_challenger_weight,
                       PredictionCache(settings.prediction_cache_size))
 
     def discover_arms() -> None:
@@ -68,7 +45,7 @@ def build_serving(settings: Settings, spec: PlatformSpec, *, lakehouse: Lakehous
             return
         available = app_name(CHALLENGER) in running_apps()
         if available and not running:
-            rollout.arms[CHALLENGER] = handle_call(app_name(CHALLENGER))
+            rollout.arms[CHALLENGER] = async_score_call(app_name(CHALLENGER))
             rollout.challenger_weight = weight
             log.info("rollout: %.0f%% of entities to the challenger", weight * 100)
         elif running and not available:
@@ -85,8 +62,6 @@ def build_serving(settings: Settings, spec: PlatformSpec, *, lakehouse: Lakehous
 def serve_api(settings: Settings, spec: PlatformSpec, *, host: str, port: int) -> None:
     """Run the API until SIGTERM/SIGINT."""
     import uvicorn
-
-    from lakehouse.logs import json_logging
 
     json_logging(settings.log_level)
     serving, created = build_serving(settings, spec, create_keys=True)

@@ -47,6 +47,7 @@ from typing import Any, Literal
 
 from lakehouse.config import Settings
 from lakehouse.errors import ServiceError, ValidationError
+from lakehouse.serve import Scorer
 from lakehouse.spec import PlatformSpec
 from lakehouse.tables import Lakehouse, published_runs
 from speed import lake, metrics
@@ -54,7 +55,6 @@ from speed.state import SpeedState
 
 log = logging.getLogger("lambdalake.speed")
 
-Scorer = Callable[[list[list[float]]], tuple[list[float], int]]
 
 
 @dataclass(frozen=True)
@@ -70,19 +70,6 @@ class SpeedOptions:
     # resuming below the oldest offset Kafka still holds: "fail" (ServiceError with the
     # numbers) or "skip" (start at the oldest, logged and counted as lost)
     on_missing_offsets: Literal["fail", "skip"] = "fail"
-
-
-def serve_scorer(app_name: str = "model") -> Scorer:
-    """Scores through the model service's deployment handle (Ray must be initialised)."""
-    from ray import serve
-
-    handle = serve.get_app_handle(app_name)
-
-    def score(rows: list[list[float]]) -> tuple[list[float], int]:
-        answer = handle.score.remote(rows).result(timeout_s=60)
-        return answer["scores"], int(answer["model_version"])
-
-    return score
 
 
 class SpeedLayer:

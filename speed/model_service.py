@@ -36,20 +36,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lakehouse import registry
+from lakehouse.bundle import (ModelSpecError, check_bundle_spec, load_bundle, load_verify_key,
+                              public_pem, spec_fingerprint_of)
 from lakehouse.errors import PlatformError
 from lakehouse.fraud import FRAUD_SPEC
+from lakehouse.registry import CHAMPION
+from lakehouse.serve import DEPLOYMENT, app_name, connect
 
 log = logging.getLogger("lambdalake.model_service")
-
-APP_NAME = "model"
-DEPLOYMENT = "ModelScorer"
-
-
-def app_name(alias: str = "champion") -> str:
-    """The Serve application serving an alias: `model` for the champion (the speed layer's
-    and /predict's), `model-<alias>` for another (the challenger of a traffic split)."""
-    return APP_NAME if alias == "champion" else f"{APP_NAME}-{alias}"
-
 
 @dataclass(frozen=True)
 class ServiceArgs:
@@ -59,7 +54,7 @@ class ServiceArgs:
     model_name: str
     verify_key_pem: str = ""  # the public key itself, or
     verify_key_file: str = ""  # a path to it on each replica's node (a mounted Secret)
-    alias: str = "champion"
+    alias: str = CHAMPION
     poll_s: float = 5.0
     max_batch_size: int = 256
     batch_wait_timeout_s: float = 0.005
@@ -75,8 +70,6 @@ class ServiceArgs:
     @classmethod
     def from_settings(cls, settings: Any, spec: Any = None, **overrides: Any) -> ServiceArgs:
         """Args for the settings' registry and key, running `spec` (default the platform's)."""
-        from lakehouse.bundle import load_verify_key, public_pem
-
         pem = public_pem(load_verify_key(settings.verify_key_path)).decode()
         base = {"tracking_uri": settings.mlflow_uri, "model_name": settings.model_name,
                 "verify_key_pem": pem, "min_replicas": settings.serve_min_replicas,
@@ -114,8 +107,6 @@ def open_bundle(directory: Path, args: ServiceArgs) -> tuple[Any, dict[str, Any]
     and made for the spec the service runs; ModelSignatureError or ModelSpecError otherwise."""
     from cryptography.hazmat.primitives import serialization
 
-    from lakehouse.bundle import check_bundle_spec, load_bundle
-
     key = serialization.load_pem_public_key(args.public_key_pem())
     model, manifest = load_bundle(directory, key)  # type: ignore[arg-type]
     check_bundle_spec(manifest, spec_fingerprint=args.spec_fingerprint, feature_names=args.feature_names)
@@ -127,9 +118,6 @@ class LoadedModel:
 
     def __init__(self, args: ServiceArgs, version: Any) -> None:
         import torch
-
-        from batch import registry
-        from lakehouse.bundle import ModelSpecError, spec_fingerprint_of
 
         client = registry.client(args.tracking_uri)
         with tempfile.TemporaryDirectory(prefix="lambdalake-serve-") as scratch:
@@ -189,16 +177,12 @@ def _scorer_class():  # type: ignore[no-untyped-def]
                      self.loaded.device)
 
         def _load_current(self) -> LoadedModel | None:
-            from batch import registry
-
             client = registry.client(self.args.tracking_uri)
             version = registry.version_by_alias(client, self.args.model_name, self.args.alias)
             return None if version is None else LoadedModel(self.args, version)
 
         async def _follow_alias(self) -> None:
             """Swap in a newly promoted version; keep the current one if it fails to verify."""
-            from batch import registry
-
             while True:
                 await asyncio.sleep(self.args.poll_s)
                 try:
@@ -284,11 +268,9 @@ def build_app(args: dict[str, Any]):  # type: ignore[no-untyped-def]
 def serve_on_ray(address: str, service: ServiceArgs, *, timeout_s: float = 180.0) -> dict[str, Any]:
     """Deploy the application on a running Ray cluster (Serve already started), wait until
     it is healthy, and return what it serves."""
-    import ray
     from ray import serve
 
-    if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=False)
+    connect(address=address)
     name = app_name(service.alias)
     handle = serve.run(build_app(asdict(service)), name=name, route_prefix=f"/{name}", blocking=False)
     deadline = time.monotonic() + timeout_s

@@ -98,7 +98,7 @@ def platform(settings: Settings, test_env: dict[str, str]) -> Iterator[Settings]
 def ray_cluster(platform: Settings) -> Iterator[Settings]:
     """This process joined to the platform's Ray head, once per session (Serve handles keep
     background tasks bound to the session that made them)."""
-    from infra.services import ray_local_env
+    from lakehouse.serve import ray_local_env
 
     os.environ.update(ray_local_env())  # before Ray is imported: it reads them at import
     import ray

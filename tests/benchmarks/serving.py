@@ -187,7 +187,8 @@ def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 120)
 def http_figures(lakehouse: Any, users: list[str], seconds: float) -> None:
     from lakehouse.config import load_settings
     from lakehouse.spec import format_timestamp_ms
-    from speed.model_service import APP_NAME, ServiceArgs, serve_on_ray
+    from lakehouse.serve import APP_NAME
+    from speed.model_service import ServiceArgs, serve_on_ray
     from tests.integration.models import publish, random_model
 
     key = "bench-key-" + uuid.uuid4().hex
@@ -245,7 +246,7 @@ def main() -> None:
         lakehouse, users = write_lakehouse(Path(scratch) / "delta", args.entities, args.speed_events)
         sql_figures(lakehouse, users)
         if not args.skip_http:
-            from infra.services import ray_local_env
+            from lakehouse.serve import ray_local_env
             from lakehouse.config import load_settings
 
             os.environ.update(ray_local_env())  # before Ray is imported: it reads them then

@@ -27,11 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from infra.services import ray_local_env
+from lakehouse.serve import ray_local_env
 
 os.environ.update(ray_local_env())  # before Ray is imported
 
-from batch import registry  # noqa: E402
+from lakehouse import registry  # noqa: E402
 from lakehouse.config import load_settings  # noqa: E402
 from lakehouse.fraud import FRAUD_SPEC, TRANSACTIONS  # noqa: E402
 from lakehouse.generator import GeneratorOptions, generate, produce  # noqa: E402
@@ -71,7 +71,8 @@ def bare_loop(settings, topic: str, n: int) -> float:  # type: ignore[no-untyped
 
 
 def speed_layer(settings, topic: str, lakehouse: Lakehouse, group: str):  # type: ignore[no-untyped-def]
-    from speed.consumer import SpeedLayer, SpeedOptions, serve_scorer
+    from lakehouse.serve import serve_scorer
+    from speed.consumer import SpeedLayer, SpeedOptions
 
     return SpeedLayer(settings, spec_for(topic), serve_scorer(), lakehouse=lakehouse,
                       options=SpeedOptions(group_id=group))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from batch import registry
+from lakehouse import registry
 from lakehouse.bundle import load_or_create_signing_key, write_bundle
 from lakehouse.config import Settings
 from lakehouse.fraud import FRAUD_SPEC

@@ -27,7 +27,8 @@ def serve_champion(ray_cluster: Settings, bundles: Any) -> Iterator[Settings]:
     """A champion model on the platform's Ray Serve, as app `model` (a fixture's body)."""
     from ray import serve
 
-    from speed.model_service import APP_NAME, ServiceArgs, serve_on_ray
+    from lakehouse.serve import APP_NAME
+    from speed.model_service import ServiceArgs, serve_on_ray
 
     settings = ray_cluster.model_copy(update={"model_name": f"it-{uuid.uuid4().hex[:6]}"})
     publish(settings, random_model(7), bundles)
@@ -83,7 +84,8 @@ def speed_process(stream: Stream, group: str, *extra: str) -> subprocess.Popen[s
 
 
 def run_in_process(stream: Stream, group: str = "it", idle_exit_s: float = 4.0) -> dict[str, int]:
-    from speed.consumer import SpeedLayer, SpeedOptions, serve_scorer
+    from lakehouse.serve import serve_scorer
+    from speed.consumer import SpeedLayer, SpeedOptions
 
     layer = SpeedLayer(stream.settings, stream.spec, serve_scorer(), lakehouse=stream.lakehouse,
                        options=SpeedOptions(group_id=group, max_batch=500, run_check_s=0.5))

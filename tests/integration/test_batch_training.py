@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from batch import registry
+from lakehouse import registry
 from batch.ingest import ingest_topics
 from batch.train import TrainOptions, holdout_split, read_rows, train_model
 from batch.training_set import LABEL_TIME_MS, build_training_set

@@ -116,7 +116,7 @@ def drift_world(settings: Settings, root: Path, shift: float) -> dict[str, str]:
     drawn from the same distribution, shifted by `shift` standard deviations on two inputs."""
     from deltalake import write_deltalake
 
-    from batch import registry
+    from lakehouse import registry
     from lakehouse.bundle import load_or_create_signing_key, write_bundle
     from speed import lake
 

@@ -32,7 +32,8 @@ ROWS = np.random.default_rng(5).normal(0.0, 2.0, size=(6, WIDTH))
 def service(ray_cluster: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     from ray import serve
 
-    from speed.model_service import APP_NAME, ServiceArgs, serve_on_ray
+    from lakehouse.serve import APP_NAME
+    from speed.model_service import ServiceArgs, serve_on_ray
 
     settings = ray_cluster.model_copy(update={"model_name": f"serve-it-{uuid.uuid4().hex[:6]}"})
     root = tmp_path_factory.mktemp("bundles")
@@ -77,7 +78,7 @@ def test_bad_requests_get_a_4xx_with_the_reason(service: dict[str, Any], body: b
 def test_a_promotion_is_followed_without_failing_a_request(service: dict[str, Any]) -> None:
     from ray import serve
 
-    from speed.model_service import APP_NAME
+    from lakehouse.serve import APP_NAME
 
     handle = serve.get_app_handle(APP_NAME)
     seen: list[int] = []
@@ -114,7 +115,8 @@ def test_a_promotion_is_followed_without_failing_a_request(service: dict[str, An
 def test_a_tampered_model_is_refused(service: dict[str, Any]) -> None:
     from ray import serve
 
-    from speed.model_service import APP_NAME, build_app
+    from lakehouse.serve import APP_NAME
+    from speed.model_service import build_app
 
     current = serve.get_app_handle(APP_NAME).info.remote().result(timeout_s=30)["version"]
     tampered = publish(service["settings"], random_model(3), service["root"], tamper=True)
@@ -145,7 +147,8 @@ def test_a_model_of_another_spec_is_refused(service: dict[str, Any], made_for: s
     and its last error names both values; a fresh deployment on it does not start."""
     from ray import serve
 
-    from speed.model_service import APP_NAME, build_app
+    from lakehouse.serve import APP_NAME
+    from speed.model_service import build_app
 
     names = list(FRAUD_SPEC.feature_names)
     if made_for == "another spec":
@@ -183,7 +186,7 @@ def test_the_serve_config_file_deploys_the_same_application(service: dict[str, A
     import subprocess
     import sys
 
-    from batch import registry
+    from lakehouse import registry
     from tests.conftest import lambdalake
 
     settings = service["settings"]

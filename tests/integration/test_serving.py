@@ -408,7 +408,8 @@ def test_metrics_count_predictions_by_version_and_cache(api: Api) -> None:
 def test_rollout_splits_traffic_by_weight_sticky_per_entity(world: World, tmp_path_factory: pytest.TempPathFactory) -> None:
     from ray import serve
 
-    from speed.model_service import ServiceArgs, app_name, serve_on_ray
+    from lakehouse.serve import app_name
+    from speed.model_service import ServiceArgs, serve_on_ray
 
     settings = world.settings.model_copy(update={"rollout_challenger_weight": 0.3})
     challenger = publish(settings, random_model(8), tmp_path_factory.mktemp("challenger"), alias="challenger")

@@ -177,7 +177,8 @@ def test_features_equal_the_batch_layers_across_a_handover(served: Settings, spa
     """Half the stream, a batch run over it, the other half: the speed layer adopts the
     run mid-stream, and every event's user features (the entity that keys Kafka) equal
     the batch layer's point-in-time ones exactly; merchant features are reported."""
-    from speed.consumer import SpeedLayer, SpeedOptions, serve_scorer
+    from lakehouse.serve import serve_scorer
+    from speed.consumer import SpeedLayer, SpeedOptions
 
     stream = new_stream(served, 4000, seed=44)
     half = len(stream.messages) // 2
@@ -315,7 +316,8 @@ def test_a_resume_offset_kafka_no_longer_holds_is_an_error_with_the_numbers(serv
     from kafka.admin import KafkaAdminClient
 
     from lakehouse.errors import ServiceError
-    from speed.consumer import SpeedLayer, SpeedOptions, serve_scorer
+    from lakehouse.serve import serve_scorer
+    from speed.consumer import SpeedLayer, SpeedOptions
 
     stream = _topic_with_dlq(served, {}, partitions=1)
     send(stream, stream.messages[:200])

@@ -34,7 +34,7 @@ from infra.k8s import (
     serve_config_problems,
     settings_problems,
 )
-from infra.services import ray_local_env
+from lakehouse.serve import ray_local_env
 from lakehouse.config import load_settings
 from speed.model_service import ServiceArgs
 

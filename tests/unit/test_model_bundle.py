@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from batch.evaluation import metrics
-from batch.registry import CHALLENGER, CHAMPION, decide, move_alias, publish_bundle
+from batch.promotion import decide
+from lakehouse.registry import CHALLENGER, CHAMPION, move_alias, publish_bundle
 from batch.train import holdout_split
 from lakehouse.bundle import (
     MANIFEST,

@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from serving.rollout import CHALLENGER, CHAMPION, PredictionCache, Rollout, share
+from lakehouse.registry import CHALLENGER, CHAMPION
+from serving.rollout import PredictionCache, Rollout, share
 
 
 def arm(version: list[int], calls: list[int]) -> Any:

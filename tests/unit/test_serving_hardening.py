@@ -32,7 +32,8 @@ from lakehouse.tables import Lakehouse
 from serving.api import Serving, ServingConfig, create_app
 from serving.auth import ApiKeys
 from serving.duck import DuckEngine
-from serving.rollout import CHAMPION, PredictionCache, Rollout
+from lakehouse.registry import CHAMPION
+from serving.rollout import PredictionCache, Rollout
 from tests.fuzzing import FUZZ_EXAMPLES, every_input_operation_fuzzed, fuzz_operations
 
 SPEC = FRAUD_SPEC

@@ -1,10 +1,11 @@
-"""The MLflow model registry side of training: versions, aliases, signed bundles.
+"""The MLflow model registry, the one place the layers meet over models: versions,
+aliases, signed bundles.
 
 Each training run registers a new version of `settings.model_name` whose source is the
 signed bundle logged under the run's `model/` artifacts. Two aliases say what a version is
 for: `champion` (what the speed layer and /predict score with) and `challenger` (the newest
-version that did not beat the champion on the same holdout). `decide` is the whole
-promotion rule.
+version that did not beat the champion on the same holdout). Which alias a new version gets
+is the batch layer's decision (`batch.promotion.decide`).
 
 Every alias move goes through `move_alias`, which writes one JSON line to the
 `lambdalake.audit` logger: model, alias, version, the version it pointed at before, who and
@@ -19,7 +20,6 @@ import logging
 import os
 import socket
 import tempfile
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,23 +33,6 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 BUNDLE_ARTIFACT_PATH = "model"
 
 audit = logging.getLogger("lambdalake.audit")
-
-
-@dataclass(frozen=True)
-class Promotion:
-    alias: str  # CHAMPION or CHALLENGER
-    reason: str
-
-
-def decide(new_score: float, champion_score: float | None, metric: str = "roc_auc") -> Promotion:
-    """A new version becomes champion only if it beats the champion's score on the same
-    holdout (strictly); with no comparable champion it becomes champion."""
-    if champion_score is None:
-        return Promotion(CHAMPION, "no comparable champion")
-    if new_score > champion_score:
-        return Promotion(CHAMPION, f"{metric} {new_score:.4f} beats the champion's {champion_score:.4f}")
-    return Promotion(CHALLENGER, f"{metric} {new_score:.4f} does not beat the champion's "
-                                 f"{champion_score:.4f}")
 
 
 def client(tracking_uri: str) -> MlflowClient:
