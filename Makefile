@@ -14,7 +14,7 @@ LOCK_HASH := $(shell sha256sum requirements.lock | cut -c1-16)
 STAMP := $(VENV)/.installed-$(LOCK_HASH)
 TEST_ARGS ?=
 
-.PHONY: help install jars lock up down status test unit demo clean
+.PHONY: help install jars lock up down status check test unit demo clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -51,7 +51,12 @@ status:  ## health and URL of each service
 unit: install  ## the unit tests only (no services)
 	$(BIN)/pytest tests/unit $(TEST_ARGS)
 
-test: install  ## the whole suite: unit tests and integration tests against real services
+check: install  ## the code checks: layering contracts (import-linter), lint (ruff), types (mypy --strict)
+	$(BIN)/lint-imports
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: install check  ## the code checks, then the whole suite: unit tests and integration tests against real services
 	$(BIN)/pytest tests $(TEST_ARGS)
 
 demo: up  ## start the platform and run the whole architecture end to end (Airflow batch + training, speed layer, API, SQL, /predict, exact-merge check)
