@@ -19,12 +19,14 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from batch.train import read_rows
+from lakehouse import registry
 from lakehouse.config import Settings
 from lakehouse.errors import PlatformError
 from lakehouse.spec import PlatformSpec
@@ -83,9 +85,6 @@ def ks(reference: np.ndarray, current: np.ndarray) -> tuple[float, float]:
 
 def champion_reference(settings: Settings, spec: PlatformSpec) -> tuple[int, np.ndarray]:
     """(champion version, its training rows' features) from the registry's lineage."""
-    from lakehouse import registry
-    from batch.train import read_rows
-
     client = registry.client(settings.mlflow_uri)
     version = registry.version_by_alias(client, settings.model_name, registry.CHAMPION)
     if version is None:
@@ -112,7 +111,7 @@ def recent_features(lakehouse: Lakehouse, spec: PlatformSpec, *, since: datetime
     table = DeltaTable(path).to_pyarrow_table(columns=["features"], filters=[("scored_at", ">=", since)])
     if table.num_rows == 0:
         return np.empty((0, width))
-    flat = table.column("features").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    flat: np.ndarray = table.column("features").combine_chunks().flatten().to_numpy(zero_copy_only=False)
     return flat.reshape(table.num_rows, width)
 
 
@@ -127,7 +126,7 @@ def write_plots(folder: Path, names: tuple[str, ...], reference: np.ndarray, cur
     for i, (name, drift) in enumerate(zip(names, found, strict=True)):
         figure, axes = plt.subplots(figsize=(5, 3.2))
         both = np.concatenate([reference[:, i], current[:, i]])
-        edges = np.histogram_bin_edges(both, bins=40)
+        edges = np.histogram_bin_edges(both, bins=40).tolist()
         axes.hist(reference[:, i], bins=edges, density=True, alpha=0.5, label="champion's training rows")
         axes.hist(current[:, i], bins=edges, density=True, alpha=0.5, label="scored in the window")
         axes.set_title(f"{name}: PSI {drift.psi:.3f}, KS {drift.ks:.3f}", fontsize=9)
@@ -142,7 +141,7 @@ def detect_drift(settings: Settings, spec: PlatformSpec, *, lakehouse: Lakehouse
     """Compare the last `drift_window_hours` of scored events with the champion's training
     rows; write the plots and a JSON report under <state_dir>/drift/<time>/."""
     lakehouse = lakehouse or Lakehouse(settings.delta_uri)
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     version, reference = champion_reference(settings, spec)
     current = recent_features(lakehouse, spec, since=now - timedelta(hours=settings.drift_window_hours))
     folder = settings.state_path / "drift" / now.strftime("%Y%m%dT%H%M%S")

@@ -71,36 +71,51 @@ def expectation_for(reason: str, schema: RecordSchema) -> str:
 def build_suite(schema: RecordSchema) -> gx.ExpectationSuite:
     """The expectation suite of a record schema, one expectation per rule of each field."""
     import great_expectations as gx
+
+    # the classes from their defining modules: `gx.expectations` does not re-export them for mypy
+    from great_expectations.expectations.core.expect_column_value_lengths_to_be_between import (
+        ExpectColumnValueLengthsToBeBetween,
+    )
+    from great_expectations.expectations.core.expect_column_values_to_be_between import (
+        ExpectColumnValuesToBeBetween,
+    )
+    from great_expectations.expectations.core.expect_column_values_to_be_in_set import ExpectColumnValuesToBeInSet
+    from great_expectations.expectations.core.expect_column_values_to_not_be_null import (
+        ExpectColumnValuesToNotBeNull,
+    )
+    from great_expectations.expectations.core.expect_compound_columns_to_be_unique import (
+        ExpectCompoundColumnsToBeUnique,
+    )
     from great_expectations.expectations.row_conditions import Column
 
-    e = gx.expectations
     # field expectations only look at rows that were JSON objects (else every field is missing)
-    _OBJECT_ROWS = {"row_condition": Column(JSON_OBJECT) == True}  # noqa: E712 (a GX condition)
+    object_rows = Column(JSON_OBJECT) == True  # noqa: E712 (a GX condition)
     suite = gx.ExpectationSuite(name=schema.name, meta={"generated_from": "lakehouse spec"})
-    suite.add_expectation(e.ExpectColumnValuesToBeInSet(column=JSON_OBJECT, value_set=[True]))
-    suite.add_expectation(e.ExpectColumnValuesToBeBetween(
-        column=UNKNOWN_FIELDS, min_value=0, max_value=0, **_OBJECT_ROWS))
-    suite.add_expectation(e.ExpectColumnValuesToBeInSet(column=ENVELOPE_OK, value_set=[True], **_OBJECT_ROWS))
+    suite.add_expectation(ExpectColumnValuesToBeInSet(column=JSON_OBJECT, value_set=[True]))
+    suite.add_expectation(ExpectColumnValuesToBeBetween(
+        column=UNKNOWN_FIELDS, min_value=0, max_value=0, row_condition=object_rows))
+    suite.add_expectation(ExpectColumnValuesToBeInSet(column=ENVELOPE_OK, value_set=[True],
+                                                      row_condition=object_rows))
     for field in schema.fields:
         if field.required:
-            suite.add_expectation(e.ExpectColumnValuesToNotBeNull(column=field.name, **_OBJECT_ROWS))
+            suite.add_expectation(ExpectColumnValuesToNotBeNull(column=field.name, row_condition=object_rows))
         if field.allowed is not None:
-            suite.add_expectation(e.ExpectColumnValuesToBeInSet(
-                column=field.name, value_set=list(field.allowed), **_OBJECT_ROWS))
+            suite.add_expectation(ExpectColumnValuesToBeInSet(
+                column=field.name, value_set=list(field.allowed), row_condition=object_rows))
         if field.max_length is not None:
-            suite.add_expectation(e.ExpectColumnValueLengthsToBeBetween(
-                column=field.name, min_value=0, max_value=field.max_length, **_OBJECT_ROWS))
+            suite.add_expectation(ExpectColumnValueLengthsToBeBetween(
+                column=field.name, min_value=0, max_value=field.max_length, row_condition=object_rows))
         if field.minimum is not None or field.maximum is not None:
             scale = 100 if field.type == "money" else 1  # the column holds cents
-            bounds: dict[str, Any] = {}
+            bounds: dict[str, Any] = {}  # only the bounds the field has (the others stay unset)
             if field.minimum is not None:
                 bounds["min_value"] = round(field.minimum * scale)
             if field.maximum is not None:
                 bounds["max_value"] = round(field.maximum * scale)
-            suite.add_expectation(e.ExpectColumnValuesToBeBetween(
-                column=field.name, **bounds, **_OBJECT_ROWS))
-    suite.add_expectation(e.ExpectCompoundColumnsToBeUnique(
-        column_list=[schema.key_field, schema.id_field], **_OBJECT_ROWS))
+            suite.add_expectation(ExpectColumnValuesToBeBetween(
+                column=field.name, **bounds, row_condition=object_rows))
+    suite.add_expectation(ExpectCompoundColumnsToBeUnique(
+        column_list=[schema.key_field, schema.id_field], row_condition=object_rows))
     return suite
 
 
@@ -113,6 +128,7 @@ class DataQualityReport:
 
         os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")  # no phoning home
         import great_expectations as gx
+        from great_expectations.checkpoint.actions import UpdateDataDocsAction
         from great_expectations.data_context.types.base import ProgressBarsConfig
 
         gx_dir.mkdir(parents=True, exist_ok=True)
@@ -130,7 +146,7 @@ class DataQualityReport:
         self.checkpoint = context.checkpoints.add_or_update(gx.Checkpoint(
             name=schema.name,
             validation_definitions=[definition],
-            actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs")],
+            actions=[UpdateDataDocsAction(name="data_docs")],
             result_format={"result_format": "SUMMARY"},
         ))
 
@@ -142,6 +158,7 @@ class DataQualityReport:
             for outcome in run.results:
                 if not outcome.success:
                     config = outcome.expectation_config
+                    assert config is not None, "a checkpoint's result names its expectation"
                     column = config.kwargs.get("column") or ",".join(config.kwargs.get("column_list") or ())
                     key = f"{config.type}:{column}"
                     failed[key] = failed.get(key, 0) + int(outcome.result.get("unexpected_count") or 0)

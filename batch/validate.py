@@ -24,6 +24,7 @@ import hashlib
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -322,14 +323,12 @@ def accepted_slices(lakehouse: Lakehouse) -> set[str]:
 
 def accept_slice(lakehouse: Lakehouse, slice_id: str, *, accepted_by: str, note: str = "") -> None:
     """Record that a slice may pass the failure-rate gate (the next validate run writes it)."""
-    from datetime import datetime, timezone
-
     from deltalake import write_deltalake
 
     if not _SLICE_ID.match(slice_id):
         raise DataQualityError(f"{slice_id!r} is no slice id: the validate error names it, as "
                                "<schema>/<micro-batch>-<digest>, e.g. transaction/3-1a2b3c4d5e")
-    row = {"slice_id": slice_id, "accepted_at": datetime.now(timezone.utc), "accepted_by": accepted_by,
+    row = {"slice_id": slice_id, "accepted_at": datetime.now(UTC), "accepted_by": accepted_by,
            "note": note}
     write_deltalake(lakehouse.accepted_slices, pa.Table.from_pylist([row], schema=ACCEPTED_SCHEMA),
                     mode="append")

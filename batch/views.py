@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from lakehouse.errors import PlatformError
@@ -90,7 +90,7 @@ def compute_views(
     """Recompute every view up to the current boundary and publish the run."""
     from pyspark.sql import functions as F
 
-    run_id = f"run-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+    run_id = f"run-{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
     silver_path = lakehouse.silver(spec.events.name)
     # quarantine first: validation writes a slice's silver rows before its quarantine rows,
     # so the silver version read after it holds every valid record the quarantine implies
@@ -123,7 +123,7 @@ def compute_views(
     events.unpersist()
     run = BatchRun(run_id=run_id, boundary=boundary, view_versions=versions,
                    source_versions=sources, row_counts=counts, durations_s=durations,
-                   spec_fingerprint=spec.fingerprint(), finished_at=datetime.now(timezone.utc))
+                   spec_fingerprint=spec.fingerprint(), finished_at=datetime.now(UTC))
     run = publish_run(lakehouse, run)
     echo(f"published {run_id} (#{run.sequence}): boundary {boundary}")
     return run

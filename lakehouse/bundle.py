@@ -129,7 +129,8 @@ def check_bundle_spec(manifest: Mapping[str, Any], *, spec_fingerprint: str,
                              "made for it")
     theirs, ours = list(manifest.get("feature_names") or []), list(feature_names)
     if theirs != ours:
-        at = next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b), min(len(theirs), len(ours)))
+        at = next((i for i, (a, b) in enumerate(zip(theirs, ours, strict=False)) if a != b),
+                  min(len(theirs), len(ours)))
         raise ModelSpecError(f"{name} takes features {theirs}, but the running spec {spec_fingerprint} "
                              f"computes {ours} (first difference at position {at}): retrain on the "
                              "running spec")
@@ -180,7 +181,7 @@ def verify_bundle(directory: Path, key: Ed25519PublicKey) -> dict[str, Any]:
             f"model bundle {directory}: the signature does not match the manifest "
             f"(signed by key {signature.get('key_id')!r}, verifying with {key_id(key)!r})"
         ) from None
-    manifest = json.loads(body)
+    manifest: dict[str, Any] = json.loads(body)
     expected = manifest.get("files", {})
     present = {p.name for p in directory.iterdir() if p.is_file()} - {MANIFEST, SIGNATURE}
     if present != set(expected):
@@ -230,6 +231,7 @@ def write_bundle(directory: Path, model: Any, manifest: Mapping[str, Any],
         ProbabilityHead(model).eval(), (example,), input_names=["features"],
         output_names=["probability"], dynamic_shapes=({0: torch.export.Dim("rows")},),
         dynamo=True, external_data=False, verbose=False)
+    assert program is not None, "torch.onnx.export(dynamo=True) returns the program"
     program.save(str(directory / ONNX))
     # the export must score like the weights it came from
     probe = (model.mean + model.scale * torch.randn(256, model.n_inputs)).numpy()

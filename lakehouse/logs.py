@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 
 class JsonFormatter(logging.Formatter):
@@ -12,7 +12,7 @@ class JsonFormatter(logging.Formatter):
     in, any other message is kept as "message"."""
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {"ts": datetime.fromtimestamp(record.created, tz=timezone.utc).isoformat(),
+        entry = {"ts": datetime.fromtimestamp(record.created, tz=UTC).isoformat(),
                  "level": record.levelname, "logger": record.name}
         message = record.getMessage()
         try:

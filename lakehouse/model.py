@@ -16,6 +16,9 @@ from torch import nn
 
 
 class ScoringModel(nn.Module):
+    mean: torch.Tensor  # buffers (register_buffer): the input standardization
+    scale: torch.Tensor
+
     def __init__(self, n_inputs: int, hidden: Sequence[int] = (64, 32)) -> None:
         super().__init__()
         self.n_inputs = n_inputs
@@ -37,7 +40,8 @@ class ScoringModel(nn.Module):
         self.scale.copy_(torch.as_tensor(np.where(std > 0, std, 1.0), dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body((x - self.mean) / self.scale).squeeze(-1)
+        logits: torch.Tensor = self.body((x - self.mean) / self.scale)
+        return logits.squeeze(-1)
 
     def probability(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.forward(x))

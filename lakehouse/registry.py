@@ -20,7 +20,7 @@ import logging
 import os
 import socket
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -67,7 +67,7 @@ def alias_move_record(model: str, alias: str, version: int, previous: int | None
     """The audit record of one alias move (a JSON object)."""
     return {"event": "model_alias_moved", "model": model, "alias": alias, "version": version,
             "previous_version": previous, "who": who, "why": why,
-            "at": datetime.now(timezone.utc).isoformat(), **context}
+            "at": datetime.now(UTC).isoformat(), **context}
 
 
 def move_alias(mlflow: MlflowClient, name: str, alias: str, version: int | str, *, why: str,

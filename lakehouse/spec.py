@@ -20,17 +20,17 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from lakehouse.errors import SpecError, ValidationError
 from lakehouse.monoids import Aggregation
 from lakehouse.safejson import JsonLimits, JsonRefused, decode
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_MS = timedelta(milliseconds=1)
 
 FieldType = Literal["string", "long", "double", "money", "boolean", "timestamp"]
@@ -121,9 +121,9 @@ class RecordSchema:
         missing_value (a tombstone), too_large, invalid_utf8, too_deep, number_too_long,
         malformed_json, duplicate_key, not_an_object; of its fields: missing, unknown_field,
         wrong_type, out_of_range, not_allowed, too_long, bad_timestamp, bad_money,
-        invalid_string, unrepresentable (beyond a 64-bit integer); of its envelope: missing_key and key_mismatch (when `key`, the Kafka
-        key, is given: it must equal the `key_field` value), out_of_range_time (when
-        `arrival_ms` is given, see `RecordLimits`).
+        invalid_string, unrepresentable (beyond a 64-bit integer); of its envelope: missing_key
+        and key_mismatch (when `key`, the Kafka key, is given: it must equal the `key_field`
+        value), out_of_range_time (when `arrival_ms` is given, see `RecordLimits`).
         """
         inspection = self.inspect(raw, key=key, arrival_ms=arrival_ms)
         if inspection.reasons:
@@ -313,7 +313,7 @@ def parse_timestamp_ms(text: str) -> int:
 
 def format_timestamp_ms(epoch_ms: int) -> str:
     """The wire form of a timestamp: ISO-8601 UTC with milliseconds and a Z."""
-    moment = datetime.fromtimestamp(epoch_ms / 1000, tz=timezone.utc)
+    moment = datetime.fromtimestamp(epoch_ms / 1000, tz=UTC)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{epoch_ms % 1000:03d}Z"
 
 

@@ -61,7 +61,7 @@ def spark_kafka_options(settings: Settings) -> dict[str, str]:
     that path on them too. Spark redacts the JAAS config (it contains "password") in its plans
     and UI."""
     protocol = settings.kafka_security_protocol
-    options = {"kafka.security.protocol": protocol}
+    options: dict[str, str] = {"kafka.security.protocol": protocol}
     if protocol.endswith("SSL") and settings.kafka_ssl_cafile is not None:
         options["kafka.ssl.truststore.type"] = "PEM"
         options["kafka.ssl.truststore.location"] = str(settings.kafka_ssl_cafile)

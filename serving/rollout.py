@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
 
 from lakehouse.registry import CHALLENGER, CHAMPION
 from lakehouse.serve import AsyncScoreCall
