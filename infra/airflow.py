@@ -16,13 +16,16 @@ import json
 import os
 import secrets
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from infra.process import ManagedProcess
-from infra.services import LOCALHOST, REPO_ROOT, Service, _tool
+from infra.service import LOCALHOST, REPO_ROOT, Service, tool
 from lakehouse.config import Settings
 from lakehouse.errors import ConfigError, ServiceError
 from lakehouse.secret_files import load_or_create_secret, read_secret, replace_secret
@@ -119,7 +122,7 @@ class AirflowService(Service):
         return f"http://{LOCALHOST}:{self.settings.airflow_port}"
 
     def processes(self) -> list[ManagedProcess]:
-        airflow = _tool("airflow")
+        airflow = tool("airflow")
         env = airflow_env(self.settings)
         port = str(self.settings.airflow_port)
         return [
@@ -139,7 +142,7 @@ class AirflowService(Service):
         (self.home / "airflow.cfg").touch()
         write_login(self.settings, admin_password(self.settings, create=True))
         result = subprocess.run(
-            [_tool("airflow"), "db", "migrate"],
+            [tool("airflow"), "db", "migrate"],
             env={**os.environ, **airflow_env(self.settings)},
             capture_output=True,
             text=True,
@@ -167,7 +170,7 @@ class AirflowClient:
         self._login = {"username": settings.airflow_user, "password": admin_password(settings)}
         self._token: str | None = None
 
-    def call(self, method: str, path: str, body: object = None) -> dict:  # type: ignore[type-arg]
+    def call(self, method: str, path: str, body: object = None) -> dict[str, Any]:
         if self._token is None and path != "/auth/token":
             self._token = str(self.call("POST", "/auth/token", self._login)["access_token"])
         headers = {"content-type": "application/json"}
@@ -184,12 +187,9 @@ class AirflowClient:
             raise ServiceError(f"Airflow {method} {path} answered {failed.code}: {detail}") from None
 
     def run_dag(self, dag_id: str, *, timeout_s: float = 3600.0,
-                echo: Callable[[str], None] = lambda line: None) -> dict:  # type: ignore[type-arg]
+                echo: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
         """Trigger one run and await it (unpausing the DAG meanwhile if it was paused);
         its final state and task states."""
-        import time
-        from datetime import datetime, timezone
-
         deadline = time.monotonic() + 300
         while True:  # the dag-processor may not have parsed the DAG yet
             try:
@@ -202,7 +202,7 @@ class AirflowClient:
         if was_paused:  # a paused DAG's runs do not start
             self.call("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False})
         run = self.call("POST", f"/api/v2/dags/{dag_id}/dagRuns",
-                        {"logical_date": datetime.now(timezone.utc).isoformat()})
+                        {"logical_date": datetime.now(UTC).isoformat()})
         run_id = run["dag_run_id"]
         echo(f"airflow: triggered {dag_id} ({run_id})")
         deadline = time.monotonic() + timeout_s

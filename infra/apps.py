@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from infra.process import ManagedProcess, http_ok, is_running, stop_group, wait_until
-from infra.services import LOCALHOST, REPO_ROOT, VENV_BIN, Health, Service
+from infra.service import LOCALHOST, REPO_ROOT, VENV_BIN, Health, Service
 from infra.supervisor import Backoff, read_state
 from lakehouse.errors import ServiceError
 
@@ -54,7 +54,7 @@ class SupervisedApp(Service):
     stop_timeout_s: float = 20.0
 
     @property
-    def home(self):  # type: ignore[no-untyped-def]
+    def home(self) -> Path:
         return REPO_ROOT
 
     def prepare(self) -> None:
@@ -132,8 +132,8 @@ class SupervisedApp(Service):
         state = state or {}
         restarts = int(state.get("restarts", 0))
         last_exit = state.get("last_exit") or ""
-        known = dict(restarts=restarts, last_exit=last_exit,
-                     last_error="\n".join(state.get("last_error") or []))
+        known: dict[str, Any] = dict(restarts=restarts, last_exit=last_exit,
+                                     last_error="\n".join(state.get("last_error") or []))
         history = f"{restarts} restart{'s' * (restarts != 1)}, last: {last_exit}" if restarts else ""
         if supervisor is None:
             detail = "down: its supervisor is not running"

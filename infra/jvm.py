@@ -1,4 +1,5 @@
-"""The JVM side: finding Java, and the jars Maven fetches into `<state_dir>/jars`.
+"""The JVM side of the platform: the jars Maven fetches into `<state_dir>/jars`, and the
+Kafka broker's classpath. Finding Java and Spark's jars is the core's (`lakehouse.jvm`).
 
 Maven projects under `infra/jvm/` declare what is needed: `kafka-broker` (the Apache
 Kafka broker, KRaft, with its runtime classpath), `spark-extras` (Delta Lake and the Spark
@@ -9,41 +10,15 @@ state dir, once per pom content; Spark sessions receive the extras through `spar
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import os
-import re
 import shutil
 import subprocess
 from pathlib import Path
 
 from lakehouse.errors import ServiceError
+from lakehouse.jvm import KAFKA_JARS, SPARK_JARS, SPARK_S3_JARS
 
 JVM_PROJECTS = Path(__file__).resolve().parent / "jvm"
-MIN_JAVA = 17
-
-
-@functools.cache
-def java_binary() -> str:
-    """Path of a Java >= 17 runtime (JAVA_HOME first, then PATH), probed once per process."""
-    home = os.environ.get("JAVA_HOME")
-    candidate = str(Path(home) / "bin" / "java") if home else shutil.which("java")
-    if not candidate or not Path(candidate).exists():
-        raise ServiceError(
-            f"Java {MIN_JAVA}+ is required for Kafka and Spark but was not found: install it "
-            "(`apt-get install openjdk-17-jdk-headless`, or `make install`) or set JAVA_HOME"
-        )
-    probe = subprocess.run([candidate, "-version"], capture_output=True, text=True)
-    match = re.search(r'version "(\d+)(?:\.(\d+))?', probe.stderr)
-    major = int(match.group(1)) if match else 0
-    if major == 1 and match and match.group(2):  # "1.8" style
-        major = int(match.group(2))
-    if major < MIN_JAVA:
-        raise ServiceError(
-            f"{candidate} is Java {major}; Kafka and Spark need Java {MIN_JAVA}+: "
-            "install a newer JDK or point JAVA_HOME at one"
-        )
-    return candidate
 
 
 def _pom_digest(project: str) -> str:
@@ -53,9 +28,9 @@ def _pom_digest(project: str) -> str:
 def ensure_jars(jars_dir: Path, *, quiet: bool = True, s3: bool = False) -> None:
     """Fetch the Kafka broker and Spark extra jars (and the S3A ones if `s3`) with Maven
     unless already present."""
-    projects = [("kafka-broker", "kafka"), ("spark-extras", "spark")]
+    projects = [("kafka-broker", KAFKA_JARS), ("spark-extras", SPARK_JARS)]
     if s3:
-        projects.append(("s3-extras", "spark-s3"))
+        projects.append(("s3-extras", SPARK_S3_JARS))
     for project, target in projects:
         destination = jars_dir / target
         marker = destination / f".pom-{_pom_digest(project)}"
@@ -81,24 +56,7 @@ def ensure_jars(jars_dir: Path, *, quiet: bool = True, s3: bool = False) -> None
 
 
 def kafka_classpath(jars_dir: Path) -> str:
-    directory = jars_dir / "kafka"
+    directory = jars_dir / KAFKA_JARS
     if not any(directory.glob("kafka_2.13-*.jar")):
         raise ServiceError(f"no Kafka broker jars in {directory}: run `make jars`")
     return f"{directory}/*"
-
-
-def _artifact(jar: Path) -> str:
-    """Artifact id of a jar file name: `kafka-clients-3.9.2.jar` -> `kafka-clients`."""
-    return re.sub(r"-\d[^-]*(-[A-Za-z0-9.]+)?\.jar$", "", jar.name)
-
-
-def spark_extra_jars(jars_dir: Path) -> list[Path]:
-    """The extra jars for spark.jars, minus artifacts pyspark already ships (its versions win)."""
-    import pyspark
-
-    directory = jars_dir / "spark"
-    jars = sorted([*directory.glob("*.jar"), *(jars_dir / "spark-s3").glob("*.jar")])
-    if not any(j.name.startswith("delta-spark") for j in jars):
-        raise ServiceError(f"no Delta Lake jars in {directory}: run `make jars`")
-    bundled = {_artifact(j) for j in (Path(pyspark.__file__).parent / "jars").glob("*.jar")}
-    return [j for j in jars if _artifact(j) not in bundled]

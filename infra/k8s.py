@@ -7,8 +7,8 @@ are refused, as `kubectl apply` (strict field validation) refuses them:
 - custom resources against the `openAPIV3Schema` of their operator's CRD at a pinned
   release: Strimzi (Kafka, KafkaNodePool, KafkaTopic, KafkaUser), the Kubeflow Spark
   operator (SparkApplication) and KubeRay (RayCluster; 1.6 for `authOptions.secretName`).
-  `ensure_crds` fetches the CRDs once from Maven Central (Strimzi's `api` test jar) and the Go module proxy (the operators' Go
-  modules) into `<state_dir>/k8s-crds`.
+  `ensure_crds` fetches the CRDs once from Maven Central (Strimzi's `api` test jar) and the
+  Go module proxy (the operators' Go modules) into `<state_dir>/k8s-crds`.
 
 Then the parts our own code reads are checked the way our code reads them:
 - every `LAMBDALAKE_*` variable names a setting and the values parse together
@@ -39,12 +39,15 @@ import shutil
 import subprocess
 import tempfile
 import zipfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
-from lakehouse.config import ENV_PREFIX
-from lakehouse.errors import ServiceError
+from lakehouse.config import CONFIG_FILE_ENV, ENV_PREFIX, Settings, load_settings
+from lakehouse.errors import ConfigError, ServiceError
+from lakehouse.secret_files import exposure
+from speed.model_service import ServiceArgs
 
 MANIFESTS_DIR = Path(__file__).resolve().parent / "k8s"
 KUBERNETES_VERSION = "1.34.0"
@@ -247,9 +250,6 @@ def settings_problems(env: dict[str, str | None]) -> list[tuple[str, str]]:
     """Names that are no setting, and values lambdalake would refuse."""
     from pydantic import SecretStr
 
-    from lakehouse.config import CONFIG_FILE_ENV, Settings, load_settings
-    from lakehouse.errors import ConfigError
-
     problems, values = [], {}
     for name, value in sorted(env.items()):
         field = name[len(ENV_PREFIX):].lower()
@@ -273,8 +273,6 @@ def serve_config_problems(text: str) -> list[tuple[str, str]]:
     import yaml
     from pydantic import ValidationError
     from ray.serve.schema import ServeDeploySchema
-
-    from speed.model_service import ServiceArgs
 
     try:
         config = ServeDeploySchema.model_validate(yaml.safe_load(text))
@@ -775,11 +773,10 @@ def secret_mode_problems(manifests: dict[str, list[Any]]) -> Iterator[Problem]:
     lambdalake's own check accepts (`lakehouse.secret_files.exposure`): Kubernetes mounts it
     owned by root, 0644 unless told; 0440 serves a non-root pod through its fsGroup, 0400 a
     pod that runs as root."""
-    from lakehouse.secret_files import exposure
-
     seen: set[tuple[str, str, tuple[Any, ...]]] = set()
     for file, obj, path, volume, uid in _secret_volumes(manifests):
-        sources = [(("secret",), volume["secret"], volume["secret"].get("defaultMode"))] \
+        sources: list[tuple[tuple[Any, ...], Any, Any]] = \
+            [(("secret",), volume["secret"], volume["secret"].get("defaultMode"))] \
             if isinstance(volume.get("secret"), dict) else []
         projected = volume.get("projected")
         if isinstance(projected, dict):
@@ -793,8 +790,9 @@ def secret_mode_problems(manifests: dict[str, list[Any]]) -> Iterator[Problem]:
                 continue
             seen.add((file, obj, (*path, *where)))
             by_default = default_mode is None
-            modes = [((*where, "defaultMode") if not by_default else where,
-                      KUBERNETES_SECRET_MODE if by_default else default_mode, by_default)]
+            modes: list[tuple[tuple[Any, ...], Any, bool]] = [
+                ((*where, "defaultMode") if not by_default else where,
+                 KUBERNETES_SECRET_MODE if by_default else default_mode, by_default)]
             modes += [((*where, "items", i, "mode"), item["mode"], False)
                       for i, item in enumerate(secret.get("items") or []) if "mode" in item]
             if secret.get("items") and all("mode" in item for item in secret["items"]):

@@ -22,7 +22,6 @@ from pathlib import Path
 
 from lakehouse.errors import ServiceError
 
-
 # Popen objects of the processes this process started, so that reaping them goes through
 # Popen (which then knows its child has exited) rather than behind its back.
 _SPAWNED: dict[int, subprocess.Popen[bytes]] = {}
@@ -225,7 +224,8 @@ def http_ok(url: str, timeout: float = 2.0, *, any_status: bool = False) -> bool
     """True if GET url answers with a 2xx status (with `any_status`, with any HTTP answer)."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
-            return 200 <= response.status < 300
+            status: int = response.status
+            return 200 <= status < 300
     except urllib.error.HTTPError as answer:
         answer.close()
         return any_status

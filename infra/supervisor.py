@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from infra.process import group_members, process_start_time
+from lakehouse.logs import json_logging
 
 log = logging.getLogger("lambdalake.supervisor")
 
@@ -304,8 +305,6 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("no command to supervise: append -- COMMAND [ARGS...]")
-    from lakehouse.logs import json_logging
-
     json_logging("INFO")
     supervisor = Supervisor(
         args.name, command, state_path=args.state_file,

@@ -1,8 +1,8 @@
 """The Spark session of lambdalake: Delta Lake and the Kafka source on `spark.jars`.
 
-The jars come from `<state_dir>/jars/spark` (fetched by Maven, see infra/jvm.py), so a
-session never resolves packages with Ivy at run time. One session per process: building it
-costs ~10 s, so callers share the session `spark_session` returns.
+The jars come from `<state_dir>/jars/spark` (fetched by Maven, see infra/jvm.py; found by
+lakehouse/jvm.py), so a session never resolves packages with Ivy at run time. One session
+per process: building it costs ~10 s, so callers share the session `spark_session` returns.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lakehouse.config import Settings
+from lakehouse.jvm import java_binary, spark_extra_jars
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -20,8 +21,6 @@ if TYPE_CHECKING:
 
 def spark_session(settings: Settings, *, app_name: str = "lambdalake") -> SparkSession:
     from pyspark.sql import SparkSession
-
-    from infra.jvm import java_binary, spark_extra_jars
 
     java_binary()  # fail early with a message that says how to install Java
     # local mode starts Python workers from the driver's environment, not from spark.* confs

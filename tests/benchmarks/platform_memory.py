@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from infra.platform import Platform
 from infra.process import group_members
-from infra.services import Platform
 from lakehouse.config import load_settings
 
 

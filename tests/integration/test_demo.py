@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from infra.services import Platform
+from infra.platform import Platform
 from lakehouse.config import Settings
 from lakehouse.fraud import TRANSACTIONS
 from lakehouse.generator import GeneratorOptions, generate

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from infra.apps import SpeedApp
+from infra.platform import Platform
 from infra.process import port_open, wait_until
-from infra.services import Platform
 from infra.supervisor import Backoff
 from lakehouse.config import Settings, load_settings
 from tests.conftest import lambdalake

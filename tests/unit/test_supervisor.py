@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 
 import infra.apps
+from infra.platform import Platform
 from infra.process import stop_group, wait_until
-from infra.services import REPO_ROOT as REPO
-from infra.services import Platform
+from infra.service import REPO_ROOT as REPO
 from infra.supervisor import Backoff, read_state, write_state
 from lakehouse.config import Settings, load_settings
 from lakehouse.errors import ServiceError
@@ -144,9 +144,9 @@ def test_backoff_doubles_up_to_its_cap_and_metrics_show_the_crash_loop(tmp_path:
         state = _state(tmp_path)
         assert state["consecutive_failures"] >= 5 and state["last_exit"] == "exit code 3"
         starts = [float(line) for line in runs.read_text().split()]
-        gaps = [b - a for a, b in zip(starts, starts[1:])]
+        gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
         # each restart waits its backoff: 0.2, 0.4, 0.8, then capped at 0.8
-        for gap, backoff in zip(gaps, [0.2, 0.4, 0.8, 0.8]):
+        for gap, backoff in zip(gaps, [0.2, 0.4, 0.8, 0.8], strict=False):
             assert gap >= backoff, (gaps, backoff)
         assert gaps[3] < 0.8 + 0.7, gaps  # capped, not 1.6
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
