@@ -52,20 +52,6 @@ class TableUpkeep:
     files_vacuumed: int
 
 
-def lakehouse_tables(lakehouse: Lakehouse, spec: PlatformSpec) -> dict[str, str]:
-    """Every Delta table of the lakehouse: name → path."""
-    tables = {f"bronze/{t}": lakehouse.bronze(t) for t in spec.topics[:2]}
-    for schema in (spec.events, spec.labels):
-        tables[f"silver/{schema.name}"] = lakehouse.silver(schema.name)
-        tables[f"quarantine/{schema.name}"] = lakehouse.quarantine(schema.name)
-    for view in spec.views:
-        tables[f"gold/{view.name}"] = lakehouse.gold(view.name)
-    tables[f"training/{spec.name}"] = lakehouse.training_set(spec.name)
-    tables["batch/batch_runs"] = lakehouse.batch_runs
-    tables["speed/scored_events"] = lakehouse.scored_events
-    return tables
-
-
 def check_retention(retention_hours: float, *, allow_unsafe_retention: bool) -> None:
     """Refuse a retention below Delta's safe minimum unless explicitly allowed."""
     if retention_hours < SAFE_RETENTION_HOURS and not allow_unsafe_retention:
@@ -191,7 +177,7 @@ def maintain(lakehouse: Lakehouse, spec: PlatformSpec, *, retention_hours: int,
     check_retention(retention_hours, allow_unsafe_retention=allow_unsafe_retention)
     streams = stream_positions(lakehouse)
     done, refused = [], []
-    for name, path in lakehouse_tables(lakehouse, spec).items():
+    for name, path in lakehouse.delta_tables(spec).items():
         if not DeltaTable.is_deltatable(path):
             continue
         table = DeltaTable(path)

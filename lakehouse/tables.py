@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from lakehouse.errors import PlatformError
+from lakehouse.spec import PlatformSpec
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -69,6 +70,20 @@ class Lakehouse:
 
     def checkpoint(self, name: str) -> str:
         return self._join("_checkpoints", name)
+
+    def delta_tables(self, spec: PlatformSpec) -> dict[str, str]:
+        """Every Delta table of a spec's lakehouse, "<area>/<name>" → path: the one list that
+        maintenance walks and the SQL engines expose."""
+        tables = {f"bronze/{t}": self.bronze(t) for t in spec.topics[:2]}
+        for schema in (spec.events, spec.labels):
+            tables[f"silver/{schema.name}"] = self.silver(schema.name)
+            tables[f"quarantine/{schema.name}"] = self.quarantine(schema.name)
+        for view in spec.views:
+            tables[f"gold/{view.name}"] = self.gold(view.name)
+        tables[f"training/{spec.name}"] = self.training_set(spec.name)
+        tables["batch/batch_runs"] = self.batch_runs
+        tables["speed/scored_events"] = self.scored_events
+        return tables
 
 
 def appended_since(spark: SparkSession, path: str, version: int | None) -> tuple[int, int]:

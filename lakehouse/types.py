@@ -1,9 +1,15 @@
 """The one map from spec field types to storage types: Arrow (Delta tables, written by Spark
-and delta-rs alike, read by DuckDB) and, through Arrow, Spark SQL and DuckDB.
+and delta-rs alike, read by DuckDB, which takes its types from Arrow) and Spark SQL (for the
+typed empty relations the SQL engine declares before a table exists).
 
-    string → string     long → int64     double → float64     boolean → bool
-    money → int64 (integer cents)        timestamp → timestamp[us, UTC] (whole milliseconds;
-                                          microseconds are Spark's precision)
+    spec        Arrow                   Spark SQL
+    string      string                  STRING
+    long        int64                   BIGINT
+    double      float64                 DOUBLE
+    money       int64 (integer cents)   BIGINT
+    boolean     bool                    BOOLEAN
+    timestamp   timestamp[us, UTC]      TIMESTAMP   (whole milliseconds; microseconds are
+                                                     Spark's precision)
 """
 
 from __future__ import annotations
@@ -12,20 +18,27 @@ import pyarrow as pa
 
 from lakehouse.spec import FieldSpec, RecordSchema
 
-__all__ = ["ARROW_TYPES", "arrow_type", "typed_arrow_schema"]
+__all__ = ["ARROW_TYPES", "SPARK_SQL_TYPES", "arrow_type", "spark_sql_type", "typed_arrow_schema"]
 
-ARROW_TYPES: dict[str, pa.DataType] = {
-    "string": pa.string(),
-    "long": pa.int64(),
-    "double": pa.float64(),
-    "money": pa.int64(),
-    "boolean": pa.bool_(),
-    "timestamp": pa.timestamp("us", tz="UTC"),
+# spec type → (Arrow type, Spark SQL type)
+_TYPES: dict[str, tuple[pa.DataType, str]] = {
+    "string": (pa.string(), "STRING"),
+    "long": (pa.int64(), "BIGINT"),
+    "double": (pa.float64(), "DOUBLE"),
+    "money": (pa.int64(), "BIGINT"),
+    "boolean": (pa.bool_(), "BOOLEAN"),
+    "timestamp": (pa.timestamp("us", tz="UTC"), "TIMESTAMP"),
 }
+ARROW_TYPES: dict[str, pa.DataType] = {name: arrow for name, (arrow, _) in _TYPES.items()}
+SPARK_SQL_TYPES: dict[str, str] = {name: spark for name, (_, spark) in _TYPES.items()}
 
 
 def arrow_type(field: FieldSpec) -> pa.DataType:
     return ARROW_TYPES[field.type]
+
+
+def spark_sql_type(field: FieldSpec) -> str:
+    return SPARK_SQL_TYPES[field.type]
 
 
 def typed_arrow_schema(schema: RecordSchema) -> pa.Schema:

@@ -44,6 +44,7 @@ import pyarrow.compute as pc
 
 from lakehouse.errors import SqlError, SqlTimeout
 from lakehouse.features import OFFSET, PARTITION
+from lakehouse.scored import coverage as scored_coverage
 from lakehouse.spec import FeatureView, PlatformSpec
 from lakehouse.tables import Lakehouse, published_runs
 from lakehouse.types import arrow_type
@@ -187,8 +188,6 @@ class DuckEngine:
         """Bring the snapshot up to the lakehouse's latest published run and scored events."""
         from deltalake import DeltaTable
 
-        from speed import lake
-
         with self._lock:
             runs = [r for r in published_runs(self.lakehouse)
                     if r.spec_fingerprint == self.spec.fingerprint()]
@@ -230,7 +229,7 @@ class DuckEngine:
                     db.execute("INSERT INTO speed.increments SELECT * FROM _fresh")
                     db.unregister("_fresh")
                 increments = db.execute("SELECT count(*) FROM speed.increments").fetchone()[0]
-                coverage = dict(boundary) if scored is None else lake.coverage(
+                coverage = dict(boundary) if scored is None else scored_coverage(
                     scored, boundary, group=self.group, topic=self.topic, partitions=self.partitions)
                 snapshot = Snapshot(run.run_id if run else None, dict(boundary), version, coverage,
                                     int(increments))

@@ -24,8 +24,10 @@ import pyarrow as pa
 
 from lakehouse.errors import SqlError
 from lakehouse.features import OFFSET, PARTITION
+from lakehouse.scored import coverage as scored_coverage
 from lakehouse.spec import PlatformSpec
 from lakehouse.tables import EVENT_TIME_MS, Lakehouse, published_runs
+from lakehouse.types import spark_sql_type
 from serving.duck import Snapshot
 from serving.views import SPARK, merged_views, raw_tables
 
@@ -84,7 +86,6 @@ class SparkEngine:
     def _register(self) -> Snapshot:
         from deltalake import DeltaTable
 
-        from speed import lake as speed_lake
 
         spark, spec, lake = self.spark, self.spec, self.lakehouse
         for schema in (HIDDEN, "gold", "batch", "speed", "merged", "bronze", "silver", "quarantine",
@@ -132,20 +133,18 @@ class SparkEngine:
         if scored is not None:
             table = DeltaTable(lake.scored_events)
             scored_version = table.version()
-            coverage = speed_lake.coverage(table, boundary, group=self.group, topic=self.topic,
+            coverage = scored_coverage(table, boundary, group=self.group, topic=self.topic,
                                            partitions=self.partitions)
         increments = spark.sql("SELECT count(*) AS n FROM speed.increments").collect()[0]["n"]
         return Snapshot(run.run_id if run else None, dict(boundary), scored_version, coverage, int(increments))
 
     def _event_types(self) -> list[tuple[str, str]]:
-        types = {"string": "STRING", "long": "BIGINT", "double": "DOUBLE", "money": "BIGINT",
-                 "boolean": "BOOLEAN", "timestamp": "TIMESTAMP"}
-        return [(f.name, types[f.type]) for f in self.spec.events.fields]
+        return [(f.name, spark_sql_type(f)) for f in self.spec.events.fields]
 
     def query(self, sql: str, *, row_cap: int = 10_000) -> tuple[pa.Table, bool]:
         """One read-only query; at most `row_cap` rows (and whether more existed)."""
-        from pyspark.errors import PySparkException
         from py4j.protocol import Py4JJavaError
+        from pyspark.errors import PySparkException
 
         text = sql.strip().rstrip(";").strip()
         if not text:

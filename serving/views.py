@@ -145,12 +145,11 @@ def merged_views(spec: PlatformSpec, d: Dialect) -> dict[str, str]:
 
 
 def raw_tables(spec: PlatformSpec, lakehouse: Lakehouse) -> dict[str, str]:
-    """The raw tables both engines expose read-only: qualified name → Delta path."""
-    out = {f"bronze.{re.sub(r'[^A-Za-z0-9_]', '_', t)}": lakehouse.bronze(t) for t in spec.topics[:2]}
-    for schema in (spec.events, spec.labels):
-        out[f"silver.{schema.name}"] = lakehouse.silver(schema.name)
-        out[f"quarantine.{schema.name}"] = lakehouse.quarantine(schema.name)
-    out["batch.batch_runs"] = lakehouse.batch_runs
-    out["speed.scored_events"] = lakehouse.scored_events
-    out[f"training.{spec.name}"] = lakehouse.training_set(spec.name)
+    """The raw tables both engines expose read-only, qualified name → Delta path: every table
+    of the lakehouse but gold, which is read only at the versions of a published run."""
+    out = {}
+    for name, path in lakehouse.delta_tables(spec).items():
+        area, table = name.split("/", 1)
+        if area != "gold":
+            out[f"{area}.{re.sub(r'[^A-Za-z0-9_]', '_', table)}"] = path
     return out

@@ -1,21 +1,14 @@
-"""The speed layer's view of the lakehouse, through delta-rs (no JVM in a long-running
-consumer): published batch runs, their gold views, and the `speed/scored_events` table
-with its per-partition app transactions.
-
-scored_events holds one row per scored event: the typed event (every spec field), its
-Kafka partition and offset, the feature vector, score, model version, the batch run whose
-views it was scored on, and timings. Each append carries one Delta app transaction per
-(consumer group, topic, partition) whose version is the last offset it covers, so the
-table itself says where each partition resumes, and a replayed batch is recognised.
+"""The speed layer's writes to and reads from the lakehouse, through delta-rs (no JVM in a
+long-running consumer): the gold views of a published batch run, the partition history a
+process folds in when it takes a partition over, and appends to `speed/scored_events` under
+the table contract of `lakehouse.scored` (one app transaction per consumer group, topic and
+partition, whose version is the last offset it covers).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import datetime, timezone
-
-__all__ = ["app_id", "append_scored", "coverage", "append_through", "ensure_scored_table", "gold_rows", "now_utc",
-           "resume_offsets", "scored_history", "scored_schema"]
+from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
@@ -23,10 +16,12 @@ import pyarrow.compute  # noqa: F401 - pa.compute
 
 from lakehouse.errors import ServiceError
 from lakehouse.features import OFFSET, PARTITION
+from lakehouse.scored import app_id
 from lakehouse.spec import PlatformSpec
 from lakehouse.tables import BUCKET, BatchRun, Lakehouse
-from lakehouse.types import typed_arrow_schema
 from speed.state import GoldRow
+
+__all__ = ["append_scored", "append_through", "gold_rows", "now_utc", "scored_history"]
 
 
 def gold_rows(lakehouse: Lakehouse, spec: PlatformSpec, run: BatchRun) -> Iterator[GoldRow]:
@@ -42,38 +37,6 @@ def gold_rows(lakehouse: Lakehouse, spec: PlatformSpec, run: BatchRun) -> Iterat
             yield view.name, entity, bucket, {
                 n: (int(v) if v is not None and not isinstance(v, int) else v)
                 for n, v in zip(names, values, strict=True)}
-
-
-def app_id(group: str, topic: str, partition: int) -> str:
-    return f"{group}:{topic}:{partition}"
-
-
-def resume_offsets(lakehouse: Lakehouse, group: str, topic: str, partitions: list[int]) -> dict[int, int]:
-    """Next offset to consume per partition, from the table's app transactions (0 where the
-    partition was never written)."""
-    from deltalake import DeltaTable
-
-    path = lakehouse.scored_events
-    if not DeltaTable.is_deltatable(path):
-        return {p: 0 for p in partitions}
-    table = DeltaTable(path)
-    out = {}
-    for p in partitions:
-        last = table.transaction_version(app_id(group, topic, p))
-        out[p] = 0 if last is None else last + 1
-    return out
-
-
-def coverage(table: Any, boundary: dict[int, int], *, group: str, topic: str,
-             partitions: int) -> dict[int, int]:
-    """Per partition, the highest offset the merged views include: the batch boundary, or
-    further where the group's app transaction on `table` (scored_events) says it consumed."""
-    out = dict(boundary)
-    for p in range(max([partitions - 1, *boundary]) + 1):
-        consumed = table.transaction_version(app_id(group, topic, p))
-        if consumed is not None and consumed > out.get(p, -1):
-            out[p] = consumed
-    return out
 
 
 def scored_history(lakehouse: Lakehouse, spec: PlatformSpec, partition: int,
@@ -95,37 +58,6 @@ def scored_history(lakehouse: Lakehouse, spec: PlatformSpec, partition: int,
     rows = data.to_pylist()
     rows.sort(key=lambda r: r[OFFSET])
     return [(row.pop(OFFSET), row) for row in rows]
-
-
-def scored_schema(spec: PlatformSpec) -> pa.Schema:
-    return pa.schema([
-        *typed_arrow_schema(spec.events),
-        pa.field(PARTITION, pa.int32(), nullable=False),
-        pa.field(OFFSET, pa.int64(), nullable=False),
-        pa.field("kafka_timestamp", pa.timestamp("us", tz="UTC")),
-        pa.field("features", pa.list_(pa.float64()), nullable=False),
-        pa.field("score", pa.float64(), nullable=False),
-        pa.field("model_version", pa.int64(), nullable=False),
-        pa.field("batch_run_id", pa.string()),
-        pa.field("consumer_group", pa.string(), nullable=False),
-        pa.field("scored_at", pa.timestamp("us", tz="UTC"), nullable=False),
-        pa.field("feature_ms", pa.float64(), nullable=False),
-        pa.field("model_ms", pa.float64(), nullable=False),
-    ])
-
-
-def ensure_scored_table(lakehouse: Lakehouse, schema: pa.Schema) -> None:
-    """Create speed/scored_events if missing (two members may race to: one wins)."""
-    from deltalake import DeltaTable
-
-    path = lakehouse.scored_events
-    if DeltaTable.is_deltatable(path):
-        return
-    try:
-        DeltaTable.create(path, schema, mode="ignore")
-    except Exception:
-        if not DeltaTable.is_deltatable(path):
-            raise
 
 
 def append_scored(lakehouse: Lakehouse, schema: pa.Schema, rows: list[dict[str, Any]],
@@ -175,4 +107,4 @@ def append_through(snapshot: Any, schema: pa.Schema, rows: list[dict[str, Any]],
 
 
 def now_utc() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)

@@ -28,9 +28,9 @@ import sys
 import tempfile
 import time
 import uuid
-from datetime import datetime, timezone
-from pathlib import Path
 from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
@@ -56,6 +56,7 @@ def write_lakehouse(root: Path, entities: int, speed_events: int) -> Any:
     import pyarrow as pa
     from deltalake import DeltaTable, write_deltalake
 
+    from lakehouse import scored
     from lakehouse.fraud import FRAUD_SPEC
     from lakehouse.tables import Lakehouse
     from serving.duck import gold_schema
@@ -86,15 +87,15 @@ def write_lakehouse(root: Path, entities: int, speed_events: int) -> Any:
     run = {"run_id": "bench-run", "boundary": [(p, 1_000_000) for p in range(4)],
            "view_versions": list(versions.items()), "source_versions": [], "row_counts": [],
            "durations_s": [], "spec_fingerprint": FRAUD_SPEC.fingerprint(),
-           "finished_at": datetime.now(timezone.utc)}
+           "finished_at": datetime.now(UTC)}
     runs_schema = pa.schema([
         ("run_id", pa.string()), ("boundary", pa.map_(pa.int32(), pa.int64())),
         ("view_versions", pa.map_(pa.string(), pa.int64())), ("source_versions", pa.map_(pa.string(), pa.int64())),
         ("row_counts", pa.map_(pa.string(), pa.int64())), ("durations_s", pa.map_(pa.string(), pa.float64())),
         ("spec_fingerprint", pa.string()), ("finished_at", pa.timestamp("us", tz="UTC"))])
     write_deltalake(lakehouse.batch_runs, pa.Table.from_pylist([run], schema=runs_schema), mode="append")
-    schema = lake.scored_schema(FRAUD_SPEC)
-    lake.ensure_scored_table(lakehouse, schema)
+    schema = scored.scored_schema(FRAUD_SPEC)
+    scored.ensure_scored_table(lakehouse, schema)
     per_batch = 10_000
     for start in range(0, speed_events, per_batch):
         rows, last = [], {}
@@ -108,7 +109,7 @@ def write_lakehouse(root: Path, entities: int, speed_events: int) -> Any:
                          "channel": "pos", "event_time": (now_ms + i) * 1000, "partition": p,
                          "offset": offset, "kafka_timestamp": None, "features": [0.0], "score": 0.5,
                          "model_version": 1, "batch_run_id": "bench-run", "consumer_group": "bench",
-                         "scored_at": datetime.now(timezone.utc), "feature_ms": 0.0, "model_ms": 0.0})
+                         "scored_at": datetime.now(UTC), "feature_ms": 0.0, "model_ms": 0.0})
         lake.append_scored(lakehouse, schema, rows, last, group="bench", topic=FRAUD_SPEC.events.topic)
     print(f"lakehouse: {entities:,} users, {speed_events:,} speed events written in "
           f"{time.perf_counter() - started:.1f}s", file=sys.stderr)
@@ -186,8 +187,8 @@ def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 120)
 
 def http_figures(lakehouse: Any, users: list[str], seconds: float) -> None:
     from lakehouse.config import load_settings
-    from lakehouse.spec import format_timestamp_ms
     from lakehouse.serve import APP_NAME
+    from lakehouse.spec import format_timestamp_ms
     from speed.model_service import ServiceArgs, serve_on_ray
     from tests.integration.models import publish, random_model
 
@@ -246,8 +247,8 @@ def main() -> None:
         lakehouse, users = write_lakehouse(Path(scratch) / "delta", args.entities, args.speed_events)
         sql_figures(lakehouse, users)
         if not args.skip_http:
-            from lakehouse.serve import ray_local_env
             from lakehouse.config import load_settings
+            from lakehouse.serve import ray_local_env
 
             os.environ.update(ray_local_env())  # before Ray is imported: it reads them then
             import ray

@@ -14,7 +14,6 @@ import pytest
 
 from batch.evaluation import metrics
 from batch.promotion import decide
-from lakehouse.registry import CHALLENGER, CHAMPION, move_alias, publish_bundle
 from batch.train import holdout_split
 from lakehouse.bundle import (
     MANIFEST,
@@ -33,6 +32,7 @@ from lakehouse.bundle import (
 )
 from lakehouse.errors import PlatformError
 from lakehouse.model import ScoringModel, predict
+from lakehouse.registry import CHALLENGER, CHAMPION, move_alias, publish_bundle
 
 
 @pytest.fixture(scope="module")
@@ -293,4 +293,4 @@ def test_every_alias_move_goes_through_the_audited_function() -> None:
                                                                  "infra", "dags")
                      for path in (root / folder).rglob("*.py")
                      if "set_registered_model_alias" in path.read_text())
-    assert callers == ["batch/registry.py"]
+    assert callers == ["lakehouse/registry.py"]

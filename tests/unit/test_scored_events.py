@@ -3,7 +3,7 @@ and commits through one snapshot, so a revoked member cannot write rows twice.""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +12,12 @@ from deltalake import DeltaTable
 from deltalake.exceptions import CommitFailedError
 
 from lakehouse.fraud import FRAUD_SPEC
+from lakehouse.scored import ensure_scored_table, resume_offsets, scored_schema
 from lakehouse.tables import Lakehouse
 from speed import lake
 
 GROUP, TOPIC = "g", FRAUD_SPEC.events.topic
-SCHEMA = lake.scored_schema(FRAUD_SPEC)
+SCHEMA = scored_schema(FRAUD_SPEC)
 
 
 def rows(partition: int, offsets: range) -> list[dict[str, Any]]:
@@ -24,19 +25,19 @@ def rows(partition: int, offsets: range) -> list[dict[str, Any]]:
              "merchant_category": "grocery", "amount": 100, "currency": "EUR", "country": "DE",
              "channel": "pos", "event_time": 1_767_225_600_000_000, "partition": partition, "offset": o,
              "kafka_timestamp": None, "features": [0.0], "score": 0.5, "model_version": 1,
-             "batch_run_id": None, "consumer_group": GROUP, "scored_at": datetime.now(timezone.utc),
+             "batch_run_id": None, "consumer_group": GROUP, "scored_at": datetime.now(UTC),
              "feature_ms": 0.0, "model_ms": 0.0} for o in offsets]
 
 
 def scored(lakehouse: Lakehouse) -> list[tuple[int, int]]:
     table = DeltaTable(lakehouse.scored_events).to_pyarrow_table(columns=["partition", "offset"])
-    return sorted(zip(table.column("partition").to_pylist(), table.column("offset").to_pylist()))
+    return sorted(zip(table.column("partition").to_pylist(), table.column("offset").to_pylist(), strict=True))
 
 
 @pytest.fixture
 def lakehouse(tmp_path: Path) -> Lakehouse:
     lakehouse = Lakehouse(str(tmp_path))
-    lake.ensure_scored_table(lakehouse, SCHEMA)
+    ensure_scored_table(lakehouse, SCHEMA)
     return lakehouse
 
 
@@ -58,4 +59,4 @@ def test_members_committing_other_partitions_do_not_conflict(lakehouse: Lakehous
     snapshot = DeltaTable(lakehouse.scored_events)
     lake.append_scored(lakehouse, SCHEMA, rows(1, range(10)), {1: 9}, group=GROUP, topic=TOPIC)
     assert lake.append_through(snapshot, SCHEMA, rows(0, range(10)), {0: 9}, group=GROUP, topic=TOPIC) == 10
-    assert lake.resume_offsets(lakehouse, GROUP, TOPIC, [0, 1, 2]) == {0: 10, 1: 10, 2: 0}
+    assert resume_offsets(lakehouse, GROUP, TOPIC, [0, 1, 2]) == {0: 10, 1: 10, 2: 0}

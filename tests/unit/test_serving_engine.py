@@ -8,13 +8,14 @@ from __future__ import annotations
 import dataclasses
 import zlib
 from collections import defaultdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pytest
 
+from lakehouse import scored
 from lakehouse.errors import SqlError, SqlTimeout
 from lakehouse.fraud import FRAUD_SPEC
 from lakehouse.generator import GeneratorOptions, generate
@@ -71,7 +72,7 @@ class Lake:
 
     def __init__(self, root: Path) -> None:
         self.lakehouse = Lakehouse(str(root))
-        self.schema = lake.scored_schema(SPEC)
+        self.schema = scored.scored_schema(SPEC)
         self.runs = 0
 
     def publish_run(self, arrived: list[Arrived], boundary: dict[int, int]) -> None:
@@ -90,15 +91,15 @@ class Lake:
         publish_run(self.lakehouse, BatchRun(
             run_id=f"run-{self.runs}", boundary=dict(boundary), view_versions=versions, source_versions={},
             row_counts={}, durations_s={}, spec_fingerprint=SPEC.fingerprint(),
-            finished_at=datetime(2026, 1, 1, 0, self.runs, tzinfo=timezone.utc)))
+            finished_at=datetime(2026, 1, 1, 0, self.runs, tzinfo=UTC)))
 
     def score(self, arrived: list[Arrived], *, group: str = GROUP) -> None:
         """The speed layer's append of one micro-batch (with its app transactions)."""
-        lake.ensure_scored_table(self.lakehouse, self.schema)
+        scored.ensure_scored_table(self.lakehouse, self.schema)
         rows = [{**a.event, "event_time": a.event["event_time"] * 1000, "partition": a.partition,
                  "offset": a.offset, "kafka_timestamp": None, "features": [0.0], "score": 0.5,
                  "model_version": 1, "batch_run_id": None, "consumer_group": group,
-                 "scored_at": datetime.now(timezone.utc), "feature_ms": 0.0, "model_ms": 0.0}
+                 "scored_at": datetime.now(UTC), "feature_ms": 0.0, "model_ms": 0.0}
                 for a in arrived]
         last = {}
         for a in arrived:
