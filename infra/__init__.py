@@ -1,0 +1,6 @@
+"""Above the layers: the `lambdalake` command line (`cli`), the local platform's services
+and their supervision, the roll-out of a trained model, the demo, the JVM jars and the
+Kubernetes manifests. Nothing below imports infra.
+"""
+
+__all__ = ["cli"]

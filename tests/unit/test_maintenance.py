@@ -10,9 +10,9 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
+from batch.maintenance import maintain
 from lakehouse.errors import ConfigError, PlatformError
 from lakehouse.fraud import FRAUD_SPEC
-from lakehouse.maintenance import maintain
 from lakehouse.tables import Lakehouse
 
 
