@@ -10,7 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -96,7 +96,7 @@ def test_setup_dag_runs_to_success(platform: Settings, token: str) -> None:
     test_scheduler_sees_dags_without_import_errors(platform, token)
     _api(platform, "PATCH", "/api/v2/dags/lambdalake_setup", {"is_paused": False}, token=token)
     run = _api(platform, "POST", "/api/v2/dags/lambdalake_setup/dagRuns",
-               {"logical_date": datetime.now(timezone.utc).isoformat()}, token=token)
+               {"logical_date": datetime.now(UTC).isoformat()}, token=token)
     run_id = run["dag_run_id"]
     deadline = time.monotonic() + 240
     state = run["state"]

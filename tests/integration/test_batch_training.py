@@ -15,12 +15,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from lakehouse import registry
 from batch.ingest import ingest_topics
 from batch.train import TrainOptions, holdout_split, read_rows, train_model
 from batch.training_set import LABEL_TIME_MS, build_training_set
 from batch.validate import validate_topic
 from batch.views import compute_views
+from lakehouse import registry
 from lakehouse.bundle import ModelSignatureError, load_verify_key, verify_bundle
 from lakehouse.config import Settings
 from lakehouse.fraud import CHARGEBACK_LABELS, FRAUD_SPEC, TRANSACTIONS
@@ -116,11 +116,12 @@ def test_training_features_are_point_in_time(spark, prepared: Prepared) -> None:
         event = by_id[row["event_id"]]
         expected = fraud_features(expected_states[row["event_id"]], event)
         got = [row[n] for n in names]
-        assert got == expected, (row["event_id"], dict(zip(names, got)), dict(zip(names, expected)))
+        assert got == expected, (row["event_id"], dict(zip(names, got, strict=True)),
+                                 dict(zip(names, expected, strict=False)))
         first_events += expected_states[row["event_id"]]["user_all"]["count"] == 0
         truth = prepared.truth[row["event_id"]]
         if truth["user_id"] not in users_with_late:
-            assert fraud_probability(dict(zip(names, got))) == pytest.approx(truth["p_true"], abs=1e-12)
+            assert fraud_probability(dict(zip(names, got, strict=True))) == pytest.approx(truth["p_true"], abs=1e-12)
             checked_truth += 1
     assert checked_truth > 0.3 * len(rows)  # ~40% of users have some late event
     assert first_events > 0  # users' first events see an empty history, not themselves

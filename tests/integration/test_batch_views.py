@@ -74,7 +74,8 @@ def test_batch_views_equal_an_independent_recomputation(spark, platform: Setting
     assert expected_rows == run.row_counts[spec.views[-1].name]
 
 
-def test_the_boundary_is_what_validation_routed_not_bronzes_high_water_mark(spark, platform: Settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_the_boundary_is_what_validation_routed_not_bronzes_high_water_mark(  # type: ignore[no-untyped-def]
+        spark, platform: Settings, tmp_path) -> None:
     """An ingest between validate and views adds bronze offsets that silver does not have:
     the run's boundary stops where validation stopped, so no event falls in between."""
     suffix = uuid.uuid4().hex[:8]

@@ -48,7 +48,7 @@ def test_deltalake_writes_spark_reads(spark, settings: Settings) -> None:  # typ
               .withColumnRenamed("sum(amount_cents)", "total").collect()}
     expected: dict[str, int] = {}
     for user, amount in zip(data.column("user_id").to_pylist() + data.column("user_id").to_pylist()[:100],
-                            list(range(500)) + list(range(100))):
+                            list(range(500)) + list(range(100)), strict=True):
         expected[user] = expected.get(user, 0) + amount
     assert totals == expected
     history = spark.sql(f"DESCRIBE HISTORY delta.`{path}`").collect()

@@ -28,10 +28,10 @@ from lakehouse.config import Settings
 from lakehouse.errors import SqlError, ValidationError
 from lakehouse.spec import format_timestamp_ms
 from serving.duck import DuckEngine
+from tests.fuzzing import every_input_operation_fuzzed, fuzz_operations
 from tests.integration.models import publish, random_model
 from tests.integration.streams import Stream, new_stream, run_in_process, scored, send, serve_champion
 from tests.unit.test_serving_engine import Arrived, recompute
-from tests.fuzzing import FUZZ_EXAMPLES, every_input_operation_fuzzed, fuzz_operations
 
 pytestmark = pytest.mark.integration
 
@@ -405,7 +405,8 @@ def test_metrics_count_predictions_by_version_and_cache(api: Api) -> None:
     assert 0 < metric(after, "lambdalake_api_prediction_cache_hit_rate") <= 1
 
 
-def test_rollout_splits_traffic_by_weight_sticky_per_entity(world: World, tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_rollout_splits_traffic_by_weight_sticky_per_entity(world: World,
+                                                            tmp_path_factory: pytest.TempPathFactory) -> None:
     from ray import serve
 
     from lakehouse.serve import app_name

@@ -3,16 +3,24 @@ boundary never goes back, and two publishers racing from one snapshot cannot bot
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from deltalake import DeltaTable
 from deltalake.exceptions import CommitFailedError
 
-from lakehouse.tables import BatchRun, Lakehouse, StaleRunError, latest_run, publish_run, publish_through, published_runs
+from lakehouse.tables import (
+    BatchRun,
+    Lakehouse,
+    StaleRunError,
+    latest_run,
+    publish_run,
+    publish_through,
+    published_runs,
+)
 
-NOW = datetime(2026, 12, 1, tzinfo=timezone.utc)
+NOW = datetime(2026, 12, 1, tzinfo=UTC)
 
 
 def run(name: str, boundary: dict[int, int], *, finished: datetime = NOW) -> BatchRun:

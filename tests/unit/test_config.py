@@ -107,7 +107,7 @@ def test_missing_config_file(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_settings_are_immutable() -> None:
     settings = load_settings()
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 (pydantic raises its ValidationError for a frozen field)
         settings.state_dir = Path("/elsewhere")  # type: ignore[misc]
 
 

@@ -14,8 +14,9 @@ import copy
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import yaml
@@ -34,8 +35,8 @@ from infra.k8s import (
     serve_config_problems,
     settings_problems,
 )
-from lakehouse.serve import ray_local_env
 from lakehouse.config import load_settings
+from lakehouse.serve import ray_local_env
 from speed.model_service import ServiceArgs
 
 REPO = Path(__file__).resolve().parents[2]

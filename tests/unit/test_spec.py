@@ -128,7 +128,7 @@ def test_feature_vector_of_an_event_with_no_history() -> None:
     event = TRANSACTIONS.parse(json.dumps(GOOD))
     vector = FRAUD_SPEC.features(empty_states(FRAUD_SPEC.views), event)
     assert len(vector) == len(FRAUD_SPEC.feature_names)
-    named = dict(zip(FRAUD_SPEC.feature_names, vector))
+    named = dict(zip(FRAUD_SPEC.feature_names, vector, strict=True))
     assert named["user_count_10m"] == 0.0 and named["user_amount_zscore"] == 0.0
     assert named["risky_category"] == 0.0
 
