@@ -1,23 +1,42 @@
-"""The platform's scheduled jobs, one function per step, as Airflow tasks call them.
+"""The batch layer's jobs, one function per step, as Airflow tasks and `lambdalake batch`
+call them.
 
-Each takes the settings and the spec, does one step with the packages' own functions, and
-returns a small JSON-able summary (an XCom). Spark steps share the process's Spark session;
+Each step comes twice: `run_<step>` does it with the packages' own functions and returns
+what they return (the CLI prints those), and `<step>` returns a small JSON-able summary of
+it (an XCom). Spark steps share the process's Spark session (`spark_session` builds it once);
 Airflow runs each task in its own process, so a DAG of Spark steps pays one session start
-(~10 s) per task. `lambdalake batch ...` runs the same functions.
+(~10 s) per task. Rolling the trained model out to the model service is not a batch step:
+it lives above the layers, in `infra/rollout.py`. The `run_<step>` result types are named
+here too (`__all__`), so callers outside the batch layer need no other batch module.
 """
 
 from __future__ import annotations
 
-import os
-import time
+import getpass
 from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from batch.drift import detect_drift
+from batch.ingest import TopicIngest, ingest_topics
+from batch.maintenance import maintain
+from batch.train import TrainOptions, TrainResult, train_model
+from batch.training_set import TrainingSet, build_training_set
+from batch.validate import ValidationSummary, accept_slice, validate_topic
+from batch.views import compute_views
 from lakehouse.config import Settings
-from lakehouse.errors import PlatformError
+from lakehouse.errors import BatchError
+from lakehouse.spark import spark_session
 from lakehouse.spec import PlatformSpec
-from lakehouse.tables import Lakehouse
+from lakehouse.streams import spark_kafka_options
+from lakehouse.tables import BatchRun, Lakehouse, latest_run
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+__all__ = ["BatchRun", "Echo", "TopicIngest", "TrainResult", "TrainingSet", "ValidationSummary",
+           "accept", "drift", "ingest", "maintenance", "run_ingest", "run_train", "run_validate",
+           "run_views", "train", "training_set", "validate", "views"]
 
 Echo = Callable[[str], None]
 
@@ -26,115 +45,98 @@ def _print(line: str) -> None:
     print(line, flush=True)  # noqa: T201 - task logs
 
 
-def _spark(settings: Settings):  # type: ignore[no-untyped-def]
-    from lakehouse.spark import spark_session
+def run_ingest(settings: Settings, spec: PlatformSpec, *, spark: SparkSession | None = None,
+               topics: list[str] | None = None, max_offsets_per_trigger: int | None = None,
+               echo: Echo = _print) -> list[TopicIngest]:
+    """Append every new Kafka record of `topics` (default: the spec's events and labels) to
+    the bronze Delta tables, exactly once."""
+    return ingest_topics(spark or spark_session(settings), Lakehouse(settings.delta_uri),
+                         bootstrap_servers=settings.kafka_bootstrap_servers,
+                         kafka_options=spark_kafka_options(settings),
+                         topics=topics or [spec.events.topic, spec.labels.topic],
+                         max_offsets_per_trigger=max_offsets_per_trigger, echo=echo)
 
-    return spark_session(settings)
 
-
-def ingest(settings: Settings, spec: PlatformSpec, echo: Echo = _print) -> dict[str, Any]:
-    from batch.ingest import ingest_topics
-    from lakehouse.streams import spark_kafka_options
-
-    added = ingest_topics(_spark(settings), Lakehouse(settings.delta_uri),
-                          bootstrap_servers=settings.kafka_bootstrap_servers,
-                          kafka_options=spark_kafka_options(settings),
-                          topics=[spec.events.topic, spec.labels.topic], echo=echo)
+def ingest(settings: Settings, spec: PlatformSpec, echo: Echo = _print, *,
+           spark: SparkSession | None = None, topics: list[str] | None = None,
+           max_offsets_per_trigger: int | None = None) -> dict[str, Any]:
+    added = run_ingest(settings, spec, spark=spark, topics=topics,
+                       max_offsets_per_trigger=max_offsets_per_trigger, echo=echo)
     return {a.topic: a.rows for a in added}
 
 
-def validate(settings: Settings, spec: PlatformSpec, echo: Echo = _print) -> dict[str, Any]:
+def run_validate(settings: Settings, spec: PlatformSpec, *, spark: SparkSession | None = None,
+                 echo: Echo = _print) -> list[ValidationSummary]:
     """Events and labels; a slice above the configured failure rate is refused, unwritten
     (see `validate_topic`), until `accept` lets it through."""
-    from batch.validate import validate_topic
-
-    spark, lakehouse = _spark(settings), Lakehouse(settings.delta_uri)
+    spark, lakehouse = spark or spark_session(settings), Lakehouse(settings.delta_uri)
     gx_dir = settings.state_path / "great_expectations"
-    summaries = [validate_topic(spark, lakehouse, schema, gx_dir=gx_dir,
-                                max_failure_rate=settings.batch_max_failure_rate, echo=echo)
-                 for schema in (spec.events, spec.labels)]
+    return [validate_topic(spark, lakehouse, schema, gx_dir=gx_dir,
+                           max_failure_rate=settings.batch_max_failure_rate, echo=echo)
+            for schema in (spec.events, spec.labels)]
+
+
+def validate(settings: Settings, spec: PlatformSpec, echo: Echo = _print, *,
+             spark: SparkSession | None = None) -> dict[str, Any]:
+    summaries = run_validate(settings, spec, spark=spark, echo=echo)
     return {s.schema: {"silver": s.silver_rows, "quarantined": s.quarantined, "duplicates": s.duplicates,
                        "failure_rate": round(s.failure_rate, 6)} for s in summaries}
 
 
 def accept(settings: Settings, slice_id: str, *, note: str = "", echo: Echo = _print) -> dict[str, Any]:
     """Let a slice the failure-rate gate refused through at the next validate run."""
-    import getpass
-
-    from batch.validate import accept_slice
-
     accept_slice(Lakehouse(settings.delta_uri), slice_id, accepted_by=getpass.getuser(), note=note)
     echo(f"accepted {slice_id}: the next validate run writes it to silver and quarantine")
     return {"accepted": slice_id}
 
 
-def views(settings: Settings, spec: PlatformSpec, echo: Echo = _print) -> dict[str, Any]:
+def run_views(settings: Settings, spec: PlatformSpec, *, spark: SparkSession | None = None,
+              echo: Echo = _print) -> BatchRun:
     """Recompute the views and publish the run (the boundary)."""
-    from batch.views import compute_views
+    return compute_views(spark or spark_session(settings), Lakehouse(settings.delta_uri), spec,
+                         echo=echo)
 
-    run = compute_views(_spark(settings), Lakehouse(settings.delta_uri), spec, echo=echo)
+
+def views(settings: Settings, spec: PlatformSpec, echo: Echo = _print, *,
+          spark: SparkSession | None = None) -> dict[str, Any]:
+    run = run_views(settings, spec, spark=spark, echo=echo)
     return {"batch_run_id": run.run_id, "boundary": {str(p): o for p, o in run.boundary.items()},
             "row_counts": run.row_counts}
 
 
-def training_set(settings: Settings, spec: PlatformSpec, echo: Echo = _print) -> dict[str, Any]:
-    from batch.training_set import build_training_set
-    from lakehouse.tables import latest_run
-
-    spark, lakehouse = _spark(settings), Lakehouse(settings.delta_uri)
+def training_set(settings: Settings, spec: PlatformSpec, echo: Echo = _print, *,
+                 spark: SparkSession | None = None,
+                 label_cutoff_ms: int | None = None) -> dict[str, Any]:
+    """Point-in-time training set of the latest published batch run (labels known at
+    `label_cutoff_ms`, default every label ingested)."""
+    lakehouse = Lakehouse(settings.delta_uri)
     run = latest_run(lakehouse)
     if run is None:
-        raise PlatformError("no published batch run: run the lambdalake_batch DAG first")
-    return asdict(build_training_set(spark, lakehouse, spec, run, echo=echo))
+        raise BatchError("no published batch run: run the lambdalake_batch DAG first")
+    return asdict(build_training_set(spark or spark_session(settings), lakehouse, spec, run,
+                                     label_cutoff_ms=label_cutoff_ms, echo=echo))
 
 
-def train(settings: Settings, spec: PlatformSpec, built: dict[str, Any], echo: Echo = _print) -> dict[str, Any]:
+def run_train(settings: Settings, spec: PlatformSpec, *, spark: SparkSession | None = None,
+              built: TrainingSet | None = None, label_cutoff_ms: int | None = None,
+              epochs: int | None = None, max_train_rows: int | None = None,
+              echo: Echo = _print) -> TrainResult:
+    """Train (on `built`, or on a training set built now with labels known at
+    `label_cutoff_ms`), evaluate, register and promote. `epochs` and `max_train_rows`
+    override the settings' training options."""
+    options = TrainOptions.from_settings(settings, epochs=epochs, max_train_rows=max_train_rows)
+    return train_model(spark or spark_session(settings), settings, spec, options=options,
+                       label_cutoff_ms=label_cutoff_ms, training_set=built, echo=echo)
+
+
+def train(settings: Settings, spec: PlatformSpec, built: dict[str, Any], echo: Echo = _print, *,
+          spark: SparkSession | None = None) -> dict[str, Any]:
     """Train on a training set `training_set` wrote; evaluate, register and promote."""
-    from batch.train import train_model
-    from batch.training_set import TrainingSet
-
     built = {**built, "feature_names": tuple(built["feature_names"])}
-    result = train_model(_spark(settings), settings, spec, training_set=TrainingSet(**built), echo=echo)
-    return result.summary()
-
-
-def roll_out(settings: Settings, trained: dict[str, Any], echo: Echo = _print,
-             timeout_s: float = 300.0) -> dict[str, Any]:
-    """Make the model service serve the champion: deploy it if it is not running, else wait
-    until its registry poller has swapped the new champion in."""
-    from infra.services import ray_local_env
-
-    os.environ.update(ray_local_env(settings))  # before Ray is imported
-    import ray
-    from ray import serve
-
-    from speed.model_service import APP_NAME, ServiceArgs, serve_on_ray
-
-    if not ray.is_initialized():
-        ray.init(address=settings.ray_address, log_to_driver=False)
-    if APP_NAME not in serve.status().applications:
-        info = serve_on_ray(settings.ray_address, ServiceArgs.from_settings(settings))
-        echo(f"deployed the model service: v{info['version']}")
-        return {"served_version": info["version"], "deployed": True}
-    if trained.get("alias") != "champion":
-        served = serve.get_app_handle(APP_NAME).info.remote().result(timeout_s=60)["version"]
-        echo(f"v{trained.get('version')} is not the champion: the service keeps v{served}")
-        return {"served_version": served, "deployed": False}
-    deadline = time.monotonic() + timeout_s
-    while True:
-        served = serve.get_app_handle(APP_NAME).info.remote().result(timeout_s=60)["version"]
-        if served == trained["version"]:
-            echo(f"the model service serves v{served}")
-            return {"served_version": served, "deployed": False}
-        if time.monotonic() > deadline:
-            raise PlatformError(f"the model service still serves v{served} {timeout_s:.0f}s after "
-                                f"v{trained['version']} became champion: see its replica logs")
-        time.sleep(2.0)
+    return run_train(settings, spec, spark=spark, built=TrainingSet(**built), echo=echo).summary()
 
 
 def drift(settings: Settings, spec: PlatformSpec, echo: Echo = _print) -> dict[str, Any]:
-    from batch.drift import detect_drift
-
     report = detect_drift(settings, spec)
     echo(f"drift: {report.reason} ({report.current_rows} events scored in the window, plots in "
          f"{report.plots_dir})")
@@ -142,8 +144,6 @@ def drift(settings: Settings, spec: PlatformSpec, echo: Echo = _print) -> dict[s
 
 
 def maintenance(settings: Settings, spec: PlatformSpec, echo: Echo = _print) -> list[dict[str, Any]]:
-    from lakehouse.maintenance import maintain
-
     return [asdict(u) for u in maintain(Lakehouse(settings.delta_uri), spec,
                                         retention_hours=settings.delta_vacuum_retention_hours,
                                         allow_unsafe_retention=settings.delta_vacuum_allow_unsafe_retention,

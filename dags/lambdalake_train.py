@@ -10,7 +10,8 @@ until it does).
 
 Scheduled daily at 03:00 UTC and whenever `lambdalake_drift` updates the Asset
 `lambdalake/drift`. Evaluation, registration and promotion are one task: they share the
-holdout scores and one MLflow run. The logic lives in `batch/jobs.py` and `batch/train.py`.
+holdout scores and one MLflow run. The logic lives in `batch/jobs.py` and `batch/train.py`;
+the roll-out, above the layers, in `infra/rollout.py`.
 """
 
 from __future__ import annotations
@@ -55,12 +56,13 @@ def lambdalake_train() -> None:
 
     @task(outlets=[CHAMPION], execution_timeout=timedelta(minutes=10))
     def roll_out(trained: dict[str, Any]) -> dict[str, Any]:
-        from batch import jobs
+        from infra.rollout import roll_out
         from lakehouse.config import load_settings
 
-        return jobs.roll_out(load_settings(), trained)
+        return roll_out(load_settings(), trained)
 
-    roll_out(train(training_set()))
+    # TaskFlow hands each task its upstream's XCom at run time
+    roll_out(train(training_set()))  # type: ignore[arg-type]
 
 
 lambdalake_train()

@@ -24,9 +24,16 @@ from typing import Any
 
 import httpx
 
+from infra.airflow import AirflowClient, password_location
+from infra.platform import Platform
 from lakehouse.config import Settings
+from lakehouse.errors import DemoError
+from lakehouse.generator import GeneratorOptions, generate, produce
 from lakehouse.secret_files import read_secret
 from lakehouse.spec import PlatformSpec, format_timestamp_ms
+from lakehouse.streams import ensure_topics, kafka_client_config, producer
+from lakehouse.tables import Lakehouse
+from serving.verify import check_exact_merge
 
 Echo = Callable[[str], None]
 
@@ -40,8 +47,6 @@ def _api_key(settings: Settings) -> str:
 
 def _topic_counts(settings: Settings, spec: PlatformSpec) -> dict[str, int]:
     from kafka import KafkaConsumer, TopicPartition
-
-    from lakehouse.streams import kafka_client_config
 
     consumer = KafkaConsumer(**kafka_client_config(settings))
     out = {}
@@ -63,13 +68,6 @@ def _table_rows(path: str) -> int:
 
 def run_demo(settings: Settings, spec: PlatformSpec, *, events: int, stream: int, rate: float,
              echo: Echo) -> dict[str, Any]:
-    from infra.airflow import AirflowClient
-    from infra.services import Platform
-    from lakehouse.generator import GeneratorOptions, generate, produce
-    from lakehouse.streams import ensure_topics, producer
-    from lakehouse.tables import Lakehouse
-    from serving.verify import check_exact_merge
-
     started = time.monotonic()
     timings: dict[str, float] = {}
     seed = int(time.time()) % 1_000_000  # fresh event ids on every run
@@ -89,12 +87,12 @@ def run_demo(settings: Settings, spec: PlatformSpec, *, events: int, stream: int
     phase = time.monotonic()
     batch = airflow.run_dag("lambdalake_batch", echo=echo)
     if batch["state"] != "success":
-        raise RuntimeError(f"lambdalake_batch failed: {batch['tasks']}; see the Airflow UI")
+        raise DemoError(f"lambdalake_batch failed: {batch['tasks']}; see the Airflow UI")
     timings["batch_dag_s"] = round(time.monotonic() - phase, 1)
     phase = time.monotonic()
     train = airflow.run_dag("lambdalake_train", echo=echo)
     if train["state"] != "success":
-        raise RuntimeError(f"lambdalake_train failed: {train['tasks']}; see the Airflow UI")
+        raise DemoError(f"lambdalake_train failed: {train['tasks']}; see the Airflow UI")
     timings["train_dag_s"] = round(time.monotonic() - phase, 1)
     trained: dict[str, Any] = airflow.xcom("lambdalake_train", train["run_id"], "train")  # type: ignore[assignment]
     views: dict[str, Any] = airflow.xcom("lambdalake_batch", batch["run_id"], "views")  # type: ignore[assignment]
@@ -115,14 +113,14 @@ def run_demo(settings: Settings, spec: PlatformSpec, *, events: int, stream: int
 
     def caught_up() -> bool:
         snapshot = client.post("/v1/sql", json={"query": "SELECT coverage FROM serving.snapshot"}).json()
-        coverage = json.loads(snapshot["rows"][0]["coverage"])
+        coverage: dict[str, int] = json.loads(snapshot["rows"][0]["coverage"])
         return sum(o + 1 for o in coverage.values()) >= ends[spec.events.topic]
 
     deadline = time.monotonic() + 600
     while not caught_up():
         if time.monotonic() > deadline:
-            raise RuntimeError("the speed layer did not catch up within 10 minutes: "
-                               f"see {settings.logs_dir / 'speed.log'}")
+            raise DemoError("the speed layer did not catch up within 10 minutes: "
+                            f"see {settings.logs_dir / 'speed.log'}")
         time.sleep(1)
 
     echo("5/5 the proof: SQL, /predict, freshness, exact merge")
@@ -147,7 +145,7 @@ def run_demo(settings: Settings, spec: PlatformSpec, *, events: int, stream: int
     kafka.close()
     while client.get(f"/v1/entities/user_id/{user}/features").json()["views"]["user_all"]["count"] <= before:
         if time.perf_counter() - sent > 120:
-            raise RuntimeError("the probe event did not reach the merged view within 120 s")
+            raise DemoError("the probe event did not reach the merged view within 120 s")
         time.sleep(0.02)
     freshness_ms = (time.perf_counter() - sent) * 1000
     exact = check_exact_merge(settings, spec, echo=echo)
@@ -191,8 +189,6 @@ def run_demo(settings: Settings, spec: PlatformSpec, *, events: int, stream: int
 
 
 def print_summary(summary: dict[str, Any], settings: Settings, out: Callable[[str], None]) -> None:
-    from infra.airflow import password_location
-
     c, m, p = summary["counts"], summary["model"], summary["predict"]
     exact = summary["exact_merge"]
     lines = [

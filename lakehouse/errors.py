@@ -1,8 +1,30 @@
 """The exception tree. Every error lambdalake raises on purpose derives from PlatformError,
 so callers (the CLI, the HTTP API, DAG tasks) can tell our errors, which carry a message
-that says what to do, from bugs. Vendor errors are translated at the layer boundary."""
+that says what to do, from bugs. Vendor errors are translated at the layer boundary.
+
+    PlatformError
+    ├── ConfigError            settings (the core)
+    ├── SpecError              the platform spec (the core)
+    ├── ValidationError        a record against the spec (the core)
+    ├── ServiceError           a service could not be started, stopped or reached
+    │   ├── RolloutError       infra: the model service did not take the new champion
+    │   └── DemoError          infra: a stage of `lambdalake demo` failed
+    ├── BatchError             the batch layer
+    │   └── DataQualityError
+    ├── SpeedError             the speed layer
+    └── ServingError           the serving layer
+        ├── SqlError
+        │   └── SqlTimeout
+        └── MergeCheckError    the exact-merge check could not read what it compares
+
+The CLI prints any of them as one line and exits non-zero (2 for a ConfigError, else 1).
+"""
 
 from __future__ import annotations
+
+__all__ = ["BatchError", "ConfigError", "DataQualityError", "DemoError", "MergeCheckError",
+           "PlatformError", "RolloutError", "ServiceError", "ServingError", "SpecError",
+           "SpeedError", "SqlError", "SqlTimeout", "ValidationError"]
 
 
 class PlatformError(Exception):
@@ -17,6 +39,14 @@ class ServiceError(PlatformError):
     """A local service could not be started, stopped or reached."""
 
 
+class RolloutError(ServiceError):
+    """The model service did not serve the new champion in time (infra's roll-out)."""
+
+
+class DemoError(ServiceError):
+    """A stage of `lambdalake demo` failed (a DAG run, the speed layer catching up, ...)."""
+
+
 class SpecError(PlatformError):
     """The platform spec (schemas, feature views, model inputs) is inconsistent."""
 
@@ -29,12 +59,21 @@ class ValidationError(PlatformError):
         self.reasons = reasons
 
 
-class DataQualityError(PlatformError):
+class BatchError(PlatformError):
+    """The batch layer cannot do a step as asked (no published run, no labels, ...)."""
+
+
+class DataQualityError(BatchError):
     """A batch run found more invalid records than the configured threshold allows."""
 
 
+class SpeedError(PlatformError):
+    """The speed layer cannot go on as asked."""
+
+
 class ServingError(PlatformError):
-    """The serving layer cannot answer a request as asked (a 4xx for an HTTP caller)."""
+    """The serving layer cannot answer as asked; a request's own error (SqlError) is a 4xx
+    for an HTTP caller."""
 
 
 class SqlError(ServingError):
@@ -43,3 +82,8 @@ class SqlError(ServingError):
 
 class SqlTimeout(SqlError):
     """A query ran past its timeout and was stopped."""
+
+
+class MergeCheckError(ServingError):
+    """The exact-merge check could not read the events it recomputes (the topic up to the
+    merged views' coverage)."""

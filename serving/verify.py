@@ -17,19 +17,19 @@ from collections.abc import Callable
 from typing import Any
 
 from lakehouse.config import Settings
-from lakehouse.errors import ValidationError
+from lakehouse.errors import MergeCheckError, ValidationError
 from lakehouse.recompute import states_by_view
 from lakehouse.spec import PlatformSpec
+from lakehouse.streams import kafka_client_config
 from lakehouse.tables import Lakehouse
 from serving.duck import DuckEngine
 
 
 def topic_prefix(settings: Settings, topic: str, until: dict[int, int],
                  echo: Callable[[str], None] = lambda line: None) -> list[tuple[int, int, Any]]:
-    """(partition, offset, record) of every record at or below `until[partition]`."""
+    """(partition, offset, record) of every record at or below `until[partition]`;
+    MergeCheckError if some partition is not read that far within 10 minutes."""
     from kafka import KafkaConsumer, TopicPartition
-
-    from lakehouse.streams import kafka_client_config
 
     consumer = KafkaConsumer(**kafka_client_config(settings), enable_auto_commit=False,
                              max_poll_records=5000)
@@ -51,7 +51,7 @@ def topic_prefix(settings: Settings, topic: str, until: dict[int, int],
                 consumer.pause(tp)
     consumer.close()
     if pending:
-        raise TimeoutError(f"partitions {sorted(pending)} of {topic} were not read up to the coverage")
+        raise MergeCheckError(f"partitions {sorted(pending)} of {topic} were not read up to the coverage")
     echo(f"read {len(out)} records of {topic} up to the coverage")
     return out
 

@@ -1,8 +1,12 @@
-"""The `lambdalake` command line: one entry point for every layer.
+"""The `lambdalake` command line: one entry point for every layer, above them all.
 
-Settings are read once here and handed to what each command calls. Errors lambdalake raises
-on purpose (PlatformError) print their message and exit non-zero: 2 for bad configuration
-or arguments, 1 for everything else; `status` exits 3 when a service is not healthy.
+A thin face: settings are read once here and handed to what each command calls; every
+`lambdalake batch ...` command runs `batch.jobs`, as the Airflow DAGs do. First-party modules
+are imported inside the commands that use them, so `lambdalake --help` stays fast.
+
+Errors lambdalake raises on purpose (PlatformError, `lakehouse.errors`) print as one line,
+without a traceback, and exit non-zero: 2 for bad configuration or arguments, 1 for
+everything else; `status` exits 3 when a service is not healthy.
 """
 
 from __future__ import annotations
@@ -13,16 +17,25 @@ import json
 import signal
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from lakehouse.config import Settings, load_settings
 from lakehouse.errors import ConfigError, PlatformError
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+    from batch.jobs import TrainResult
+    from infra.service import Health
+    from lakehouse.tables import Lakehouse
+    from speed.model_service import ServiceArgs
 
 app = typer.Typer(
     name="lambdalake",
@@ -56,7 +69,7 @@ def up(
                                        "(they need a champion model on Ray Serve)")] = False,
 ) -> None:
     """Start the local platform (Kafka, MLflow, Ray + Serve, Airflow). Idempotent."""
-    from infra.services import Platform
+    from infra.platform import Platform
 
     # a SIGTERM mid-start unwinds like Ctrl-C, so `up` stops what it had started
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -69,7 +82,7 @@ def up(
 @app.command()
 def down() -> None:
     """Stop every service `up` started and check no port is left listening."""
-    from infra.services import Platform
+    from infra.platform import Platform
 
     Platform(settings()).down(echo=_echo)
     _echo("platform down")
@@ -80,7 +93,7 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object per service")] = False,
 ) -> None:
     """Health, pids and URL of each service. Exit code 3 if any is not healthy."""
-    from infra.services import Platform
+    from infra.platform import Platform
 
     healths = Platform(settings()).status()
     if as_json:
@@ -92,18 +105,20 @@ def status(
         raise typer.Exit(3)
 
 
-def _print_status(healths: list) -> None:  # type: ignore[type-arg]
+def _print_status(healths: list[Health]) -> None:
     table = Table("service", "state", "pids", "url")
     for health in healths:
         colour = "green" if health.healthy else "red"
         table.add_row(health.service, f"[{colour}]{health.detail}[/{colour}]",
                       " ".join(map(str, health.pids)), health.url)
     out.print(table)
-    for health in healths:  # a supervised app that exited: what it said last
-        if getattr(health, "last_exit", "") and not health.healthy:
-            out.print(f"{health.service} last exited with {health.last_exit}; its last error:",
+    for health in healths:  # a supervised app that exited (an AppHealth): what it said last
+        last_exit = getattr(health, "last_exit", "")
+        if last_exit and not health.healthy:
+            out.print(f"{health.service} last exited with {last_exit}; its last error:",
                       style="red", highlight=False, markup=False)
-            out.print(health.last_error or "(nothing on stderr)", highlight=False, markup=False)
+            out.print(getattr(health, "last_error", "") or "(nothing on stderr)", highlight=False,
+                      markup=False)
     from infra.airflow import password_location
 
     out.print(f"Airflow UI login: {settings().airflow_user}, password "
@@ -150,14 +165,14 @@ batch_app = typer.Typer(help="The batch layer: Kafka → bronze → silver/quara
 app.add_typer(batch_app, name="batch")
 
 
-def _spark():  # type: ignore[no-untyped-def]
+def _spark() -> SparkSession:
     from lakehouse.spark import spark_session
 
     _echo(f"starting Spark ({settings().spark_master})")
     return spark_session(settings())
 
 
-def _lakehouse():  # type: ignore[no-untyped-def]
+def _lakehouse() -> Lakehouse:
     from lakehouse.tables import Lakehouse
 
     return Lakehouse(settings().delta_uri)
@@ -165,37 +180,26 @@ def _lakehouse():  # type: ignore[no-untyped-def]
 
 @batch_app.command("ingest")
 def batch_ingest(
-    topics: Annotated[list[str] | None, typer.Option("--topic", help="topic(s); default: the spec's events and labels")] = None,
+    topics: Annotated[list[str] | None, typer.Option(
+        "--topic", help="topic(s); default: the spec's events and labels")] = None,
     max_offsets_per_trigger: Annotated[int | None, typer.Option(min=1, help="records per micro-batch")] = None,
 ) -> None:
     """Append every new Kafka record to the bronze Delta tables, exactly once."""
-    from batch.ingest import ingest_topics
+    from batch import jobs
     from lakehouse.fraud import FRAUD_SPEC
-    from lakehouse.streams import spark_kafka_options
 
-    config = settings()
-    added = ingest_topics(_spark(), _lakehouse(), bootstrap_servers=config.kafka_bootstrap_servers,
-                          kafka_options=spark_kafka_options(config),
-                          topics=topics or [FRAUD_SPEC.events.topic, FRAUD_SPEC.labels.topic],
-                          max_offsets_per_trigger=max_offsets_per_trigger, echo=_echo)
+    added = jobs.run_ingest(settings(), FRAUD_SPEC, spark=_spark(), topics=topics,
+                            max_offsets_per_trigger=max_offsets_per_trigger, echo=_echo)
     print(json.dumps({"ingested": [a.__dict__ for a in added]}))
-
-
-def _validate_all(spark, lakehouse):  # type: ignore[no-untyped-def]
-    """Validate events and labels; a slice above the configured failure rate is refused."""
-    from batch.validate import validate_topic
-    from lakehouse.fraud import FRAUD_SPEC
-
-    gx_dir = settings().state_path / "great_expectations"
-    return [validate_topic(spark, lakehouse, schema, gx_dir=gx_dir,
-                           max_failure_rate=settings().batch_max_failure_rate, echo=_echo)
-            for schema in (FRAUD_SPEC.events, FRAUD_SPEC.labels)]
 
 
 @batch_app.command("validate")
 def batch_validate() -> None:
     """Route new bronze records to silver (valid, deduplicated) or quarantine (with reasons)."""
-    summaries = _validate_all(_spark(), _lakehouse())
+    from batch import jobs
+    from lakehouse.fraud import FRAUD_SPEC
+
+    summaries = jobs.run_validate(settings(), FRAUD_SPEC, spark=_spark(), echo=_echo)
     print(json.dumps({"validated": [{**s.__dict__, "failure_rate": round(s.failure_rate, 6)}
                                     for s in summaries]}))
 
@@ -215,10 +219,10 @@ def batch_accept(
 @batch_app.command("views")
 def batch_views() -> None:
     """Recompute every feature view up to the current boundary into gold, then publish the run."""
-    from batch.views import compute_views
+    from batch import jobs
     from lakehouse.fraud import FRAUD_SPEC
 
-    run = compute_views(_spark(), _lakehouse(), FRAUD_SPEC, echo=_echo)
+    run = jobs.run_views(settings(), FRAUD_SPEC, spark=_spark(), echo=_echo)
     print(json.dumps({"batch_run": {**run.__dict__, "finished_at": run.finished_at.isoformat()}}))
 
 
@@ -231,7 +235,7 @@ def _cutoff_ms(text: str | None) -> int | None:
         raise typer.BadParameter(f"expected an ISO-8601 time such as 2026-01-03T00:00:00Z, "
                                  f"got {text!r}", param_hint="--label-cutoff") from None
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
+        moment = moment.replace(tzinfo=UTC)
     return int(moment.timestamp() * 1000)
 
 
@@ -241,16 +245,16 @@ _EPOCHS = typer.Option(min=1, help="training epochs (default: LAMBDALAKE_TRAIN_E
 _MAX_TRAIN_ROWS = typer.Option(min=1, help="train on a random sample of this many rows")
 
 
-def _train(spark, label_cutoff: str | None, epochs: int | None, max_train_rows: int | None):  # type: ignore[no-untyped-def]
-    from batch.train import TrainOptions, train_model
+def _train(spark: SparkSession, label_cutoff_ms: int | None, epochs: int | None,
+           max_train_rows: int | None) -> TrainResult:
+    from batch import jobs
     from lakehouse.fraud import FRAUD_SPEC
 
-    options = TrainOptions.from_settings(settings(), epochs=epochs, max_train_rows=max_train_rows)
     # the training processes' progress and MLflow's run links go with the rest of the
     # progress, to stderr: stdout carries only the JSON summary
     with contextlib.redirect_stdout(sys.stderr):
-        return train_model(spark, settings(), FRAUD_SPEC, options=options,
-                           label_cutoff_ms=_cutoff_ms(label_cutoff), echo=_echo)
+        return jobs.run_train(settings(), FRAUD_SPEC, spark=spark, label_cutoff_ms=label_cutoff_ms,
+                              epochs=epochs, max_train_rows=max_train_rows, echo=_echo)
 
 
 @batch_app.command("train")
@@ -261,8 +265,8 @@ def batch_train(
 ) -> None:
     """Point-in-time training set of the latest batch run → torch model (TorchDistributor) →
     holdout evaluation → signed bundle → MLflow version, champion or challenger."""
-    _cutoff_ms(label_cutoff)  # a bad value fails before Spark starts
-    result = _train(_spark(), label_cutoff, epochs, max_train_rows)
+    cutoff_ms = _cutoff_ms(label_cutoff)  # a bad value fails before Spark starts
+    result = _train(_spark(), cutoff_ms, epochs, max_train_rows)
     print(json.dumps(result.summary()))
 
 
@@ -273,21 +277,17 @@ def batch_run(
     epochs: Annotated[int | None, _EPOCHS] = None,
 ) -> None:
     """ingest → validate → views (→ publish) → train, in order, in one Spark session."""
-    from batch.ingest import ingest_topics
-    from batch.views import compute_views
+    from batch import jobs
     from lakehouse.fraud import FRAUD_SPEC
-    from lakehouse.streams import spark_kafka_options
 
     config = settings()
-    _cutoff_ms(label_cutoff)  # a bad value fails before Spark starts
-    spark, lakehouse = _spark(), _lakehouse()
-    added = ingest_topics(spark, lakehouse, bootstrap_servers=config.kafka_bootstrap_servers,
-                          kafka_options=spark_kafka_options(config),
-                          topics=[FRAUD_SPEC.events.topic, FRAUD_SPEC.labels.topic],
-                          max_offsets_per_trigger=max_offsets_per_trigger, echo=_echo)
-    validated = _validate_all(spark, lakehouse)
-    run = compute_views(spark, lakehouse, FRAUD_SPEC, echo=_echo)
-    trained = _train(spark, label_cutoff, epochs, None)
+    cutoff_ms = _cutoff_ms(label_cutoff)  # a bad value fails before Spark starts
+    spark = _spark()
+    added = jobs.run_ingest(config, FRAUD_SPEC, spark=spark,
+                            max_offsets_per_trigger=max_offsets_per_trigger, echo=_echo)
+    validated = jobs.run_validate(config, FRAUD_SPEC, spark=spark, echo=_echo)
+    run = jobs.run_views(config, FRAUD_SPEC, spark=spark, echo=_echo)
+    trained = _train(spark, cutoff_ms, epochs, None)
     print(json.dumps({
         "ingested": {a.topic: a.rows for a in added},
         "validated": {v.schema: {"silver": v.silver_rows, "quarantined": v.quarantined,
@@ -309,7 +309,7 @@ AliasOption = Annotated[str, typer.Option(
     help="registry alias to serve: champion (app `model`) or challenger (app `model-challenger`)")]
 
 
-def _service_args(alias: str):  # type: ignore[no-untyped-def]
+def _service_args(alias: str) -> ServiceArgs:
     from speed.model_service import ServiceArgs
 
     if alias not in ("champion", "challenger"):
@@ -323,11 +323,11 @@ def model_serve(alias: AliasOption = "champion") -> None:
     answers; prints the version it serves."""
     import os
 
-    from infra.services import ray_local_env
+    from lakehouse.serve import app_name, ray_local_env
+    from speed.model_service import serve_on_ray
 
     config = settings()
     os.environ.update(ray_local_env(config))  # before Ray is imported
-    from speed.model_service import app_name, serve_on_ray
 
     service = _service_args(alias)
     _echo(f"deploying the model service ({alias}) on Ray at {config.ray_address}")
@@ -356,8 +356,10 @@ def speed_run(
     max_wait_ms: Annotated[int, typer.Option(min=1, help="longest wait for a micro-batch to fill")] = 200,
     max_events: Annotated[int | None, typer.Option(min=1, help="stop after this many records")] = None,
     idle_exit: Annotated[float | None, typer.Option(min=0.1, help="stop after this many idle seconds")] = None,
-    metrics_port: Annotated[int, typer.Option(min=0, max=65535, help="serve Prometheus metrics on METRICS_HOST:PORT (0: off)")] = 0,
-    metrics_host: Annotated[str, typer.Option(help="bind address of the metrics endpoint (0.0.0.0 in a pod, for the scraper)")] = "127.0.0.1",
+    metrics_port: Annotated[int, typer.Option(
+        min=0, max=65535, help="serve Prometheus metrics on METRICS_HOST:PORT (0: off)")] = 0,
+    metrics_host: Annotated[str, typer.Option(
+        help="bind address of the metrics endpoint (0.0.0.0 in a pod, for the scraper)")] = "127.0.0.1",
     topic: Annotated[str | None, typer.Option(help="events topic (default: the spec's); the DLQ is TOPIC.dlq")] = None,
     on_missing_offsets: Annotated[str, typer.Option(
         help="resuming below the oldest offset Kafka holds: fail (an error with the numbers) or "
@@ -368,19 +370,12 @@ def speed_run(
     if on_missing_offsets not in ("fail", "skip"):
         raise typer.BadParameter(f"expected fail or skip, got {on_missing_offsets!r}",
                                  param_hint="--on-missing-offsets")
-    import os
     import threading
-
-    from infra.services import ray_local_env
-
-    os.environ.update(ray_local_env(settings()))  # before Ray is imported
-    import logging
-
-    import ray
 
     from lakehouse.fraud import FRAUD_SPEC
     from lakehouse.logs import json_logging
-    from speed.consumer import SpeedLayer, SpeedOptions, serve_scorer
+    from lakehouse.serve import connect, serve_scorer
+    from speed.consumer import SpeedLayer, SpeedOptions
 
     config = settings()
     json_logging(config.log_level)
@@ -388,7 +383,7 @@ def speed_run(
         from prometheus_client import start_http_server
 
         start_http_server(metrics_port, addr=metrics_host)
-    ray.init(address=config.ray_address, log_to_driver=False, logging_level=logging.WARNING)
+    connect(config, quiet=True)  # the local platform's Ray environment, then ray.init
     # after ray.init, which installs a SIGTERM handler that exits at once, mid-batch
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -411,7 +406,8 @@ def sql(
     query: Annotated[str, typer.Argument(help="one SELECT over merged.*, gold.*, speed.*, bronze.*, ...")],
     as_json: Annotated[bool, typer.Option("--json", help="the rows as JSON lines")] = False,
     engine: Annotated[str, typer.Option(help="duckdb (embedded) or spark (Spark SQL)")] = "duckdb",
-    max_rows: Annotated[int | None, typer.Option(min=1, help="at most this many rows [default: LAMBDALAKE_SQL_ROW_CAP]")] = None,
+    max_rows: Annotated[int | None, typer.Option(
+        min=1, help="at most this many rows [default: LAMBDALAKE_SQL_ROW_CAP]")] = None,
 ) -> None:
     """Query the merged views (batch ⊕ speed, exact) and the raw tables, read-only."""
     from lakehouse.errors import SqlError
@@ -423,7 +419,7 @@ def sql(
     try:
         table, truncated, snapshot = _run_sql(engine, query, cap)
     except SqlError as exc:
-        err.print(f"[red]query refused:[/red] {exc}", highlight=False)
+        _print_error("query refused", exc)
         raise typer.Exit(2) from None
     from serving.api import json_rows
 
@@ -508,7 +504,9 @@ def demo(
 
 @app.command()
 def jars(
-    s3: Annotated[bool, typer.Option("--s3", help="also Hadoop's S3A filesystem and the AWS SDK (~700 MB), for LAMBDALAKE_DELTA_ROOT=s3a://…")] = False,
+    s3: Annotated[bool, typer.Option(
+        "--s3", help="also Hadoop's S3A filesystem and the AWS SDK (~700 MB), for "
+                     "LAMBDALAKE_DELTA_ROOT=s3a://…")] = False,
 ) -> None:
     """Fetch the Kafka broker and Spark extra jars with Maven (once per pom change)."""
     from infra.jvm import ensure_jars
@@ -546,16 +544,27 @@ def config() -> None:
     out.print_json(settings().model_dump_json())
 
 
+def one_line(error: BaseException) -> str:
+    """An error's message on one line: its lines (a log tail, say) joined with " | "."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return " | ".join(lines) or type(error).__name__
+
+
+def _print_error(prefix: str, error: BaseException) -> None:
+    # soft_wrap: one line whatever the terminal's width; escape: the message is not markup
+    err.print(f"[red]{prefix}:[/red] {escape(one_line(error))}", highlight=False, soft_wrap=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: typer/click handle usage errors (exit 2) and exit codes; lambdalake's
-    own errors print their message, without a traceback."""
+    own errors (every PlatformError) print as one line, without a traceback."""
     try:
         app(args=argv)
     except ConfigError as exc:
-        err.print(f"[red]configuration error:[/red] {exc}", highlight=False)
+        _print_error("configuration error", exc)
         sys.exit(2)
     except PlatformError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        _print_error("error", exc)
         sys.exit(1)
 
 
