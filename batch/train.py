@@ -26,19 +26,20 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from batch import promotion
-from lakehouse import registry
 from batch.evaluation import metrics, write_plots
 from batch.training_set import LABEL, TrainingSet, build_training_set
+from lakehouse import registry
 from lakehouse.bundle import load_bundle, load_or_create_signing_key, load_verify_key, write_bundle
-from lakehouse.config import Settings
+from lakehouse.config import Settings, options_from_settings, setting_field
 from lakehouse.errors import PlatformError
+from lakehouse.model import ScoringModel, predict
 from lakehouse.spec import PlatformSpec
 from lakehouse.tables import EVENT_TIME_MS, Lakehouse, latest_run
 
@@ -48,21 +49,22 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class TrainOptions:
-    epochs: int = 8
+    """How to train; the defaults of `setting_field`s are those of the settings named."""
+
+    epochs: int = setting_field("train_epochs")
     batch_size: int = 1024
     learning_rate: float = 3e-3
     hidden: tuple[int, ...] = (64, 32)
-    holdout_fraction: float = 0.2
+    holdout_fraction: float = setting_field("train_holdout_fraction")
     max_train_rows: int | None = None  # a random sample of the training rows, for quick runs
     seed: int = 0
-    num_processes: int = 1
-    use_gpu: bool = False
+    num_processes: int = setting_field("train_num_processes")
+    use_gpu: bool = setting_field("train_use_gpu")
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> TrainOptions:
-        base = cls(epochs=settings.train_epochs, holdout_fraction=settings.train_holdout_fraction,
-                   num_processes=settings.train_num_processes, use_gpu=settings.train_use_gpu)
-        return cls(**{**asdict(base), **{k: v for k, v in overrides.items() if v is not None}})
+        """Options for `settings`; an override of None (an option not given) is ignored."""
+        return options_from_settings(cls, settings, **{k: v for k, v in overrides.items() if v is not None})
 
 
 @dataclass(frozen=True)
@@ -105,8 +107,6 @@ def train_worker(job: dict[str, Any]) -> dict[str, Any] | None:
     import torch
     import torch.distributed as dist
     from torch import nn
-
-    from lakehouse.model import ScoringModel
 
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     use_gpu = bool(job["use_gpu"])
@@ -160,7 +160,7 @@ def train_worker(job: dict[str, Any]) -> dict[str, Any] | None:
 def run_distributed(spark: SparkSession, options: TrainOptions, job: dict[str, Any]) -> dict[str, Any]:
     from pyspark.ml.torch.distributor import TorchDistributor
 
-    local = spark.conf.get("spark.master", "local").startswith("local")
+    local = (spark.conf.get("spark.master", "local") or "local").startswith("local")
     distributor = TorchDistributor(num_processes=options.num_processes, local_mode=local,
                                    use_gpu=options.use_gpu)
     with warnings.catch_warnings():
@@ -187,8 +187,6 @@ def score_champion(client: Any, settings: Settings, spec: PlatformSpec, x: np.nd
                    y: np.ndarray, echo: Callable[[str], None]) -> tuple[dict[str, Any] | None, np.ndarray | None]:
     """The current champion's metrics on this holdout, or None when there is none or its
     inputs differ from this spec's (then it cannot be compared)."""
-    from lakehouse.model import predict
-
     version = registry.version_by_alias(client, settings.model_name, registry.CHAMPION)
     if version is None:
         return None, None
@@ -218,8 +216,6 @@ def train_model(
 ) -> TrainResult:
     """Train, evaluate, sign, register and promote one model version (see module doc).
     Pass `training_set` to reuse one already built from the latest run."""
-    from lakehouse.model import ScoringModel, predict
-
     options = options or TrainOptions.from_settings(settings)
     lakehouse = lakehouse or Lakehouse(settings.delta_uri)
     durations: dict[str, float] = {}
@@ -265,7 +261,7 @@ def train_model(
 
     client = registry.client(settings.mlflow_uri)
     champion, champion_scores = score_champion(client, settings, spec, x_hold, y_hold, echo)
-    promotion = promotion.decide(found["roc_auc"], champion["roc_auc"] if champion else None)
+    decision = promotion.decide(found["roc_auc"], champion["roc_auc"] if champion else None)
 
     experiment = f"lambdalake-{spec.name}"
     experiment_id = (client.get_experiment_by_name(experiment) or
@@ -288,7 +284,7 @@ def train_model(
     try:
         _log_run(client, run_id, options, training_set, trained, found, champion)
         plot_scores = {f"new model (AUC {found['roc_auc']:.3f})": scores}
-        if champion_scores is not None:
+        if champion is not None and champion_scores is not None:
             plot_scores[f"champion v{champion['version']} (AUC {champion['roc_auc']:.3f})"] = champion_scores
         write_plots(work / "plots", y_hold, plot_scores, trained["losses"])
         client.log_artifacts(run_id, str(work / "plots"), "plots")
@@ -296,7 +292,7 @@ def train_model(
         manifest = {"model_name": settings.model_name, "spec": spec.name,
                     "feature_names": list(spec.feature_names), "metrics": found,
                     "mlflow_run_id": run_id, "lineage": lineage,
-                    "created_at": datetime.now(timezone.utc).isoformat()}
+                    "created_at": datetime.now(UTC).isoformat()}
         phase = time.monotonic()
         write_bundle(work / registry.BUNDLE_ARTIFACT_PATH, model, manifest,
                      load_or_create_signing_key(settings.signing_key_path))
@@ -304,17 +300,17 @@ def train_model(
         version = registry.publish_bundle(
             client, settings.model_name, run_id, work / registry.BUNDLE_ARTIFACT_PATH,
             tags={"spec_fingerprint": spec.fingerprint(), "batch_run_id": run.run_id,
-                  "roc_auc": f"{found['roc_auc']:.6f}", "promotion": promotion.alias},
-            description=promotion.reason, alias=promotion.alias)
+                  "roc_auc": f"{found['roc_auc']:.6f}", "promotion": decision.alias},
+            description=decision.reason, alias=decision.alias)
         client.set_terminated(run_id, "FINISHED")
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
-    echo(f"registered {settings.model_name} v{version.version} as {promotion.alias}: {promotion.reason}")
+    echo(f"registered {settings.model_name} v{version.version} as {decision.alias}: {decision.reason}")
     durations["total"] = round(time.monotonic() - started, 3)
     return TrainResult(
-        model_name=settings.model_name, version=int(version.version), alias=promotion.alias,
-        reason=promotion.reason, metrics=found, champion_before=champion, mlflow_run_id=run_id,
+        model_name=settings.model_name, version=int(version.version), alias=decision.alias,
+        reason=decision.reason, metrics=found, champion_before=champion, mlflow_run_id=run_id,
         batch_run_id=run.run_id,
         training_set={"path": training_set.path, "version": training_set.version,
                       "rows": training_set.rows, "positives": training_set.positives,
@@ -340,4 +336,4 @@ def _log_run(client: Any, run_id: str, options: TrainOptions, training_set: Trai
 
 
 def _iso(epoch_ms: int) -> str:
-    return datetime.fromtimestamp(epoch_ms / 1000, tz=timezone.utc).isoformat()
+    return datetime.fromtimestamp(epoch_ms / 1000, tz=UTC).isoformat()

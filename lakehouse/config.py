@@ -13,10 +13,11 @@ settings (or the values it needs) from its caller; nothing else reads the enviro
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -27,6 +28,9 @@ from pydantic_settings import (
 )
 
 from lakehouse.errors import ConfigError
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 ENV_PREFIX = "LAMBDALAKE_"
 CONFIG_FILE_ENV = "LAMBDALAKE_CONFIG"
@@ -120,7 +124,8 @@ class Settings(BaseSettings):
 
     batch_max_failure_rate: float = Field(
         default=0.05, ge=0.0, le=1.0,
-        description="A validation slice whose share of invalid records exceeds this is refused, unwritten, until `lambdalake batch accept`.",
+        description="A validation slice whose share of invalid records exceeds this is refused, "
+        "unwritten, until `lambdalake batch accept`.",
     )
 
     # --- Ray / Ray Serve -----------------------------------------------------------------
@@ -473,3 +478,39 @@ def settings_table() -> list[tuple[str, str, str]]:
             default = ""
         rows.append((f"{ENV_PREFIX}{name.upper()}", str(default), field.description or ""))
     return rows
+
+
+# --- option classes built from the settings ------------------------------------------------
+# An option class (a dataclass such as `speed.consumer.SpeedOptions`) declares each field that
+# a setting supplies with `setting_field("<setting>")`: its default is the setting's default,
+# read from `Settings`, so no value is written twice, and `options_from_settings` fills it
+# from a settings object. Fields without a setting keep their own defaults.
+
+SETTING = "lambdalake.setting"
+"""Key, in a dataclass field's metadata, of the setting (or `Settings` property) it comes from."""
+
+_Options = TypeVar("_Options", bound="DataclassInstance")
+
+
+def setting_default(name: str) -> Any:
+    """The default value of setting `name`, as `Settings` declares it."""
+    try:
+        field = Settings.model_fields[name]
+    except KeyError:
+        raise ConfigError(f"no setting named {name!r}") from None
+    return field.get_default(call_default_factory=True)
+
+
+def setting_field(name: str) -> Any:
+    """A dataclass field that setting `name` supplies, defaulting to the setting's default. (A
+    field without a default, or one a derived `Settings` property supplies, is declared as
+    `dataclasses.field(metadata={SETTING: name})`.)"""
+    return dataclasses.field(default=setting_default(name), metadata={SETTING: name})
+
+
+def options_from_settings(cls: type[_Options], settings: Settings, **overrides: Any) -> _Options:
+    """An instance of option class `cls` whose setting fields (`setting_field`) hold the values
+    of `settings`; `overrides` (by field name) win over them and set the other fields."""
+    values = {f.name: getattr(settings, f.metadata[SETTING])
+              for f in dataclasses.fields(cls) if SETTING in f.metadata}
+    return cls(**{**values, **overrides})

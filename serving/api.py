@@ -53,12 +53,13 @@ from starlette.datastructures import Headers
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from lakehouse.config import Settings, options_from_settings, setting_field
 from lakehouse.errors import SqlError, SqlTimeout, ValidationError
+from lakehouse.registry import CHAMPION
 from lakehouse.safejson import JsonLimits, JsonRefused, decode
 from lakehouse.spec import PlatformSpec
 from serving.auth import HEADER, ApiKeys, Caller
 from serving.duck import DuckEngine
-from lakehouse.registry import CHAMPION
 from serving.rollout import Rollout
 
 log = logging.getLogger("lambdalake.serving")
@@ -69,17 +70,17 @@ ARROW_STREAM = "application/vnd.apache.arrow.stream"
 
 @dataclass
 class ServingConfig:
-    max_body_bytes: int = 1_048_576
-    max_batch: int = 1000
-    sql_row_cap: int = 10_000
-    sql_timeout_s: float = 10.0
-    refresh_s: float = 1.0
+    """The API's limits; every default is that of the setting named (`lakehouse.config`)."""
+
+    max_body_bytes: int = setting_field("api_max_body_bytes")
+    max_batch: int = setting_field("api_max_batch")
+    sql_row_cap: int = setting_field("sql_row_cap")
+    sql_timeout_s: float = setting_field("sql_timeout_s")
+    refresh_s: float = setting_field("serving_refresh_s")
 
     @classmethod
-    def from_settings(cls, settings: Any) -> ServingConfig:
-        return cls(max_body_bytes=settings.api_max_body_bytes, max_batch=settings.api_max_batch,
-                   sql_row_cap=settings.sql_row_cap, sql_timeout_s=settings.sql_timeout_s,
-                   refresh_s=settings.serving_refresh_s)
+    def from_settings(cls, settings: Settings, **overrides: Any) -> ServingConfig:
+        return options_from_settings(cls, settings, **overrides)
 
 
 @dataclass
@@ -434,6 +435,11 @@ def create_app(serving: Serving) -> FastAPI:
             return caller
         return check
 
+    # the dependency of each scope, built once (not in every route's signature)
+    predict_caller = Depends(needs("predict"))
+    features_caller = Depends(needs("features"))
+    sql_caller = Depends(needs("sql"))
+
     @app.middleware("http")
     async def observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         started = time.perf_counter()
@@ -502,7 +508,7 @@ def create_app(serving: Serving) -> FastAPI:
 
     @app.post("/v1/predict", openapi_extra=event_body, tags=["predict"],
               summary="Score one event with the merged features it would see now")
-    async def predict(request: Request, caller: Caller = Depends(needs("predict"))) -> dict[str, Any]:
+    async def predict(request: Request, caller: Caller = predict_caller) -> dict[str, Any]:
         body = await read_body(request, config.max_body_bytes)
         return (await predict_events(request, [parse_event(body)]))[0]
 
@@ -513,7 +519,7 @@ def create_app(serving: Serving) -> FastAPI:
 
     @app.post("/v1/predict/batch", openapi_extra=batch_body, tags=["predict"],
               summary="Score many events")
-    async def predict_batch(request: Request, caller: Caller = Depends(needs("predict"))) -> dict[str, Any]:
+    async def predict_batch(request: Request, caller: Caller = predict_caller) -> dict[str, Any]:
         document = decode_body(await read_body(request, config.max_body_bytes))
         items = document.get("events") if isinstance(document, dict) else None
         if not isinstance(items, list) or not items:
@@ -533,7 +539,7 @@ def create_app(serving: Serving) -> FastAPI:
     @app.get("/v1/entities/{entity}/{entity_id}/features", tags=["features"],
              summary="Merged features of one entity now (batch view ⊕ speed increments)")
     async def features(entity: str, entity_id: str, request: Request,
-                       caller: Caller = Depends(needs("features"))) -> dict[str, Any]:
+                       caller: Caller = features_caller) -> dict[str, Any]:
         if entity not in entities:
             raise HTTPException(404, f"no feature view aggregates over {entity!r}; entities: {entities}")
         request.state.entity = entity_id
@@ -553,7 +559,7 @@ def create_app(serving: Serving) -> FastAPI:
     @app.post("/v1/sql", openapi_extra=sql_body, tags=["sql"],
               summary="A read-only SELECT over the merged views and tables",
               responses={200: {"content": {ARROW_STREAM: {}}}})
-    async def sql(request: Request, caller: Caller = Depends(needs("sql"))) -> Response:
+    async def sql(request: Request, caller: Caller = sql_caller) -> Response:
         import pyarrow as pa
 
         # read and validated here, after the key and size checks, not by FastAPI before them

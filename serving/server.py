@@ -10,7 +10,6 @@ snapshot of the lakehouse.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from lakehouse.config import Settings
 from lakehouse.logs import json_logging

@@ -45,13 +45,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from lakehouse.config import Settings
+from lakehouse import scored
+from lakehouse.config import Settings, options_from_settings, setting_field
 from lakehouse.errors import ServiceError, ValidationError
 from lakehouse.serve import Scorer
 from lakehouse.spec import PlatformSpec
-from lakehouse.tables import Lakehouse, published_runs
+from lakehouse.streams import kafka_client_config
+from lakehouse.tables import BatchRun, Lakehouse, published_runs
 from speed import lake, metrics
-from speed.state import SpeedState
+from speed.state import PreparedBase, SpeedState
 
 log = logging.getLogger("lambdalake.speed")
 
@@ -59,7 +61,7 @@ log = logging.getLogger("lambdalake.speed")
 
 @dataclass(frozen=True)
 class SpeedOptions:
-    group_id: str = "lambdalake-speed"
+    group_id: str = setting_field("speed_group")
     max_batch: int = 2000
     max_wait_ms: int = 200
     run_check_s: float = 5.0  # how often to look for a newer published batch run
@@ -70,6 +72,11 @@ class SpeedOptions:
     # resuming below the oldest offset Kafka still holds: "fail" (ServiceError with the
     # numbers) or "skip" (start at the oldest, logged and counted as lost)
     on_missing_offsets: Literal["fail", "skip"] = "fail"
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: Any) -> SpeedOptions:
+        """Options for `settings` (the consumer group); `overrides` set any field."""
+        return options_from_settings(cls, settings, **overrides)
 
 
 class SpeedLayer:
@@ -82,7 +89,7 @@ class SpeedLayer:
         self.options = options
         self.topic = spec.events.topic
         self.dlq_topic = spec.topics[2]
-        self.schema = lake.scored_schema(spec)
+        self.schema = scored.scored_schema(spec)
         self.state = SpeedState(spec)
         self.owned: set[int] = set()
         # partition → (key entity, id) of the events scored from it: a later copy goes to the DLQ
@@ -92,7 +99,7 @@ class SpeedLayer:
         self._dlq_from: dict[int, int] = {}  # DLQ partition → offset later records land at or after
         self._dlq_done: dict[int, set[int]] = {}  # source partition → offsets already in the DLQ
         self._dlq_pending: dict[int, int] = {}  # assigned partitions whose DLQ is not read yet → resume
-        self._pending_run: tuple[Any, SpeedState] | None = None
+        self._pending_run: tuple[BatchRun, PreparedBase] | None = None
         self._loading = False
         self._last_run_check = 0.0
         self._last_lag_report = 0.0
@@ -107,11 +114,9 @@ class SpeedLayer:
     def _connect(self) -> None:
         from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
 
-        from lakehouse.streams import kafka_client_config
-
         layer = self
 
-        class Listener(ConsumerRebalanceListener):
+        class Listener(ConsumerRebalanceListener):  # type: ignore[misc]  # kafka-python is untyped
             def on_partitions_revoked(self, revoked: Any) -> None:
                 layer._revoke({tp.partition for tp in revoked})
 
@@ -121,7 +126,7 @@ class SpeedLayer:
             def on_partitions_lost(self, lost: Any) -> None:
                 layer._revoke({tp.partition for tp in lost})
 
-        lake.ensure_scored_table(self.lakehouse, self.schema)
+        scored.ensure_scored_table(self.lakehouse, self.schema)
         self._consumer = KafkaConsumer(
             **kafka_client_config(self.settings),
             group_id=self.options.group_id,
@@ -147,8 +152,6 @@ class SpeedLayer:
         (the DLQ's beginning before the first commit): one micro-batch's worth, not the DLQ's
         history."""
         from kafka import KafkaConsumer, TopicPartition
-
-        from lakehouse.streams import kafka_client_config
 
         starts: dict[int, int] = {}
         for p in partitions:
@@ -226,7 +229,7 @@ class SpeedLayer:
 
         self.owned |= partitions
         self._idle_since = time.monotonic()
-        resume = lake.resume_offsets(self.lakehouse, self.options.group_id, self.topic, sorted(self.owned))
+        resume = scored.resume_offsets(self.lakehouse, self.options.group_id, self.topic, sorted(self.owned))
         # Only local calls here: the callback runs inside kafka-python's network loop. A resume
         # offset Kafka no longer holds surfaces in the next poll (`_poll`), and the DLQ is read
         # (`_recover_dlq`) before any record of these partitions is processed.
@@ -332,7 +335,9 @@ class SpeedLayer:
         from kafka.errors import OffsetOutOfRangeError
 
         try:
-            return self._consumer.poll(timeout_ms=self.options.max_wait_ms, max_records=self.options.max_batch)
+            polled: dict[Any, list[Any]] = self._consumer.poll(timeout_ms=self.options.max_wait_ms,
+                                                               max_records=self.options.max_batch)
+            return polled
         except OffsetOutOfRangeError as exc:  # retention deleted records ahead of this member
             from kafka import TopicPartition
 

@@ -34,49 +34,61 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lakehouse import registry
-from lakehouse.bundle import (ModelSpecError, check_bundle_spec, load_bundle, load_verify_key,
-                              public_pem, spec_fingerprint_of)
-from lakehouse.errors import PlatformError
+from lakehouse.bundle import (
+    ModelSpecError,
+    check_bundle_spec,
+    load_bundle,
+    load_verify_key,
+    public_pem,
+    spec_fingerprint_of,
+)
+from lakehouse.config import SETTING, Settings, options_from_settings, setting_field
+from lakehouse.errors import PlatformError, ValidationError
 from lakehouse.fraud import FRAUD_SPEC
 from lakehouse.registry import CHAMPION
 from lakehouse.serve import DEPLOYMENT, app_name, connect
+from lakehouse.spec import PlatformSpec
+
+if TYPE_CHECKING:
+    from ray.serve import Application
 
 log = logging.getLogger("lambdalake.model_service")
 
+
 @dataclass(frozen=True)
 class ServiceArgs:
-    """What a replica needs to find, verify and serve the model (the app's `args`)."""
+    """What a replica needs to find, verify and serve the model (the app's `args`). A field
+    whose metadata names a setting (`setting_field`, `SETTING`) takes its default from it and
+    its value from the settings in `from_settings`."""
 
-    tracking_uri: str
-    model_name: str
+    tracking_uri: str = field(metadata={SETTING: "mlflow_uri"})  # no default: always given
+    model_name: str = field(metadata={SETTING: "model_name"})
     verify_key_pem: str = ""  # the public key itself, or
     verify_key_file: str = ""  # a path to it on each replica's node (a mounted Secret)
     alias: str = CHAMPION
     poll_s: float = 5.0
     max_batch_size: int = 256
     batch_wait_timeout_s: float = 0.005
-    min_replicas: int = 1
-    max_replicas: int = 2
+    min_replicas: int = setting_field("serve_min_replicas")
+    max_replicas: int = setting_field("serve_max_replicas")
     target_ongoing_requests: float = 8.0
-    num_gpus: float = 0.0
+    num_gpus: float = setting_field("serve_num_gpus")
     num_cpus: float = 0.25
     # the spec the service runs: a bundle made for another one is refused
     spec_fingerprint: str = field(default_factory=FRAUD_SPEC.fingerprint)
     feature_names: list[str] = field(default_factory=lambda: list(FRAUD_SPEC.feature_names))
 
     @classmethod
-    def from_settings(cls, settings: Any, spec: Any = None, **overrides: Any) -> ServiceArgs:
+    def from_settings(cls, settings: Settings, spec: PlatformSpec | None = None,
+                      **overrides: Any) -> ServiceArgs:
         """Args for the settings' registry and key, running `spec` (default the platform's)."""
-        pem = public_pem(load_verify_key(settings.verify_key_path)).decode()
-        base = {"tracking_uri": settings.mlflow_uri, "model_name": settings.model_name,
-                "verify_key_pem": pem, "min_replicas": settings.serve_min_replicas,
-                "max_replicas": settings.serve_max_replicas, "num_gpus": settings.serve_num_gpus}
+        base: dict[str, Any] = {"verify_key_pem": public_pem(load_verify_key(settings.verify_key_path)).decode()}
         if spec is not None:
             base.update(spec_fingerprint=spec.fingerprint(), feature_names=list(spec.feature_names))
-        return cls(**{**base, **overrides})
+        return options_from_settings(cls, settings, **{**base, **overrides})
 
     def __post_init__(self) -> None:
         if bool(self.verify_key_pem) == bool(self.verify_key_file):
@@ -98,8 +110,11 @@ class ServiceArgs:
                                 f"{error.strerror}") from error
 
 
-class BadRequest(ValueError):
+class BadRequest(ValidationError):
     """A scoring request that cannot be served as sent; the message says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__([reason])
 
 
 def open_bundle(directory: Path, args: ServiceArgs) -> tuple[Any, dict[str, Any]]:
@@ -137,7 +152,8 @@ class LoadedModel:
 
         with torch.no_grad():
             x = torch.as_tensor(rows, dtype=torch.float32, device=self.device)
-            return self.model.probability(x).cpu().tolist()
+            scores: list[float] = self.model.probability(x).cpu().tolist()
+            return scores
 
 
 def check_rows(rows: Any, width: int) -> list[list[float]]:
@@ -154,7 +170,7 @@ def check_rows(rows: Any, width: int) -> list[list[float]]:
     return rows
 
 
-def _scorer_class():  # type: ignore[no-untyped-def]
+def _scorer_class() -> type[Any]:
     """The deployment class (built lazily so that importing this module needs no Ray)."""
     from ray import serve
     from starlette.requests import Request
@@ -164,14 +180,16 @@ def _scorer_class():  # type: ignore[no-untyped-def]
         def __init__(self, args: dict[str, Any]) -> None:
             self.args = ServiceArgs(**args)
             self.client = None
-            self.loaded = self._load_current()
-            if self.loaded is None:
+            loaded = self._load_current()
+            if loaded is None:
                 raise PlatformError(f"model {self.args.model_name!r} has no {self.args.alias!r} "
                                     "version to serve: train one first (`lambdalake batch train`)")
+            self.loaded: LoadedModel = loaded
             self.swaps = 0
             self.last_error = ""
-            self._score_batched.set_max_batch_size(self.args.max_batch_size)
-            self._score_batched.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
+            # Ray's annotations of @serve.batch leave out the setters it adds to the method
+            self._score_batched.set_max_batch_size(self.args.max_batch_size)  # type: ignore[attr-defined]
+            self._score_batched.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)  # type: ignore[attr-defined]
             self._poller = asyncio.get_running_loop().create_task(self._follow_alias())
             log.info("serving %s v%s on %s", self.args.model_name, self.loaded.version,
                      self.loaded.device)
@@ -246,13 +264,12 @@ def _scorer_class():  # type: ignore[no-untyped-def]
     return ModelScorer
 
 
-def build_app(args: dict[str, Any]):  # type: ignore[no-untyped-def]
+def build_app(args: dict[str, Any]) -> Application:
     """The Serve application (the `import_path` of a Serve config file)."""
     from ray import serve
 
     service = ServiceArgs(**args)
     deployment = serve.deployment(
-        _scorer_class(),
         name=DEPLOYMENT,
         ray_actor_options={"num_cpus": service.num_cpus, "num_gpus": service.num_gpus},
         autoscaling_config={"min_replicas": service.min_replicas,
@@ -261,7 +278,7 @@ def build_app(args: dict[str, Any]):  # type: ignore[no-untyped-def]
         max_ongoing_requests=max(64, service.max_batch_size),
         health_check_period_s=10,
         max_constructor_retry_count=3,  # a model that fails verification will not pass later
-    )
+    )(_scorer_class())
     return deployment.bind(asdict(service))
 
 
@@ -276,7 +293,8 @@ def serve_on_ray(address: str, service: ServiceArgs, *, timeout_s: float = 180.0
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            return handle.info.remote().result(timeout_s=max(1.0, deadline - time.monotonic()))
+            info: dict[str, Any] = handle.info.remote().result(timeout_s=max(1.0, deadline - time.monotonic()))
+            return info
         except Exception:
             if time.monotonic() > deadline:
                 raise
@@ -297,4 +315,5 @@ def serve_config(service: ServiceArgs) -> str:
             "args": asdict(service),
         }],
     }
-    return yaml.safe_dump(config, sort_keys=False)
+    text: str = yaml.safe_dump(config, sort_keys=False)
+    return text

@@ -28,13 +28,13 @@ from lakehouse.generator import (
     TRUTH_SCHEMA,
     GeneratorOptions,
     Message,
-    _DueQueue,
     fraud_probability,
     generate,
     generate_and_produce,
     produce,
     write_truth,
 )
+from lakehouse.generator.simulation import _DueQueue
 from lakehouse.spec import format_timestamp_ms
 from tests.oracle import fraud_model_inputs, point_in_time_states
 
@@ -74,7 +74,7 @@ def test_exactly_the_requested_number_of_events_in_send_order(stream: list[Messa
     assert sent == sorted(sent)
     assert sent[0] >= DEFAULT_START_MS
     on_time = [m.event_time_ms for m in stream if m.kind == "valid"]
-    assert all(a < b for a, b in zip(on_time, on_time[1:]))  # strictly increasing clock
+    assert all(a < b for a, b in zip(on_time, on_time[1:], strict=False))  # strictly increasing clock
 
 
 def test_every_message_is_keyed_by_its_user(stream: list[Message]) -> None:
@@ -214,7 +214,7 @@ def test_p_true_is_a_function_of_the_model_inputs() -> None:
     records = sorted((TRANSACTIONS.parse(m.value) for m in messages),
                      key=lambda r: r["event_time"])
     truth = {m.event_id: m.p_true for m in messages}
-    for record, features in zip(records, point_in_time_features(records)):
+    for record, features in zip(records, point_in_time_features(records), strict=True):
         assert fraud_probability(features) == truth[record["event_id"]]
 
 
@@ -252,7 +252,7 @@ def test_truth_parquet_has_one_row_per_event(tmp_path: Path) -> None:
     rows = table.to_pylist()
     events = events_of(messages)
     assert [r["seq"] for r in rows] == [m.seq for m in events]
-    for row, m in zip(rows, events):
+    for row, m in zip(rows, events, strict=True):
         assert row["kind"] == m.kind and row["event_id"] == m.event_id
         assert row["user_id"] == m.user_id and row["event_time_ms"] == m.event_time_ms
         assert row["is_fraud"] is m.is_fraud

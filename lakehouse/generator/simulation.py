@@ -1,58 +1,8 @@
-"""Synthetic card transactions and chargeback labels for the shipped fraud example.
+"""The simulation: a synthetic world of users, cards and merchants, and the messages it sends.
 
-`generate(options)` is a pure, deterministic simulation: it yields the messages that
-`lambdalake generate` sends to Kafka, in send order, each carrying its ground truth.
-`produce(...)` is the thin sink that sends them with kafka-python; `TruthWriter` /
-`write_truth(...)` keep the ground truth as Parquet so that later tests can judge a trained
-model against the Bayes-optimal score and prove that no message was lost.
-
-Data contracts
---------------
-Messages (`Message`), in send order:
-- topic `events` (`fraud.TRANSACTIONS.topic`): exactly `options.events` messages, keyed by
-  user_id (UTF-8). Kinds:
-  * ``valid``: a transaction that `TRANSACTIONS.parse` accepts; sent at its event time.
-  * ``late``: a valid transaction sent between `late_min_ms` and `late_max_ms` after its
-    event time (other events of the same user may have been sent in between).
-  * ``duplicate``: a byte-identical re-send (same key, same value) of an earlier
-    valid/late message.
-  * ``malformed:<rule>``: a message that `TRANSACTIONS.parse` rejects with exactly one
-    reason, whose rule (the text before the first ``:`` of the reason) is `<rule>`, one of
-    `MALFORMED_KINDS`; the kinds are used in turn.
-- topic `labels` (`fraud.CHARGEBACK_LABELS.topic`), kind ``label``: exactly one per
-  valid/late transaction, keyed by user_id, sent at its label_time in simulated time
-  (interleaved with the transactions; those due after the last transaction follow it).
-  label_time is `label_delay_min_ms`..`label_delay_max_ms` (1-48 h) after the event time,
-  log-uniform, and always after the transaction was sent (a late one's label waits for
-  it). Malformed and duplicate messages get no label of their own.
-
-Simulated time: the clock starts at `start_ms` and advances by exponential gaps (mean
-`GeneratorOptions.gap_ms`), by at least 1 ms per transaction; send times (`sent_ms`) never
-decrease along the stream. No wall clock and no global random state is read: the same
-options (seed included) give byte-identical messages in the same order. Event ids are
-``tx-<seed>-<n>``, so runs with different seeds never share one.
-
-Ground truth (`Message` fields, and one Parquet row per `events` message, `TRUTH_SCHEMA`):
-seq (send position over both topics, from 0), sent_ms (simulated send time), kind,
-event_id (None when the message carries no usable one), user_id, event_time_ms (the
-simulated time the transaction was made for; for duplicates the original's), label_time_ms,
-p_true (NaN unless valid/late), is_fraud (None unless valid/late), compromised (the hidden
-state that generated the transaction: a compromised card; False unless valid/late).
-
-The fraud model
----------------
-Hidden causes shape the data: compromised cards make bursts of 3-10 transactions within a
-few minutes, mostly online, at risky merchants (risky categories and a few risky merchant
-ids), for amounts several times the card holder's usual; single card-not-present frauds
-look alike without the burst. Legit noise: occasional legit big purchases, legit purchases
-in risky categories, busy users.
-
-The label, however, is drawn as Bernoulli(p_true), and p_true = `fraud_probability` of the
-model inputs `fraud.MODEL_INPUTS` of the transaction, computed point-in-time from the
-user's earlier valid transactions by event time (the features the platform computes). So
-p_true is exactly P(fraud | model inputs), the Bayes-optimal score: a model that learns it
-reaches the Bayes AUC, and nothing it cannot observe (merchant ids, the hidden state) moves
-the label.
+`generate(options)` is pure and deterministic: it yields every `Message` in send order, each
+carrying its ground truth (see the package docstring, `lakehouse.generator`, for the data
+contracts and the fraud model). Nothing here writes a file or talks to Kafka.
 """
 
 from __future__ import annotations
@@ -61,20 +11,15 @@ import bisect
 import heapq
 import json
 import math
-import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
-from types import TracebackType
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from lakehouse.errors import ConfigError, ServiceError, SpecError
+from lakehouse.errors import ConfigError, SpecError
 from lakehouse.fraud import (
     CHANNELS,
     CHARGEBACK_LABELS,
@@ -354,7 +299,7 @@ class _Timestamps:
             if len(self._minutes) >= 8_192:  # labels spread over 48 h: keep ~3 days of them
                 self._minutes.clear()
             prefix = self._minutes[minute] = format_timestamp_ms(minute * MINUTE_MS)[:17]
-        return "%s%02d.%03dZ" % (prefix, in_minute // 1000, in_minute % 1000)
+        return f"{prefix}{in_minute // 1000:02d}.{in_minute % 1000:03d}Z"
 
 
 class _DueQueue:
@@ -386,6 +331,7 @@ class _DueQueue:
         heap, later = self._heap, self._later
         minute = now_ms // MINUTE_MS
         if minute > self._minute:
+            due: Iterable[int]
             if minute - self._minute > len(later):  # a long jump: visit only what exists
                 due = sorted(m for m in later if m <= minute)
             else:
@@ -408,7 +354,8 @@ class _DueQueue:
 
 def _shares(weights: Mapping[str, float], names: tuple[str, ...]) -> np.ndarray:
     raw = np.array([weights.get(name, 0.02) for name in names])
-    return raw / raw.sum()
+    shares: np.ndarray = raw / raw.sum()
+    return shares
 
 
 def _cumulative(weights: Iterable[float]) -> list[float]:
@@ -620,7 +567,7 @@ class _Simulation:
             while keep < len(recent) and recent[keep][0] < window_start:
                 keep += 1
             del recent[:keep]
-        states = {
+        states: dict[str, dict[str, Any]] = {
             "user_10m": {"count": len(recent),
                          "amount_sum": sum([c for _, c in recent]) if recent else 0},
             "user_all": {"count": user.count, "amount_sum": user.amount_sum,
@@ -714,215 +661,3 @@ def generate(options: GeneratorOptions) -> Iterator[Message]:
     `label_delay_max_ms` ahead, late events): nothing else is kept once yielded.
     """
     return _Simulation(options).run()
-
-
-# ---------------------------------------------------------------------------- truth
-
-
-TRUTH_SCHEMA = pa.schema([
-    pa.field("seq", pa.int64(), nullable=False),
-    pa.field("sent_ms", pa.int64(), nullable=False),
-    pa.field("kind", pa.string(), nullable=False),
-    pa.field("event_id", pa.string()),
-    pa.field("user_id", pa.string(), nullable=False),
-    pa.field("event_time_ms", pa.int64(), nullable=False),
-    pa.field("label_time_ms", pa.int64()),
-    pa.field("p_true", pa.float64(), nullable=False),
-    pa.field("is_fraud", pa.bool_()),
-    pa.field("compromised", pa.bool_(), nullable=False),
-])
-"""One row per message on the events topic; columns as the `Message` fields of that name."""
-
-_TRUTH_COLUMNS = TRUTH_SCHEMA.names
-_TRUTH_ROW_GROUP = 131_072
-
-
-class TruthWriter:
-    """Streams the truth rows of `events` messages into one Parquet file, a row group at a
-    time (memory stays bounded for any number of events). Label messages are skipped: their
-    content is in the row of the event they label. Use as a context manager."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._writer = pq.ParquetWriter(self.path, TRUTH_SCHEMA)
-        self._columns: list[list[Any]] = [[] for _ in _TRUTH_COLUMNS]
-        self.rows = 0
-
-    def append(self, message: Message) -> None:
-        if message.topic != EVENTS_TOPIC:
-            return
-        for column, value in zip(self._columns, (
-            message.seq, message.sent_ms, message.kind, message.event_id, message.user_id,
-            message.event_time_ms, message.label_time_ms, message.p_true, message.is_fraud,
-            message.compromised,
-        )):
-            column.append(value)
-        self.rows += 1
-        if len(self._columns[0]) >= _TRUTH_ROW_GROUP:
-            self._flush()
-
-    def tee(self, messages: Iterable[Message]) -> Iterator[Message]:
-        """Pass messages through, recording each one's truth once the consumer has taken it
-        and asks for the next (a message the consumer failed on is not recorded)."""
-        for message in messages:
-            yield message
-            self.append(message)
-
-    def _flush(self) -> None:
-        if self._columns[0]:
-            arrays = [pa.array(values, type=f.type) for values, f in zip(self._columns, TRUTH_SCHEMA)]
-            self._writer.write_table(pa.Table.from_arrays(arrays, schema=TRUTH_SCHEMA))
-            self._columns = [[] for _ in _TRUTH_COLUMNS]
-
-    def close(self) -> None:
-        self._flush()
-        self._writer.close()
-
-    def __enter__(self) -> TruthWriter:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
-
-
-def write_truth(rows: Iterable[Message], path: str | Path) -> int:
-    """Write the truth of the `events` messages among `rows` to Parquet; return the row count."""
-    with TruthWriter(path) as writer:
-        for message in rows:
-            writer.append(message)
-    return writer.rows
-
-
-# ---------------------------------------------------------------------------- sink
-
-
-class Producer(Protocol):
-    """What `produce` needs of a Kafka producer (kafka-python's KafkaProducer has it)."""
-
-    def send(self, topic: str, value: bytes | None = None, key: bytes | None = None) -> Any: ...
-
-    def flush(self, timeout: float | None = None) -> None: ...
-
-
-@dataclass(frozen=True)
-class GenerateSummary:
-    """What `produce` sent: counts per topic and per kind, and the wall-clock seconds taken
-    (from the first message to the end of the final flush)."""
-
-    messages: int
-    by_topic: dict[str, int]
-    by_kind: dict[str, int]
-    elapsed_s: float
-
-    @property
-    def rate(self) -> float:
-        """Messages per second, acknowledgements included."""
-        return self.messages / self.elapsed_s if self.elapsed_s > 0 else math.inf
-
-
-_PACING_AHEAD_S = 0.001  # sleep only when at least this far ahead of the schedule
-_PACING_BURST_S = 0.2  # after a stall, catch up with at most this much time's worth at once
-_PROGRESS_EVERY = 1_000
-
-
-def produce(messages: Iterable[Message], *, producer: Producer, rate: float | None = None,
-            progress: bool = False, total_events: int | None = None,
-            flush_timeout_s: float = 120.0) -> GenerateSummary:
-    """Send every message with `producer.send(topic, key=..., value=...)`, then flush.
-
-    `rate` caps the pace in messages per second (both topics) by sleeping, never spinning;
-    None sends as fast as the producer takes them. `progress` shows a rich progress bar on
-    stderr: events sent (of `total_events` when given) and labels sent (of those owed so
-    far, one per valid or late event). Raises ServiceError when Kafka refuses a message or
-    does not acknowledge one by the end of the flush.
-    """
-    if rate is not None and (isinstance(rate, bool) or not isinstance(rate, int | float)
-                             or not (math.isfinite(rate) and rate > 0)):
-        raise ConfigError(f"rate must be a positive number of messages per second (got {rate!r})")
-    from kafka.errors import KafkaError
-
-    failures: list[BaseException] = []
-    by_topic: Counter[str] = Counter()
-    by_kind: Counter[str] = Counter()
-    interval = 1.0 / rate if rate is not None else 0.0
-    sent = 0
-    with _ProgressBar(progress, total_events) as bar:
-        started = next_at = time.monotonic()
-        try:
-            for message in messages:
-                if interval:
-                    now = time.monotonic()
-                    next_at = max(next_at, now - _PACING_BURST_S) + interval
-                    if next_at - now >= _PACING_AHEAD_S:
-                        time.sleep(next_at - now)
-                future = producer.send(message.topic, key=message.key, value=message.value)
-                add_errback = getattr(future, "add_errback", None)
-                if add_errback is not None:
-                    add_errback(failures.append)
-                by_topic[message.topic] += 1
-                by_kind[message.kind] += 1
-                sent += 1
-                if sent % _PROGRESS_EVERY == 0:
-                    bar.show(by_topic, by_kind)
-            producer.flush(timeout=flush_timeout_s)
-        except KafkaError as exc:
-            raise ServiceError(f"Kafka refused a message after {sent} were sent ({exc!r}): "
-                               "is the platform up (`lambdalake status`)?") from None
-        elapsed = time.monotonic() - started
-        bar.show(by_topic, by_kind)
-    if failures:
-        raise ServiceError(f"{len(failures)} of {sent} messages were not acknowledged by Kafka "
-                           f"(first: {failures[0]!r})")
-    return GenerateSummary(sent, dict(by_topic), dict(by_kind), elapsed)
-
-
-def generate_and_produce(options: GeneratorOptions, *, producer: Producer,
-                         rate: float | None = None, progress: bool = False,
-                         truth_path: str | Path | None = None) -> GenerateSummary:
-    """`lambdalake generate` in one call: simulate, send, and write the truth file (when
-    `truth_path` is given) as the messages go by. When sending fails midway the truth file
-    is still closed and readable, and covers exactly the messages `producer.send` took."""
-    messages = generate(options)
-    if truth_path is None:
-        return produce(messages, producer=producer, rate=rate, progress=progress,
-                       total_events=options.events)
-    with TruthWriter(truth_path) as truth:
-        return produce(truth.tee(messages), producer=producer, rate=rate, progress=progress,
-                       total_events=options.events)
-
-
-class _ProgressBar:
-    """A rich progress display of `produce` on stderr, or nothing when disabled."""
-
-    def __init__(self, enabled: bool, total_events: int | None) -> None:
-        self._progress: Any = None
-        if not enabled:
-            return
-        from rich.console import Console
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
-
-        self._progress = Progress(
-            TextColumn("{task.description:>7}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
-        )
-        self._events = self._progress.add_task(EVENTS_TOPIC, total=total_events)
-        self._labels = self._progress.add_task(LABELS_TOPIC, total=0)
-
-    def show(self, by_topic: Counter[str], by_kind: Counter[str]) -> None:
-        if self._progress is None:
-            return
-        owed = by_kind[KIND_VALID] + by_kind[KIND_LATE]
-        self._progress.update(self._events, completed=by_topic[EVENTS_TOPIC])
-        self._progress.update(self._labels, completed=by_topic[LABELS_TOPIC], total=owed)
-
-    def __enter__(self) -> _ProgressBar:
-        if self._progress is not None:
-            self._progress.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._progress is not None:
-            self._progress.stop()
