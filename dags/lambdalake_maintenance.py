@@ -6,7 +6,7 @@ quarantine, gold, training set, batch runs, scored events): OPTIMIZE (compacts s
 without changing a row), VACUUM (files unreferenced for longer than
 `LAMBDALAKE_DELTA_VACUUM_RETENTION_HOURS`, which bounds time travel) and a Delta log
 checkpoint. delta-rs does the work; no Spark is started. The logic lives in
-`lakehouse/maintenance.py`.
+`batch/maintenance.py`.
 """
 
 from __future__ import annotations
