@@ -106,7 +106,7 @@ def stream_positions(lakehouse: Lakehouse) -> list[StreamPosition]:
 
     def read(path: str) -> str:
         with filesystem.open_input_stream(path) as handle:
-            return handle.read().decode()
+            return bytes(handle.read()).decode()
 
     positions = []
     for entry in filesystem.get_file_info(pafs.FileSelector(base)):
@@ -184,7 +184,7 @@ def maintain(lakehouse: Lakehouse, spec: PlatformSpec, *, retention_hours: int,
         before = table.version()
         compacted = table.optimize.compact()
         table = DeltaTable(path)
-        readers = [s for s in streams if s.table_id == table.metadata().id]
+        readers = [s for s in streams if s.table_id == str(table.metadata().id)]
         doomed = set(table.vacuum(retention_hours=retention_hours, dry_run=True,
                                   enforce_retention_duration=False))
         needed = files_still_needed(path, readers, doomed) if readers and doomed else {}

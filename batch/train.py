@@ -36,10 +36,10 @@ from batch import promotion
 from batch.evaluation import metrics, write_plots
 from batch.training_set import LABEL, TrainingSet, build_training_set
 from lakehouse import registry
-from lakehouse.bundle import load_bundle, load_or_create_signing_key, load_verify_key, write_bundle
+from lakehouse.bundle import load_or_create_signing_key, load_verify_key
 from lakehouse.config import Settings, options_from_settings, setting_field
 from lakehouse.errors import PlatformError
-from lakehouse.model import ScoringModel, predict
+from lakehouse.model import ScoringModel, load_bundle, predict, write_bundle
 from lakehouse.spec import PlatformSpec
 from lakehouse.tables import EVENT_TIME_MS, Lakehouse, latest_run
 

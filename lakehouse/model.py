@@ -4,15 +4,26 @@ Inputs are standardized inside the model (mean and scale are buffers fitted on t
 rows), so every caller feeds the raw model input vector `PlatformSpec.features` returns, and
 the exported ONNX graph and the torch weights behave identically. `forward` returns logits;
 `probability` the fraud probability.
+
+`write_bundle` saves a model as a signed bundle (weights, its ONNX export checked against
+torch, manifest) and `load_bundle` loads one after verifying it; the signing and the
+manifest's checks are `lakehouse.bundle`'s, which needs no torch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from torch import nn
+
+from lakehouse.bundle import ONNX, WEIGHTS, sign_bundle, spec_fingerprint_of, verify_bundle
+from lakehouse.errors import PlatformError
 
 
 class ScoringModel(nn.Module):
@@ -65,3 +76,46 @@ def predict(model: ScoringModel, x: np.ndarray, batch_size: int = 65_536) -> np.
     out = [model.probability(torch.as_tensor(x[i:i + batch_size], dtype=torch.float32)).numpy()
            for i in range(0, len(x), batch_size)]
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+
+def load_bundle(directory: Path, key: Ed25519PublicKey) -> tuple[Any, dict[str, Any]]:
+    """(ScoringModel in eval mode, manifest) of a verified bundle."""
+    manifest = verify_bundle(directory, key)
+    model = ScoringModel(len(manifest["feature_names"]), manifest["hidden"])
+    model.load_state_dict(torch.load(directory / WEIGHTS, weights_only=True))
+    model.eval()
+    return model, manifest
+
+
+def write_bundle(directory: Path, model: Any, manifest: Mapping[str, Any],
+                 key: Ed25519PrivateKey) -> dict[str, Any]:
+    """Save weights and the ONNX export of `model`, check the export against torch on random
+    inputs, and sign. Returns the signed manifest."""
+    import onnxruntime
+
+    names = list(manifest.get("feature_names") or [])
+    if spec_fingerprint_of(manifest) is None or len(names) != model.n_inputs:
+        raise PlatformError(f"model bundle {directory}: the manifest needs the spec_fingerprint and "
+                            f"the {model.n_inputs} feature_names of the model's inputs (got "
+                            f"{len(names)}); not written")
+    directory.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    torch.save(model.state_dict(), directory / WEIGHTS)
+    example = torch.zeros(2, model.n_inputs)
+    # the exporter logs a warning per torchvision op it cannot register; we use none
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    program = torch.onnx.export(
+        ProbabilityHead(model).eval(), (example,), input_names=["features"],
+        output_names=["probability"], dynamic_shapes=({0: torch.export.Dim("rows")},),
+        dynamo=True, external_data=False, verbose=False)
+    assert program is not None, "torch.onnx.export(dynamo=True) returns the program"
+    program.save(str(directory / ONNX))
+    # the export must score like the weights it came from
+    probe = (model.mean + model.scale * torch.randn(256, model.n_inputs)).numpy()
+    session = onnxruntime.InferenceSession(str(directory / ONNX), providers=["CPUExecutionProvider"])
+    exported = session.run(["probability"], {"features": probe.astype(np.float32)})[0]
+    gap = float(np.max(np.abs(exported - predict(model, probe))))
+    if gap > 1e-5:
+        raise PlatformError(f"the ONNX export differs from the torch model by {gap:g}")
+    return sign_bundle(directory, {**manifest, "hidden": list(model.hidden),
+                                   "onnx_max_abs_diff": gap}, key)

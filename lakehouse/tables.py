@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from lakehouse.errors import PlatformError
@@ -161,7 +161,7 @@ def _decode_runs(table: Any) -> list[BatchRun]:
         return dict(value or [])  # an Arrow map value is a list of (key, value) tuples
 
     def utc(moment: datetime) -> datetime:
-        return moment.astimezone(timezone.utc) if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+        return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
 
     runs = [
         BatchRun(run_id=r["run_id"], boundary=pairs(r["boundary"]), view_versions=pairs(r["view_versions"]),

@@ -46,13 +46,11 @@ from lakehouse.errors import SqlError, SqlTimeout
 from lakehouse.features import OFFSET, PARTITION
 from lakehouse.scored import coverage as scored_coverage
 from lakehouse.spec import FeatureView, PlatformSpec
-from lakehouse.tables import Lakehouse, published_runs
+from lakehouse.tables import BUCKET, EVENT_TIME_MS, Lakehouse, published_runs
 from lakehouse.types import arrow_type
 from serving.point import PointIndex, exact_int
 from serving.views import (
-    BUCKET,
     DUCKDB,
-    EVENT_TIME_MS,
     merged_views,
     raw_tables,
     view_name,
@@ -211,7 +209,7 @@ class DuckEngine:
             db = self._db
             db.execute("BEGIN TRANSACTION")
             try:
-                if new_run:
+                if new_run and run is not None:
                     for view in self.spec.views:
                         table = DeltaTable(self.lakehouse.gold(view.name),
                                            version=run.view_versions[view.name]).to_pyarrow_table()
@@ -228,7 +226,8 @@ class DuckEngine:
                     db.register("_fresh", fresh)
                     db.execute("INSERT INTO speed.increments SELECT * FROM _fresh")
                     db.unregister("_fresh")
-                increments = db.execute("SELECT count(*) FROM speed.increments").fetchone()[0]
+                counted = db.execute("SELECT count(*) FROM speed.increments").fetchone()
+                increments = counted[0] if counted is not None else 0
                 coverage = dict(boundary) if scored is None else scored_coverage(
                     scored, boundary, group=self.group, topic=self.topic, partitions=self.partitions)
                 snapshot = Snapshot(run.run_id if run else None, dict(boundary), version, coverage,
@@ -242,7 +241,7 @@ class DuckEngine:
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
-            point = self.point.with_run(run.run_id, boundary, gold) if new_run else self.point
+            point = self.point.with_run(run.run_id, boundary, gold) if new_run and run is not None else self.point
             point = point.with_events(fresh if fresh is not None else increments_schema(self.spec).empty_table(),
                                       coverage, replace=reload_all)
             if reload_all:

@@ -81,7 +81,7 @@ class SparkEngine:
         try:
             return self._register()
         finally:  # whatever failed: user queries must not find files readable
-            self.spark.conf.set("spark.sql.runSQLOnFiles", previous)
+            self.spark.conf.set("spark.sql.runSQLOnFiles", previous if previous is not None else "false")
 
     def _register(self) -> Snapshot:
         from deltalake import DeltaTable
@@ -166,8 +166,11 @@ class SparkEngine:
             except (PySparkException, Py4JJavaError) as exc:
                 raise SqlError(str(exc).splitlines()[0]) from None
         finally:
-            for name, value in previous.items():
-                conf.set(name, value)
+            for name, earlier in previous.items():
+                if earlier is None:
+                    conf.unset(name)
+                else:
+                    conf.set(name, earlier)
         truncated = table.num_rows > row_cap
         return (table.slice(0, row_cap) if truncated else table), truncated
 
@@ -175,6 +178,7 @@ class SparkEngine:
         """SqlError when an analyzed plan holds a node of `REFUSED_NODES`: every operator,
         expression and subquery is searched, except inside our own views (`View`)."""
         jvm = self.spark._jvm
+        assert jvm is not None, "a classic (JVM) Spark session"
         query_plan = jvm.java.lang.Class.forName("org.apache.spark.sql.catalyst.plans.QueryPlan")
         plan_expression = jvm.java.lang.Class.forName("org.apache.spark.sql.catalyst.expressions.PlanExpression")
         stack = [plan]

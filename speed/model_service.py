@@ -40,7 +40,6 @@ from lakehouse import registry
 from lakehouse.bundle import (
     ModelSpecError,
     check_bundle_spec,
-    load_bundle,
     load_verify_key,
     public_pem,
     spec_fingerprint_of,
@@ -48,6 +47,7 @@ from lakehouse.bundle import (
 from lakehouse.config import SETTING, Settings, options_from_settings, setting_field
 from lakehouse.errors import PlatformError, ValidationError
 from lakehouse.fraud import FRAUD_SPEC
+from lakehouse.model import load_bundle
 from lakehouse.registry import CHAMPION
 from lakehouse.serve import DEPLOYMENT, app_name, connect
 from lakehouse.spec import PlatformSpec

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 
 from lakehouse import registry
-from lakehouse.bundle import load_or_create_signing_key, write_bundle
+from lakehouse.bundle import load_or_create_signing_key
 from lakehouse.config import Settings
 from lakehouse.fraud import FRAUD_SPEC
-from lakehouse.model import ScoringModel
+from lakehouse.model import ScoringModel, write_bundle
 
 WIDTH = len(FRAUD_SPEC.feature_names)
 

@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -116,8 +116,9 @@ def drift_world(settings: Settings, root: Path, shift: float) -> dict[str, str]:
     drawn from the same distribution, shifted by `shift` standard deviations on two inputs."""
     from deltalake import write_deltalake
 
-    from lakehouse import registry
-    from lakehouse.bundle import load_or_create_signing_key, write_bundle
+    from lakehouse import registry, scored
+    from lakehouse.bundle import load_or_create_signing_key
+    from lakehouse.model import write_bundle
     from speed import lake
 
     rng = np.random.default_rng(5)
@@ -134,7 +135,7 @@ def drift_world(settings: Settings, root: Path, shift: float) -> dict[str, str]:
     client = registry.client(settings.mlflow_uri)
     experiment = client.get_experiment_by_name("drift-tests") or client.get_experiment(
         client.create_experiment("drift-tests"))
-    split = datetime.fromtimestamp(int(times[2400]) / 1000, tz=timezone.utc).isoformat()
+    split = datetime.fromtimestamp(int(times[2400]) / 1000, tz=UTC).isoformat()
     run_id = client.create_run(experiment.experiment_id, tags={
         "lineage.training_set_path": lakehouse.training_set(FRAUD_SPEC.name),
         "lineage.training_set_version": "0", "lineage.split_time": split}).info.run_id
@@ -149,9 +150,9 @@ def drift_world(settings: Settings, root: Path, shift: float) -> dict[str, str]:
     current = rng.normal(2.0, 1.0, size=(800, len(names)))
     current[:, 0] += shift
     current[:, 5] += shift
-    schema = lake.scored_schema(FRAUD_SPEC)
-    lake.ensure_scored_table(lakehouse, schema)
-    now = datetime.now(timezone.utc)
+    schema = scored.scored_schema(FRAUD_SPEC)
+    scored.ensure_scored_table(lakehouse, schema)
+    now = datetime.now(UTC)
     rows = [{"event_id": f"s{i}", "user_id": "u", "merchant_id": "m", "merchant_category": "grocery",
              "amount": 100, "currency": "EUR", "country": "DE", "channel": "pos",
              "event_time": int(now.timestamp() * 1_000_000), "partition": 0, "offset": i,

@@ -26,7 +26,6 @@ from lakehouse.fraud import FRAUD_SPEC
 from lakehouse.streams import producer
 from tests.integration.streams import (
     Stream,
-    cli_env,
     new_stream,
     read_dlq,
     read_topic,
@@ -108,8 +107,9 @@ def test_sigkill_part_way_still_scores_each_event_once_and_dlqs_each_bad_record_
     for share in (0.1, 0.3, 0.5):
         process = speed_process(stream, "killed", "--max-batch", "100")
         target = int(total * rng.uniform(share - 0.05, share + 0.05))
-        wait_for(lambda: process.poll() is not None or scored_count(stream) >= target, timeout=300,
-                 every_s=0.1)
+        # the condition is only polled within this iteration
+        wait_for(lambda: process.poll() is not None or scored_count(stream) >= target,  # noqa: B023
+                 timeout=300, every_s=0.1)
         assert process.poll() is None, process.communicate()[1][-3000:]
         process.send_signal(signal.SIGKILL)
         process.communicate(timeout=30)
@@ -284,8 +284,8 @@ def test_a_failed_dlq_delivery_commits_nothing_of_its_batch(served: Settings) ->
     before the batch's Delta and Kafka commits, so after the fix every record is handled once."""
     from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
 
+    from lakehouse import scored
     from lakehouse.errors import ServiceError
-    from speed import lake
 
     stream = _topic_with_dlq(served, {"max.message.bytes": "1024"})
     bad = stream.messages[0]._replace(value=b"{" + b"x" * 3000, kind="malformed:malformed_json")
@@ -294,7 +294,7 @@ def test_a_failed_dlq_delivery_commits_nothing_of_its_batch(served: Settings) ->
         run_in_process(stream, group="dlq-fails")
     positions = kafka_positions(stream)
     bad_partition, bad_offset = next(iter(positions[bad.value]))
-    resume = lake.resume_offsets(stream.lakehouse, "dlq-fails", stream.topic, [bad_partition])
+    resume = scored.resume_offsets(stream.lakehouse, "dlq-fails", stream.topic, [bad_partition])
     assert resume[bad_partition] <= bad_offset  # its batch was not committed
     assert all(r["offset"] < bad_offset for r in scored_or_empty(stream) if r["partition"] == bad_partition)
     admin = KafkaAdminClient(bootstrap_servers=served.kafka_bootstrap_servers)

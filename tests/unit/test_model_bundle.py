@@ -23,15 +23,13 @@ from lakehouse.bundle import (
     ModelSignatureError,
     ModelSpecError,
     check_bundle_spec,
-    load_bundle,
     load_or_create_signing_key,
     load_verify_key,
     public_key_path,
     verify_bundle,
-    write_bundle,
 )
 from lakehouse.errors import PlatformError
-from lakehouse.model import ScoringModel, predict
+from lakehouse.model import ScoringModel, load_bundle, predict, write_bundle
 from lakehouse.registry import CHALLENGER, CHAMPION, move_alias, publish_bundle
 
 
