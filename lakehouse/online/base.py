@@ -1,0 +1,140 @@
+"""The online store's contract: the real-time view as monoid-state increments per Kafka
+partition and epoch, applied exactly once, read as of a coverage vector.
+
+The speed layer applies each micro-batch of one partition as one atomic step (`apply`): the
+increments of the events above the partition's applied offset, merged into the partition's
+open epoch, together with the new applied offset. A step at or below the applied offset
+changes nothing, so a micro-batch replayed after a crash, or one a fenced member (a zombie)
+still sends, is harmless.
+
+A batch run cuts every partition (`cut`): the applied offset becomes the cut, which the run
+takes as its boundary, and a new epoch opens. `max` and `min` cannot be subtracted, so the
+increments of one epoch are never folded into another: a reader of a run merges the run's
+gold views with the epochs after the run's cut (`read`, `scan`), which hold exactly the
+events above its boundary. Epochs that no published run's readers need any more are
+dropped (`drop_epochs`).
+
+Every read says what it reflects: per partition, the applied offset its states include
+(the coverage vector), read in the same atomic step as the states.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from lakehouse.errors import ServiceError
+from lakehouse.spec import PlatformSpec
+
+__all__ = ["Cut", "Increments", "OnlineStore", "StateKey", "StoreBehindError", "StoreRead", "decode_key",
+           "encode_key", "merge_into"]
+
+StateKey = tuple[str, Any, int]  # (feature view, entity, bucket start)
+# key → the view's monoid states, in the order of its aggregations
+Increments = Mapping[StateKey, Sequence[Any]]
+
+FIRST_EPOCH = 1
+NOTHING = -1  # the applied offset of a partition never applied
+
+
+class StoreBehindError(ServiceError):
+    """A step would leave a gap: the store holds less of a partition than the member that
+    consumed it (a store restored from an older state, or wiped)."""
+
+
+@dataclass(frozen=True)
+class Cut:
+    """A partition's epoch closed by a batch run: the epochs up to `epoch` hold exactly the
+    events at or below `offset` (the run's boundary in this partition); later events go to
+    `epoch + 1` and after."""
+
+    partition: int
+    epoch: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class StoreRead:
+    """States summed over the partitions and epochs read, and what they reflect."""
+
+    states: dict[StateKey, list[Any]]
+    coverage: dict[int, int]  # partition → the applied offset the states include
+    epochs: dict[int, int]  # partition → the epoch open when it was read
+
+
+def encode_key(key: StateKey) -> str:
+    view, entity, bucket = key
+    return f"{view}\x1f{json.dumps(entity, separators=(',', ':'))}\x1f{int(bucket)}"
+
+
+def decode_key(field: str | bytes) -> StateKey:
+    text = field.decode() if isinstance(field, bytes) else field
+    view, entity, bucket = text.split("\x1f")
+    return view, json.loads(entity), int(bucket)
+
+
+def merge_into(spec: PlatformSpec, into: dict[StateKey, list[Any]], key: StateKey,
+               states: Sequence[Any]) -> None:
+    """Fold one key's states into `into` with the view's monoids."""
+    current = into.get(key)
+    if current is None:
+        into[key] = list(states)
+        return
+    aggregations = list(spec.view(key[0]).aggregations.values())
+    for i, aggregation in enumerate(aggregations):
+        current[i] = aggregation.plus(current[i], states[i])
+
+
+class OnlineStore(ABC):
+    """Increments of one consumer group's speed layer, for one platform spec."""
+
+    def __init__(self, spec: PlatformSpec, group: str) -> None:
+        self.spec = spec
+        self.group = group
+
+    @abstractmethod
+    def ping(self) -> None:
+        """ServiceError when the store cannot be reached."""
+
+    @abstractmethod
+    def applied(self, partitions: Iterable[int]) -> dict[int, int]:
+        """Per partition, the highest offset applied (-1: none)."""
+
+    @abstractmethod
+    def apply(self, partition: int, from_offset: int, last_offset: int,
+              increments_above: Callable[[int], Increments]) -> bool:
+        """One atomic step for the records a member consumed from `from_offset` through
+        `last_offset`: the increments of those above the partition's applied offset
+        (`increments_above(applied)`) merged into its open epoch, and `last_offset` recorded
+        as applied. False (nothing changed) when `last_offset` is already applied;
+        StoreBehindError when `from_offset` lies above the applied offset + 1 (the records
+        in between would be lost: the store lost state, `lambdalake speed rebuild`)."""
+
+    @abstractmethod
+    def cut(self, partition: int, *, floor: int = NOTHING) -> Cut:
+        """Close the partition's open epoch at its applied offset and open the next. Where
+        less than `floor` is applied and nothing ever was, `floor` is recorded as applied
+        first (a partition the speed group never consumed: the run covers bronze up to
+        `floor`, and the group resumes after it)."""
+
+    @abstractmethod
+    def read(self, keys: Iterable[StateKey], partitions: Iterable[int],
+             after: Mapping[int, int]) -> StoreRead:
+        """The states of `keys` summed over `partitions` and their epochs after
+        `after[p]` (0 where absent: every epoch), each partition read atomically."""
+
+    @abstractmethod
+    def scan(self, partition: int, after: int) -> tuple[int, Iterator[tuple[StateKey, list[Any]]]]:
+        """(applied offset, every key's states) of one partition's epochs after `after`, as
+        one atomic read."""
+
+    @abstractmethod
+    def drop_epochs(self, partition: int, through: int) -> int:
+        """Delete the partition's epochs up to `through` (closed ones only); how many."""
+
+    @abstractmethod
+    def wipe(self) -> None:
+        """Delete everything of this group (`lambdalake speed rebuild` starts from here)."""

@@ -1,0 +1,265 @@
+"""The online store on Redis (any Redis-protocol server; Redis Cluster too).
+
+Layout, per consumer group and Kafka partition, all under one hash tag so that every step
+touches one slot (`{<prefix>:<group>:<partition>}`):
+
+    {…}:meta        hash: applied (the highest offset applied), epoch (the open one),
+                    cut:<e> (the applied offset at which epoch e was closed)
+    {…}:e<epoch>    hash: "<view>\\x1f<entity as JSON>\\x1f<bucket>" → the view's monoid
+                    states as a JSON list (exact integers, None for an empty max/min)
+
+`apply` is optimistic: it WATCHes the meta hash, reads the applied offset, asks for the
+increments of the events above it, merges them into the open epoch's states with the spec's
+monoids (in Python: sums of squares outgrow 64-bit integers, which Redis' HINCRBY and
+Lua's numbers cannot hold), and writes the states and the new applied offset in one
+MULTI/EXEC. Any other apply, cut or wipe of the partition in between changes the meta hash,
+so EXEC refuses and the step starts over from what is applied then.
+
+`read` and `scan` run one Lua script per partition, which returns the applied offset and
+the states of the epochs asked for in one atomic step; the partitions of one read go out
+in one pipeline (one round trip). The script is told the epoch keys to read (scripts name
+their keys, as Redis Cluster needs): the epochs after the run's cut up to the open epoch
+last seen, and says so when a cut has opened a newer one since, which is read again.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import redis
+
+from lakehouse.errors import ServiceError
+from lakehouse.online.base import (
+    FIRST_EPOCH,
+    NOTHING,
+    Cut,
+    Increments,
+    OnlineStore,
+    StateKey,
+    StoreBehindError,
+    StoreRead,
+    decode_key,
+    encode_key,
+    merge_into,
+)
+from lakehouse.spec import PlatformSpec
+
+__all__ = ["RedisOnlineStore"]
+
+# KEYS: meta, then the epoch hashes after+1, after+2, …; ARGV: after, then the fields to
+# read (none: every field). Returns {applied, open epoch, stale?, per epoch key: values}.
+_READ = """
+local applied = redis.call('HGET', KEYS[1], 'applied') or '-1'
+local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '1')
+local after = tonumber(ARGV[1])
+if after + #KEYS - 1 < epoch then
+  return {applied, epoch, 1}
+end
+local out = {applied, epoch, 0}
+for i = 2, #KEYS do
+  if #ARGV > 1 then
+    out[#out + 1] = redis.call('HMGET', KEYS[i], unpack(ARGV, 2))
+  else
+    out[#out + 1] = redis.call('HGETALL', KEYS[i])
+  end
+end
+return out
+"""
+
+_ATTEMPTS = 100
+
+
+class RedisOnlineStore(OnlineStore):
+    def __init__(self, spec: PlatformSpec, group: str, url: str, *, prefix: str = "lambdalake",
+                 client: redis.Redis | None = None) -> None:
+        super().__init__(spec, group)
+        self.url = url
+        self.prefix = prefix
+        self.client: redis.Redis = client or redis.Redis.from_url(url, socket_timeout=10)
+        self._read_script = self.client.register_script(_READ)
+        self._open_epochs: dict[int, int] = {}  # partition → open epoch last seen
+
+    # ------------------------------------------------------------------ keys
+    def _tag(self, partition: int) -> str:
+        return f"{{{self.prefix}:{self.group}:{partition}}}"
+
+    def _meta(self, partition: int) -> str:
+        return f"{self._tag(partition)}:meta"
+
+    def _epoch_key(self, partition: int, epoch: int) -> str:
+        return f"{self._tag(partition)}:e{epoch}"
+
+    def _unreachable(self, error: Exception) -> ServiceError:
+        return ServiceError(f"the online store at {redis_location(self.url)} cannot be reached: {error}")
+
+    # ------------------------------------------------------------------ contract
+    def ping(self) -> None:
+        try:
+            self.client.ping()
+        except redis.RedisError as error:
+            raise self._unreachable(error) from error
+
+    def applied(self, partitions: Iterable[int]) -> dict[int, int]:
+        wanted = list(partitions)
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                for p in wanted:
+                    pipe.hget(self._meta(p), "applied")
+                values = pipe.execute()
+        except redis.RedisError as error:
+            raise self._unreachable(error) from error
+        return {p: NOTHING if v is None else int(v) for p, v in zip(wanted, values, strict=True)}
+
+    def apply(self, partition: int, from_offset: int, last_offset: int,
+              increments_above: Callable[[int], Increments]) -> bool:
+        meta = self._meta(partition)
+        try:
+            with self.client.pipeline(transaction=True) as pipe:
+                for _ in range(_ATTEMPTS):
+                    try:
+                        pipe.watch(meta)  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+                        applied_raw, epoch_raw = pipe.hmget(meta, ["applied", "epoch"])
+                        applied = NOTHING if applied_raw is None else int(applied_raw)
+                        if applied >= last_offset:
+                            pipe.unwatch()
+                            return False
+                        if from_offset > applied + 1:
+                            pipe.unwatch()
+                            raise StoreBehindError(
+                                f"the online store has partition {partition} applied through offset "
+                                f"{applied}, but this step starts at {from_offset}: offsets "
+                                f"{applied + 1}..{from_offset - 1} would be lost. Re-derive the store "
+                                f"with `lambdalake speed rebuild`")
+                        epoch = FIRST_EPOCH if epoch_raw is None else int(epoch_raw)
+                        increments = increments_above(applied)
+                        data = self._epoch_key(partition, epoch)
+                        fields = [encode_key(k) for k in increments]
+                        merged: dict[StateKey, list[Any]] = {}
+                        if fields:
+                            for key, raw in zip(increments, pipe.hmget(data, fields), strict=True):
+                                if raw is not None:
+                                    merged[key] = json.loads(raw)
+                        for key, states in increments.items():
+                            merge_into(self.spec, merged, key, states)
+                        pipe.multi()
+                        if merged:
+                            pipe.hset(data, mapping={encode_key(k): json.dumps(v) for k, v in merged.items()})
+                        pipe.hset(meta, mapping={"applied": last_offset, "epoch": epoch})
+                        pipe.execute()
+                        return True
+                    except redis.WatchError:
+                        continue  # another step changed the partition: start over from it
+        except redis.RedisError as error:
+            raise self._unreachable(error) from error
+        raise ServiceError(f"online store: partition {partition} changed under {_ATTEMPTS} apply attempts in a row")
+
+    def cut(self, partition: int, *, floor: int = NOTHING) -> Cut:
+        meta = self._meta(partition)
+        try:
+            with self.client.pipeline(transaction=True) as pipe:
+                for _ in range(_ATTEMPTS):
+                    try:
+                        pipe.watch(meta)  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+                        applied_raw, epoch_raw = pipe.hmget(meta, ["applied", "epoch"])
+                        applied = NOTHING if applied_raw is None else int(applied_raw)
+                        epoch = FIRST_EPOCH if epoch_raw is None else int(epoch_raw)
+                        if applied_raw is None and floor > applied:
+                            applied = floor
+                        pipe.multi()
+                        pipe.hset(meta, mapping={"applied": applied, "epoch": epoch + 1,
+                                                 f"cut:{epoch}": applied})
+                        pipe.execute()
+                        self._open_epochs[partition] = epoch + 1
+                        return Cut(partition, epoch, applied)
+                    except redis.WatchError:
+                        continue
+        except redis.RedisError as error:
+            raise self._unreachable(error) from error
+        raise ServiceError(f"online store: partition {partition} changed under {_ATTEMPTS} cut attempts in a row")
+
+    def _read_partitions(self, partitions: list[int], after: Mapping[int, int],
+                         fields: list[str]) -> dict[int, tuple[int, int, list[Any]]]:
+        """Per partition: (applied, open epoch, per epoch after `after[p]`: the script's values)."""
+        pending = list(partitions)
+        out: dict[int, tuple[int, int, list[Any]]] = {}
+        for _ in range(_ATTEMPTS):
+            try:
+                with self.client.pipeline(transaction=False) as pipe:
+                    for p in pending:
+                        first = after.get(p, 0) + 1
+                        last = max(first, self._open_epochs.get(p, FIRST_EPOCH))
+                        keys = [self._meta(p), *(self._epoch_key(p, e) for e in range(first, last + 1))]
+                        self._read_script(keys=keys, args=[after.get(p, 0), *fields], client=pipe)
+                    answers = pipe.execute()
+            except redis.RedisError as error:
+                raise self._unreachable(error) from error
+            stale = []
+            for p, answer in zip(pending, answers, strict=True):
+                applied, epoch, too_few = int(answer[0]), int(answer[1]), int(answer[2])
+                self._open_epochs[p] = max(epoch, self._open_epochs.get(p, FIRST_EPOCH))
+                if too_few:
+                    stale.append(p)
+                else:
+                    out[p] = (applied, epoch, list(answer[3:]))
+            if not stale:
+                return out
+            pending = stale  # a cut opened an epoch since: read those partitions again
+        raise ServiceError("online store: epochs kept opening during a read")
+
+    def read(self, keys: Iterable[StateKey], partitions: Iterable[int],
+             after: Mapping[int, int]) -> StoreRead:
+        wanted = list(dict.fromkeys(keys))
+        fields = [encode_key(k) for k in wanted]
+        states: dict[StateKey, list[Any]] = {}
+        coverage, epochs = {}, {}
+        if not fields:
+            for p, (applied, epoch, _) in self._read_partitions(list(partitions), after, fields).items():
+                coverage[p], epochs[p] = applied, epoch
+            return StoreRead(states, coverage, epochs)
+        for p, (applied, epoch, per_epoch) in self._read_partitions(list(partitions), after, fields).items():
+            coverage[p], epochs[p] = applied, epoch
+            for values in per_epoch:
+                for key, raw in zip(wanted, values, strict=True):
+                    if raw is not None:
+                        merge_into(self.spec, states, key, json.loads(raw))
+        return StoreRead(states, coverage, epochs)
+
+    def scan(self, partition: int, after: int) -> tuple[int, Iterator[tuple[StateKey, list[Any]]]]:
+        applied, _, per_epoch = self._read_partitions([partition], {partition: after}, [])[partition]
+
+        def states() -> Iterator[tuple[StateKey, list[Any]]]:
+            merged: dict[StateKey, list[Any]] = {}
+            for flat in per_epoch:
+                for i in range(0, len(flat), 2):
+                    merge_into(self.spec, merged, decode_key(flat[i]), json.loads(flat[i + 1]))
+            yield from merged.items()
+
+        return applied, states()
+
+    def drop_epochs(self, partition: int, through: int) -> int:
+        try:
+            epoch_raw = self.client.hget(self._meta(partition), "epoch")
+            open_epoch = FIRST_EPOCH if epoch_raw is None else int(epoch_raw)
+            doomed = [self._epoch_key(partition, e) for e in range(FIRST_EPOCH, min(through, open_epoch - 1) + 1)]
+            if doomed:
+                self.client.unlink(*doomed)
+        except redis.RedisError as error:
+            raise self._unreachable(error) from error
+        return len(doomed)
+
+    def wipe(self) -> None:
+        try:
+            doomed = list(self.client.scan_iter(match=f"{{{self.prefix}:{self.group}:*", count=1000))
+            for start in range(0, len(doomed), 500):
+                self.client.unlink(*doomed[start:start + 500])
+        except redis.RedisError as error:
+            raise self._unreachable(error) from error
+        self._open_epochs.clear()
+
+
+def redis_location(url: str) -> str:
+    """A Redis URL without its password (for messages and logs)."""
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{rest.rsplit('@', 1)[-1]}" if rest else url

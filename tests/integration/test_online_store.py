@@ -1,0 +1,232 @@
+"""The online store on a real redis-server (started here, on a free loopback port): exactly-
+once steps per partition, epochs cut without subtraction, atomic reads with their coverage,
+and the merge of gold ⊕ the epochs after a cut against a plain recomputation."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from lakehouse.errors import ServiceError
+from lakehouse.features import ViewStates
+from lakehouse.fraud import FRAUD_SPEC
+from lakehouse.online.base import Increments, StateKey, StoreBehindError, merge_into
+from lakehouse.online.redis_store import RedisOnlineStore, redis_location
+
+pytestmark = pytest.mark.integration
+
+SPEC = FRAUD_SPEC
+TIME = SPEC.events.time_field
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    binary = shutil.which("redis-server")
+    assert binary, "redis-server is installed by infra/bootstrap/system-packages.sh"
+    port, folder = _free_port(), tmp_path_factory.mktemp("redis")
+    process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder),
+                                "--appendonly", "yes", "--save", "", "--maxmemory", "64mb"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                process.kill()
+                raise
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0"
+    process.terminate()
+    process.wait(10)
+
+
+@pytest.fixture
+def store(redis_url: str, request: pytest.FixtureRequest) -> RedisOnlineStore:
+    created = RedisOnlineStore(SPEC, f"test-{request.node.name}", redis_url)
+    created.wipe()
+    return created
+
+
+def _event(i: int, user: str, merchant: str, amount: int, time_ms: int) -> dict[str, Any]:
+    return {"event_id": f"e{i}", "user_id": user, "merchant_id": merchant, "merchant_category": "grocery",
+            "amount": amount, "currency": "EUR", "country": "DE", "channel": "pos", TIME: time_ms}
+
+
+def increments_of(events: list[dict[str, Any]]) -> dict[StateKey, list[Any]]:
+    """The monoid-state increments of a list of events, per (view, entity, bucket)."""
+    out: dict[StateKey, list[Any]] = {}
+    for view in SPEC.views:
+        table = ViewStates(view)
+        for event in events:
+            table.add(event, TIME)
+        for (entity, bucket), states in table.items():
+            out[(view.name, entity, bucket)] = [states[a] for a in view.aggregations]
+    return out
+
+
+def batches(seed: int, partitions: int, n: int) -> dict[int, list[tuple[int, dict[str, Any]]]]:
+    rng = random.Random(seed)
+    out: dict[int, list[tuple[int, dict[str, Any]]]] = {p: [] for p in range(partitions)}
+    for i in range(n):
+        p = rng.randrange(partitions)
+        event = _event(i, f"u{rng.randrange(5)}", f"m{rng.randrange(3)}", rng.randrange(1, 10**9),
+                       1_767_225_600_000 + rng.randrange(10 * 86_400_000))
+        out[p].append((len(out[p]), event))
+    return out
+
+
+def step(store: RedisOnlineStore, partition: int, events: list[tuple[int, dict[str, Any]]]) -> bool:
+    """Apply the records a member consumed: `events`, (offset, event) from its position on."""
+    def above(applied: int) -> Increments:
+        return increments_of([e for o, e in events if o > applied])
+
+    return store.apply(partition, events[0][0], events[-1][0], above)
+
+
+def every_key(events: list[dict[str, Any]]) -> list[StateKey]:
+    return list(increments_of(events))
+
+
+def test_a_step_at_or_below_the_applied_offset_changes_nothing(store: RedisOnlineStore) -> None:
+    events = [(o, e) for o, e in batches(1, 1, 200)[0]]
+    assert step(store, 0, events[:100])
+    before = store.read(every_key([e for _, e in events]), [0], {})
+    assert not step(store, 0, events[:100])  # redelivered after a crash: a no-op
+    assert not step(store, 0, events[:60])
+    assert store.read(every_key([e for _, e in events]), [0], {}) == before
+    # a batch overlapping the applied offset adds only what lies above it
+    assert step(store, 0, events[50:200])
+    assert store.read(every_key([e for _, e in events]), [0], {}).states == increments_of([e for _, e in events])
+    assert store.applied([0, 1]) == {0: 199, 1: -1}
+
+
+def test_reads_equal_a_recomputation_across_partitions_and_epochs(store: RedisOnlineStore) -> None:
+    """Increments are kept per epoch: gold up to each partition's cut ⊕ the epochs after it
+    equals a recomputation of every event, for every monoid (max and min included)."""
+    parts = batches(2, 3, 900)
+    keys = every_key([e for events in parts.values() for _, e in events])
+    cuts = {}
+    for p, events in parts.items():
+        half = len(events) // 2
+        for start in range(0, half, 40):
+            step(store, p, events[start:min(start + 40, half)])
+        cuts[p] = store.cut(p)
+        assert cuts[p].offset == half - 1
+        for start in range(half, len(events), 40):
+            step(store, p, events[start:start + 40])
+    gold = increments_of([e for p, events in parts.items() for o, e in events if o <= cuts[p].offset])
+    after = {p: c.epoch for p, c in cuts.items()}
+    read = store.read(keys, parts, after)
+    merged = dict(gold)
+    for key, states in read.states.items():
+        merge_into(SPEC, merged, key, states)
+    assert merged == increments_of([e for events in parts.values() for _, e in events])
+    assert read.coverage == {p: len(events) - 1 for p, events in parts.items()}
+    # every epoch (no cut taken into account) is the whole history
+    assert store.read(keys, parts, {}).states == increments_of([e for events in parts.values() for _, e in events])
+    # a scan of one partition after its cut holds exactly its events above the cut
+    applied, scanned = store.scan(1, cuts[1].epoch)
+    assert applied == len(parts[1]) - 1
+    assert dict(scanned) == increments_of([e for o, e in parts[1] if o > cuts[1].offset])
+
+
+def test_a_cut_of_a_partition_never_applied_records_the_floor(store: RedisOnlineStore) -> None:
+    cut = store.cut(2, floor=41)
+    assert (cut.epoch, cut.offset) == (1, 41)
+    assert store.applied([2]) == {2: 41}  # the group resumes after what the run covers
+    events = batches(3, 1, 60)[0]
+    assert not step(store, 2, events[:42])  # offsets 0..41 are the run's
+    assert step(store, 2, events)
+    assert store.read(every_key([e for _, e in events]), [2], {2: cut.epoch}).states == \
+        increments_of([e for o, e in events if o > 41])
+    later = store.cut(0, floor=10)
+    assert later.offset == 10
+    assert store.cut(0, floor=99).offset == 10  # the floor applies only where nothing ever was
+
+
+def test_dropping_closed_epochs_keeps_what_readers_of_the_newest_cut_need(store: RedisOnlineStore) -> None:
+    events = batches(4, 1, 300)[0]
+    step(store, 0, events[:100])
+    first = store.cut(0)
+    step(store, 0, events[100:200])
+    second = store.cut(0)
+    step(store, 0, events[200:])
+    assert store.drop_epochs(0, second.epoch + 5) == 2  # never the open epoch
+    keys = every_key([e for _, e in events])
+    assert store.read(keys, [0], {0: second.epoch}).states == increments_of([e for o, e in events if o > 199])
+    assert store.read(keys, [0], {0: first.epoch}).states == increments_of([e for o, e in events if o > 199])
+
+
+def test_concurrent_steps_of_one_partition_apply_each_event_once(store: RedisOnlineStore) -> None:
+    """Three members of one partition at once, as after rebalances (the fenced ones are
+    zombies): each consumes from where the store stood when it (re)started, in batches of
+    random size, and restarts from the store now and then. Each event is counted once."""
+    events = batches(5, 1, 2000)[0]
+    errors: list[BaseException] = []
+
+    def member(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            position = store.applied([0])[0] + 1
+            while position < len(events):
+                end = min(len(events), position + rng.randrange(1, 80))
+                step(store, 0, events[position:end])
+                position = end if rng.random() > 0.1 else store.applied([0])[0] + 1
+        except BaseException as error:  # noqa: BLE001 - reported by the test
+            errors.append(error)
+
+    threads = [threading.Thread(target=member, args=(s,)) for s in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    assert store.read(every_key([e for _, e in events]), [0], {}).states == increments_of([e for _, e in events])
+
+
+def test_a_step_that_would_leave_a_gap_is_refused(store: RedisOnlineStore) -> None:
+    events = batches(7, 1, 100)[0]
+    step(store, 0, events[:30])
+    with pytest.raises(StoreBehindError, match=r"applied through offset 29, but this step starts at 40"):
+        step(store, 0, events[40:60])
+    assert store.applied([0]) == {0: 29}
+
+
+def test_a_read_after_a_cut_it_did_not_see_reads_the_new_epoch(store: RedisOnlineStore, redis_url: str) -> None:
+    events = batches(6, 1, 100)[0]
+    step(store, 0, events[:50])
+    reader = RedisOnlineStore(SPEC, store.group, redis_url)
+    keys = every_key([e for _, e in events])
+    assert reader.read(keys, [0], {}).epochs == {0: 1}
+    store.cut(0)
+    step(store, 0, events)  # into epoch 2, which the reader has not seen open
+    read = reader.read(keys, [0], {})
+    assert read.epochs == {0: 2} and read.coverage == {0: 99}
+    assert read.states == increments_of([e for _, e in events])
+
+
+def test_an_unreachable_store_is_a_service_error_without_the_password() -> None:
+    port = _free_port()
+    down = RedisOnlineStore(SPEC, "g", f"redis://:s3cret@127.0.0.1:{port}/0")
+    with pytest.raises(ServiceError, match=f"127.0.0.1:{port}") as failure:
+        down.ping()
+    assert "s3cret" not in str(failure.value)
+    assert redis_location("redis://user:pw@host:1/0") == "redis://host:1/0"
