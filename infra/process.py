@@ -146,8 +146,9 @@ def stop_group(pgid: int, timeout: float = 20.0) -> None:
                 break
             time.sleep(0.1)
     # a moment for their parent (init, once the command that started them has exited) to
-    # collect them, so that they are gone from the process table when we return
-    for _ in range(20):
+    # collect them, so that they are gone from the process table when we return; an init
+    # that reaps on a timer, on a loaded machine, can take seconds
+    for _ in range(100):
         _reap(pgid)
         if not group_members(pgid, zombies=True):
             break

@@ -143,13 +143,24 @@ def test_status_lists_a_crash_looping_app_with_its_last_error(platform: Settings
     assert "speed" not in listed  # stopped on purpose: no longer part of the platform
 
 
+def _process_line(pid: int) -> str:
+    """`pid (state) command line` of a process, for a failure message."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return f"{pid} (gone)"
+    return f"{pid} ({state}) {command[:200]}"
+
+
 @pytest.mark.platform_teardown
 def test_down_leaves_no_process_and_no_port(platform: Settings) -> None:
     healths = Platform(platform).status()
     pids = [pid for h in healths for pid in h.pids]
     ports = [port for s in Platform(platform).services for port in s.ports]
     lambdalake("down")
-    assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+    left = [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+    assert not left, [_process_line(pid) for pid in left]
     assert not [port for port in ports if port_open("127.0.0.1", port)]
     assert not list(platform.run_dir.glob("*.pid"))
     assert lambdalake("status", check=False).returncode == 3
