@@ -39,7 +39,7 @@ lock: | $(UV)  ## re-resolve requirements.in into requirements.lock
 	$(UV) pip compile requirements.in -o requirements.lock --python-version 3.11 \
 	  --python-platform x86_64-unknown-linux-gnu --generate-hashes -q
 
-up: install  ## start Kafka, MLflow, Ray (Serve) and Airflow on 127.0.0.1
+up: install  ## start Kafka, Redis, MLflow, Ray (Serve) and Airflow on 127.0.0.1
 	$(BIN)/lambdalake up
 
 down:  ## stop every service the platform started

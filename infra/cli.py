@@ -68,7 +68,7 @@ def up(
     apps: Annotated[bool, typer.Option("--apps", help="then start the speed layer and the API "
                                        "(they need a champion model on Ray Serve)")] = False,
 ) -> None:
-    """Start the local platform (Kafka, MLflow, Ray + Serve, Airflow). Idempotent."""
+    """Start the local platform (Kafka, Redis, MLflow, Ray + Serve, Airflow). Idempotent."""
     from infra.platform import Platform
 
     # a SIGTERM mid-start unwinds like Ctrl-C, so `up` stops what it had started

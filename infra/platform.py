@@ -19,6 +19,7 @@ from infra.kafka import KafkaService
 from infra.mlflow import MlflowService
 from infra.process import port_holder, port_open, wait_until
 from infra.ray import RayService
+from infra.redis import RedisService
 from infra.service import LOCALHOST, Health, Service
 from lakehouse.config import Settings
 from lakehouse.errors import ServiceError
@@ -26,7 +27,7 @@ from lakehouse.jvm import java_binary
 
 ServiceFactory = Callable[[Settings], Service]
 # every service the platform can run, in the order `status` lists them
-SERVICES: tuple[ServiceFactory, ...] = (KafkaService, MlflowService, RayService, AirflowService)
+SERVICES: tuple[ServiceFactory, ...] = (KafkaService, RedisService, MlflowService, RayService, AirflowService)
 
 
 class Platform:
@@ -36,6 +37,7 @@ class Platform:
         self.settings = settings
         managed = {
             "kafka": settings.manage_kafka,
+            "redis": settings.manage_redis,
             "mlflow": settings.manage_mlflow,
             "ray": settings.manage_ray,
             "airflow": settings.manage_airflow,

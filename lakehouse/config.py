@@ -174,6 +174,28 @@ class Settings(BaseSettings):
         default=True, description="`lambdalake up` starts a local MLflow server."
     )
 
+    # --- online store (Redis) --------------------------------------------------------
+    redis_port: int = Field(
+        default=6390, ge=1, le=65535,
+        description="Port of the local online store (redis-server), clear of Ray's 6379-6383 and workers.",
+    )
+    redis_maxmemory: str = Field(
+        default="256mb", pattern=r"^[0-9]+(kb|mb|gb)?$",
+        description="Memory cap of the local redis-server (maxmemory; a full store refuses "
+        "writes rather than evicting increments).",
+    )
+    online_store_url: str = Field(
+        default="",
+        description="Redis URL of the online store (any Redis-protocol server). Empty means "
+        "the local redis://127.0.0.1:<redis_port>/0.",
+    )
+    online_store_password: SecretStr = Field(
+        default=SecretStr(""), description="Password (AUTH) of the online store.",
+    )
+    manage_redis: bool = Field(
+        default=True, description="`lambdalake up` starts a local redis-server.",
+    )
+
     # --- model training and registry ---------------------------------------------------
     model_name: str = Field(
         default="fraud", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
@@ -307,6 +329,14 @@ class Settings(BaseSettings):
             raise ValueError(f"expected host:port[,host:port...], got {value!r}")
         return ",".join(servers)
 
+    @field_validator("online_store_password")
+    @classmethod
+    def _check_store_password(cls, value: SecretStr) -> SecretStr:
+        if any(c in value.get_secret_value() for c in '"\\\n\r'):
+            raise ValueError("must not contain a double quote, a backslash or a line break "
+                             "(it is written into redis-server's config file)")
+        return value
+
     @field_validator("ray_address")
     @classmethod
     def _check_ray_address(cls, value: str) -> str:
@@ -382,6 +412,10 @@ class Settings(BaseSettings):
     @property
     def mlflow_uri(self) -> str:
         return self.mlflow_tracking_uri or f"http://127.0.0.1:{self.mlflow_port}"
+
+    @property
+    def online_store_uri(self) -> str:
+        return self.online_store_url or f"redis://127.0.0.1:{self.redis_port}/0"
 
     @property
     def signing_key_path(self) -> Path:

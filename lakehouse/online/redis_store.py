@@ -72,12 +72,12 @@ _ATTEMPTS = 100
 
 
 class RedisOnlineStore(OnlineStore):
-    def __init__(self, spec: PlatformSpec, group: str, url: str, *, prefix: str = "lambdalake",
-                 client: redis.Redis | None = None) -> None:
+    def __init__(self, spec: PlatformSpec, group: str, url: str, *, password: str | None = None,
+                 prefix: str = "lambdalake", client: redis.Redis | None = None) -> None:
         super().__init__(spec, group)
         self.url = url
         self.prefix = prefix
-        self.client: redis.Redis = client or redis.Redis.from_url(url, socket_timeout=10)
+        self.client: redis.Redis = client or redis.Redis.from_url(url, password=password, socket_timeout=10)
         self._read_script = self.client.register_script(_READ)
         self._open_epochs: dict[int, int] = {}  # partition → open epoch last seen
 

@@ -35,7 +35,7 @@ def _free_port() -> int:
 
 def _settings(tmp_path: Path) -> Settings:
     """A platform of apps only (no services), its ports free ones."""
-    return load_settings(state_dir=tmp_path / "state", manage_kafka=False, manage_mlflow=False,
+    return load_settings(state_dir=tmp_path / "state", manage_kafka=False, manage_redis=False, manage_mlflow=False,
                          manage_ray=False, manage_airflow=False, speed_metrics_port=_free_port(),
                          api_port=_free_port())
 
