@@ -116,9 +116,8 @@ class OnlineStore(ABC):
     @abstractmethod
     def cut(self, partition: int, *, floor: int = NOTHING) -> Cut:
         """Close the partition's open epoch at its applied offset and open the next. Where
-        less than `floor` is applied and nothing ever was, `floor` is recorded as applied
-        first (a partition the speed group never consumed: the run covers bronze up to
-        `floor`, and the group resumes after it)."""
+        the speed group never applied a step, the cut is at `floor` if that is higher (bronze's
+        high-water mark: the run covers bronze up to it, and the group resumes after it)."""
 
     @abstractmethod
     def read(self, keys: Iterable[StateKey], partitions: Iterable[int],

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple, TypeVar
 
 import redis
 
@@ -69,6 +69,13 @@ return out
 """
 
 _ATTEMPTS = 100
+_T = TypeVar("_T")
+
+
+class _Meta(NamedTuple):
+    applied: int  # the highest offset applied, or recorded by a cut's floor (-1: none)
+    epoch: int  # the open epoch
+    stepped: bool  # whether the speed group ever applied a step to the partition
 
 
 class RedisOnlineStore(OnlineStore):
@@ -112,72 +119,69 @@ class RedisOnlineStore(OnlineStore):
             raise self._unreachable(error) from error
         return {p: NOTHING if v is None else int(v) for p, v in zip(wanted, values, strict=True)}
 
-    def apply(self, partition: int, from_offset: int, last_offset: int,
-              increments_above: Callable[[int], Increments]) -> bool:
+    def _step(self, partition: int, what: str, body: Callable[[Any, _Meta], _T]) -> _T:
+        """Run `body(pipe, meta)` on the partition's meta hash, WATCHed: `body` reads through
+        `pipe`, then queues its writes after `pipe.multi()`. Starts over when another step
+        changed the partition before EXEC."""
         meta = self._meta(partition)
         try:
             with self.client.pipeline(transaction=True) as pipe:
                 for _ in range(_ATTEMPTS):
                     try:
                         pipe.watch(meta)  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
-                        applied_raw, epoch_raw = pipe.hmget(meta, ["applied", "epoch"])
-                        applied = NOTHING if applied_raw is None else int(applied_raw)
-                        if applied >= last_offset:
-                            pipe.unwatch()
-                            return False
-                        if from_offset > applied + 1:
-                            pipe.unwatch()
-                            raise StoreBehindError(
-                                f"the online store has partition {partition} applied through offset "
-                                f"{applied}, but this step starts at {from_offset}: offsets "
-                                f"{applied + 1}..{from_offset - 1} would be lost. Re-derive the store "
-                                f"with `lambdalake speed rebuild`")
-                        epoch = FIRST_EPOCH if epoch_raw is None else int(epoch_raw)
-                        increments = increments_above(applied)
-                        data = self._epoch_key(partition, epoch)
-                        fields = [encode_key(k) for k in increments]
-                        merged: dict[StateKey, list[Any]] = {}
-                        if fields:
-                            for key, raw in zip(increments, pipe.hmget(data, fields), strict=True):
-                                if raw is not None:
-                                    merged[key] = json.loads(raw)
-                        for key, states in increments.items():
-                            merge_into(self.spec, merged, key, states)
-                        pipe.multi()
-                        if merged:
-                            pipe.hset(data, mapping={encode_key(k): json.dumps(v) for k, v in merged.items()})
-                        pipe.hset(meta, mapping={"applied": last_offset, "epoch": epoch})
-                        pipe.execute()
-                        return True
+                        applied, epoch, stepped = pipe.hmget(meta, ["applied", "epoch", "stepped"])
+                        return body(pipe, _Meta(NOTHING if applied is None else int(applied),
+                                                FIRST_EPOCH if epoch is None else int(epoch), stepped is not None))
                     except redis.WatchError:
                         continue  # another step changed the partition: start over from it
         except redis.RedisError as error:
             raise self._unreachable(error) from error
-        raise ServiceError(f"online store: partition {partition} changed under {_ATTEMPTS} apply attempts in a row")
+        raise ServiceError(f"online store: partition {partition} changed under {_ATTEMPTS} {what} "
+                           "attempts in a row")
+
+    def apply(self, partition: int, from_offset: int, last_offset: int,
+              increments_above: Callable[[int], Increments]) -> bool:
+        def step(pipe: Any, meta: _Meta) -> bool:
+            applied, epoch = meta.applied, meta.epoch
+            if applied >= last_offset:
+                pipe.unwatch()
+                return False
+            if from_offset > applied + 1:
+                pipe.unwatch()
+                raise StoreBehindError(
+                    f"the online store has partition {partition} applied through offset {applied}, but "
+                    f"this step starts at {from_offset}: offsets {applied + 1}..{from_offset - 1} would "
+                    "be lost. Re-derive the store with `lambdalake speed rebuild`")
+            increments = increments_above(applied)
+            data = self._epoch_key(partition, epoch)
+            merged: dict[StateKey, list[Any]] = {}
+            if increments:
+                for key, raw in zip(increments, pipe.hmget(data, [encode_key(k) for k in increments]),
+                                    strict=True):
+                    if raw is not None:
+                        merged[key] = json.loads(raw)
+            for key, states in increments.items():
+                merge_into(self.spec, merged, key, states)
+            pipe.multi()
+            if merged:
+                pipe.hset(data, mapping={encode_key(k): json.dumps(v) for k, v in merged.items()})
+            pipe.hset(self._meta(partition), mapping={"applied": last_offset, "epoch": epoch, "stepped": 1})
+            pipe.execute()
+            return True
+
+        return self._step(partition, "apply", step)
 
     def cut(self, partition: int, *, floor: int = NOTHING) -> Cut:
-        meta = self._meta(partition)
-        try:
-            with self.client.pipeline(transaction=True) as pipe:
-                for _ in range(_ATTEMPTS):
-                    try:
-                        pipe.watch(meta)  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
-                        applied_raw, epoch_raw = pipe.hmget(meta, ["applied", "epoch"])
-                        applied = NOTHING if applied_raw is None else int(applied_raw)
-                        epoch = FIRST_EPOCH if epoch_raw is None else int(epoch_raw)
-                        if applied_raw is None and floor > applied:
-                            applied = floor
-                        pipe.multi()
-                        pipe.hset(meta, mapping={"applied": applied, "epoch": epoch + 1,
-                                                 f"cut:{epoch}": applied})
-                        pipe.execute()
-                        self._open_epochs[partition] = epoch + 1
-                        return Cut(partition, epoch, applied)
-                    except redis.WatchError:
-                        continue
-        except redis.RedisError as error:
-            raise self._unreachable(error) from error
-        raise ServiceError(f"online store: partition {partition} changed under {_ATTEMPTS} cut attempts in a row")
+        def step(pipe: Any, meta: _Meta) -> Cut:
+            epoch = meta.epoch
+            at = max(floor, meta.applied) if not meta.stepped else meta.applied
+            pipe.multi()
+            pipe.hset(self._meta(partition), mapping={"applied": at, "epoch": epoch + 1, f"cut:{epoch}": at})
+            pipe.execute()
+            self._open_epochs[partition] = epoch + 1
+            return Cut(partition, epoch, at)
+
+        return self._step(partition, "cut", step)
 
     def _read_partitions(self, partitions: list[int], after: Mapping[int, int],
                          fields: list[str]) -> dict[int, tuple[int, int, list[Any]]]:

@@ -157,9 +157,10 @@ def test_a_cut_of_a_partition_never_applied_records_the_floor(store: RedisOnline
     assert step(store, 2, events)
     assert store.read(every_key([e for _, e in events]), [2], {2: cut.epoch}).states == \
         increments_of([e for o, e in events if o > 41])
-    later = store.cut(0, floor=10)
-    assert later.offset == 10
-    assert store.cut(0, floor=99).offset == 10  # the floor applies only where nothing ever was
+    assert store.cut(0, floor=-1).offset == -1  # an empty partition, never consumed
+    assert store.cut(0, floor=10).offset == 10  # records arrived since; the group still never ran
+    step(store, 0, events[:20])
+    assert store.cut(0, floor=99).offset == 19  # the group runs: its applied offset is the cut
 
 
 def test_dropping_closed_epochs_keeps_what_readers_of_the_newest_cut_need(store: RedisOnlineStore) -> None:
