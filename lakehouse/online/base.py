@@ -27,10 +27,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from lakehouse.errors import ServiceError
+from lakehouse.features import ViewStates
 from lakehouse.spec import PlatformSpec
 
 __all__ = ["Cut", "Increments", "OnlineStore", "StateKey", "StoreBehindError", "StoreRead", "decode_key",
-           "encode_key", "merge_into"]
+           "encode_key", "increments_of", "merge_into"]
 
 StateKey = tuple[str, Any, int]  # (feature view, entity, bucket start)
 # key → the view's monoid states, in the order of its aggregations
@@ -86,6 +87,18 @@ def merge_into(spec: PlatformSpec, into: dict[StateKey, list[Any]], key: StateKe
     aggregations = list(spec.view(key[0]).aggregations.values())
     for i, aggregation in enumerate(aggregations):
         current[i] = aggregation.plus(current[i], states[i])
+
+
+def increments_of(spec: PlatformSpec, events: Iterable[Mapping[str, Any]]) -> dict[StateKey, list[Any]]:
+    """The monoid-state increments of typed events, per (view, entity, bucket): what a step
+    adds to the store (the fold of `lakehouse.features`, the one every layer uses)."""
+    tables = [ViewStates(view) for view in spec.views]
+    time_field = spec.events.time_field
+    for event in events:
+        for table in tables:
+            table.add(event, time_field)
+    return {(table.view.name, entity, bucket): [states[a] for a in table.view.aggregations]
+            for table in tables for (entity, bucket), states in table.items()}
 
 
 class OnlineStore(ABC):

@@ -17,10 +17,11 @@ import pytest
 import redis
 
 from lakehouse.errors import ServiceError
-from lakehouse.features import ViewStates
 from lakehouse.fraud import FRAUD_SPEC
 from lakehouse.online.base import Increments, StateKey, StoreBehindError, merge_into
+from lakehouse.online.base import increments_of as production_increments
 from lakehouse.online.redis_store import RedisOnlineStore, redis_location
+from lakehouse.recompute import states_by_view
 
 pytestmark = pytest.mark.integration
 
@@ -71,15 +72,11 @@ def _event(i: int, user: str, merchant: str, amount: int, time_ms: int) -> dict[
 
 
 def increments_of(events: list[dict[str, Any]]) -> dict[StateKey, list[Any]]:
-    """The monoid-state increments of a list of events, per (view, entity, bucket)."""
-    out: dict[StateKey, list[Any]] = {}
-    for view in SPEC.views:
-        table = ViewStates(view)
-        for event in events:
-            table.add(event, TIME)
-        for (entity, bucket), states in table.items():
-            out[(view.name, entity, bucket)] = [states[a] for a in view.aggregations]
-    return out
+    """The plain recomputation (`lakehouse.recompute`, not the monoids' fold) of a list of
+    events' states, per (view, entity, bucket)."""
+    tables = states_by_view(SPEC.views, events, TIME)
+    return {(view.name, entity, bucket): [states[a] for a in view.aggregations]
+            for view in SPEC.views for (entity, bucket), states in tables[view.name].items()}
 
 
 def batches(seed: int, partitions: int, n: int) -> dict[int, list[tuple[int, dict[str, Any]]]]:
@@ -96,7 +93,7 @@ def batches(seed: int, partitions: int, n: int) -> dict[int, list[tuple[int, dic
 def step(store: RedisOnlineStore, partition: int, events: list[tuple[int, dict[str, Any]]]) -> bool:
     """Apply the records a member consumed: `events`, (offset, event) from its position on."""
     def above(applied: int) -> Increments:
-        return increments_of([e for o, e in events if o > applied])
+        return production_increments(SPEC, [e for o, e in events if o > applied])
 
     return store.apply(partition, events[0][0], events[-1][0], above)
 
