@@ -28,7 +28,7 @@ import numpy as np
 from batch.train import read_rows
 from lakehouse import registry
 from lakehouse.config import Settings
-from lakehouse.errors import PlatformError
+from lakehouse.errors import BatchError
 from lakehouse.spec import PlatformSpec
 from lakehouse.tables import Lakehouse
 
@@ -88,14 +88,14 @@ def champion_reference(settings: Settings, spec: PlatformSpec) -> tuple[int, np.
     client = registry.client(settings.mlflow_uri)
     version = registry.version_by_alias(client, settings.model_name, registry.CHAMPION)
     if version is None:
-        raise PlatformError(f"model {settings.model_name!r} has no champion: train one first")
+        raise BatchError(f"model {settings.model_name!r} has no champion: train one first")
     tags = client.get_run(version.run_id).data.tags
     try:
         path, table_version = tags["lineage.training_set_path"], int(tags["lineage.training_set_version"])
         split = datetime.fromisoformat(tags["lineage.split_time"])
     except KeyError as missing:
-        raise PlatformError(f"champion v{version.version} has no lineage tag {missing}: it was not "
-                            "trained by `lambdalake batch train`") from None
+        raise BatchError(f"champion v{version.version} has no lineage tag {missing}: it was not "
+                         "trained by `lambdalake batch train`") from None
     x, _, times = read_rows(path, table_version, list(spec.feature_names))
     return int(version.version), x[times < split.timestamp() * 1000]
 

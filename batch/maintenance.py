@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from lakehouse.errors import ConfigError, PlatformError
+from lakehouse.errors import BatchError, ConfigError
 from lakehouse.spec import PlatformSpec
 from lakehouse.tables import Lakehouse
 
@@ -93,7 +93,7 @@ def stream_positions(lakehouse: Lakehouse) -> list[StreamPosition]:
     try:
         filesystem, base = pafs.FileSystem.from_uri(root.replace("s3a://", "s3://", 1))
     except (ValueError, OSError) as exc:
-        raise PlatformError(
+        raise BatchError(
             f"cannot read the streaming checkpoints under {root} to check what VACUUM may "
             f"delete ({exc}); run maintenance where the Delta root is reachable") from None
     if filesystem.get_file_info(base).type != pafs.FileType.Directory:
@@ -171,7 +171,7 @@ def maintain(lakehouse: Lakehouse, spec: PlatformSpec, *, retention_hours: int,
 
     Refuses (ConfigError) a retention below the safe minimum before touching anything; a
     table whose VACUUM would delete files a stream has yet to read is compacted and
-    checkpointed but not vacuumed, and a PlatformError naming it is raised at the end."""
+    checkpointed but not vacuumed, and a BatchError naming it is raised at the end."""
     from deltalake import DeltaTable
 
     check_retention(retention_hours, allow_unsafe_retention=allow_unsafe_retention)
@@ -209,5 +209,5 @@ def maintain(lakehouse: Lakehouse, spec: PlatformSpec, *, retention_hours: int,
              f"vacuumed {upkeep.files_vacuumed}{' (VACUUM refused)' if needed else ''}")
         done.append(upkeep)
     if refused:
-        raise PlatformError("; ".join(refused))
+        raise BatchError("; ".join(refused))
     return done

@@ -38,7 +38,7 @@ from batch.training_set import LABEL, TrainingSet, build_training_set
 from lakehouse import registry
 from lakehouse.bundle import load_or_create_signing_key, load_verify_key
 from lakehouse.config import Settings, options_from_settings, setting_field
-from lakehouse.errors import PlatformError
+from lakehouse.errors import BatchError
 from lakehouse.model import ScoringModel, load_bundle, predict, write_bundle
 from lakehouse.spec import PlatformSpec
 from lakehouse.tables import EVENT_TIME_MS, Lakehouse, latest_run
@@ -169,7 +169,7 @@ def run_distributed(spark: SparkSession, options: TrainOptions, job: dict[str, A
         result = distributor.run(train_worker, job)
         gc.collect()
     if not isinstance(result, dict):
-        raise PlatformError(f"training returned {type(result).__name__}, not the model weights")
+        raise BatchError(f"training returned {type(result).__name__}, not the model weights")
     return result
 
 
@@ -222,10 +222,10 @@ def train_model(
     started = time.monotonic()
     run = latest_run(lakehouse)
     if run is None:
-        raise PlatformError("no published batch run: run `lambdalake batch views` first")
+        raise BatchError("no published batch run: run `lambdalake batch views` first")
     if training_set is not None and training_set.batch_run_id != run.run_id:
-        raise PlatformError(f"the training set was built from batch run {training_set.batch_run_id}, "
-                            f"but the latest published run is {run.run_id}: rebuild it")
+        raise BatchError(f"the training set was built from batch run {training_set.batch_run_id}, "
+                         f"but the latest published run is {run.run_id}: rebuild it")
     if training_set is None:
         training_set = build_training_set(spark, lakehouse, spec, run,
                                           label_cutoff_ms=label_cutoff_ms, echo=echo)
@@ -236,7 +236,7 @@ def train_model(
     holdout = times >= split_ms
     x_hold, y_hold = x_all[holdout], y_all[holdout]
     if y_hold.min(initial=1) == y_hold.max(initial=0) or y_all[~holdout].sum() == 0:
-        raise PlatformError(
+        raise BatchError(
             f"cannot train: the training set's {len(y_all)} labelled events hold "
             f"{int(y_all.sum())} positives; both the training rows and the holdout need both labels")
     echo(f"holdout: {int(holdout.sum())} events from {_iso(split_ms)} "

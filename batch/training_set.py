@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from batch.views import within_boundary
-from lakehouse.errors import PlatformError
+from lakehouse.errors import BatchError
 from lakehouse.features import (
     OFFSET,
     PARTITION,
@@ -164,8 +164,8 @@ def build_training_set(
     labels_path = lakehouse.silver(spec.labels.name)
     labels_version = table_version(spark, labels_path)
     if labels_version is None:
-        raise PlatformError(f"no silver labels yet: ingest and validate topic "
-                            f"{spec.labels.topic!r} first (`lambdalake batch run`)")
+        raise BatchError(f"no silver labels yet: ingest and validate topic "
+                         f"{spec.labels.topic!r} first (`lambdalake batch run`)")
     events = within_boundary(
         spark.read.format("delta").option("versionAsOf", run.source_versions["silver_events"])
         .load(lakehouse.silver(spec.events.name)),
@@ -184,8 +184,8 @@ def build_training_set(
     positives = spark.read.format("delta").option("versionAsOf", version).load(path).where(
         F.col(LABEL) == 1).count()
     if count == 0:
-        raise PlatformError("the training set is empty: no labelled event within the batch "
-                            "run's boundary" + (" before the label cut-off" if label_cutoff_ms else ""))
+        raise BatchError("the training set is empty: no labelled event within the batch "
+                         "run's boundary" + (" before the label cut-off" if label_cutoff_ms else ""))
     echo(f"training set: {count} labelled events ({positives} positive), Delta v{version}")
     return TrainingSet(path=path, version=version, rows=count, positives=positives,
                        batch_run_id=run.run_id, label_cutoff_ms=label_cutoff_ms,

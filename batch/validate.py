@@ -38,7 +38,7 @@ from batch.expectations import (
     duplicate_expectation,
     expectation_for,
 )
-from lakehouse.errors import DataQualityError
+from lakehouse.errors import BatchError, DataQualityError
 from lakehouse.spec import RecordSchema
 from lakehouse.tables import Lakehouse, appended_since, table_version
 from lakehouse.types import arrow_type, typed_arrow_schema
@@ -217,18 +217,26 @@ def validate_topic(
              .save(path))
         parsed.unpersist()
 
-    query = (
-        spark.readStream.format("delta").load(lakehouse.bronze(schema.topic))
-        .writeStream.foreachBatch(route)
-        .option("checkpointLocation", lakehouse.checkpoint(app_id))
-        .trigger(availableNow=True)
-        .start()
-    )
+    from pyspark.errors import PySparkException
+
+    try:
+        query = (
+            spark.readStream.format("delta").load(lakehouse.bronze(schema.topic))
+            .writeStream.foreachBatch(route)
+            .option("checkpointLocation", lakehouse.checkpoint(app_id))
+            .trigger(availableNow=True)
+            .start()
+        )
+    except PySparkException as exc:
+        raise BatchError(f"cannot validate topic {schema.topic!r}: {_first_line(exc)} (has "
+                         "`lambdalake batch ingest` written its bronze table?)") from exc
     try:
         query.awaitTermination()
-    except Exception:
+    except Exception as exc:
         if blocked:  # the gate's own error, not Spark's wrapping of it
             raise blocked[0] from None
+        if isinstance(exc, PySparkException):
+            raise BatchError(f"validating topic {schema.topic!r} failed: {_first_line(exc)}") from exc
         raise
     silver_rows, _ = appended_since(spark, silver_path, before[silver_path])
     quarantined, _ = appended_since(spark, quarantine_path, before[quarantine_path])
@@ -262,6 +270,11 @@ class SliceCheck:
     @property
     def failure_rate(self) -> float:
         return self.invalid / self.rows if self.rows else 0.0
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an error's message (Spark's go on with a JVM stack trace)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def slice_id(schema: RecordSchema, batch_id: int, offsets: dict[int, tuple[int, int]]) -> str:

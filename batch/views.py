@@ -23,7 +23,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from lakehouse.errors import PlatformError
+from lakehouse.errors import BatchError
 from lakehouse.spec import FeatureView, PlatformSpec
 from lakehouse.tables import BUCKET, BatchRun, Lakehouse, last_commit, publish_run, table_version
 
@@ -97,8 +97,8 @@ def compute_views(
     quarantine_version = table_version(spark, lakehouse.quarantine(spec.events.name))
     silver_version = table_version(spark, silver_path)
     if silver_version is None:
-        raise PlatformError("no silver events yet: run `lambdalake batch ingest` and "
-                            "`lambdalake batch validate` first")
+        raise BatchError("no silver events yet: run `lambdalake batch ingest` and "
+                         "`lambdalake batch validate` first")
     boundary = validated_boundary(spark, lakehouse, spec.events.name,
                                   {"silver": silver_version, "quarantine": quarantine_version})
     sources = {"silver_events": silver_version,

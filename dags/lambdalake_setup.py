@@ -39,14 +39,24 @@ def lambdalake_setup() -> None:
 
     @task
     def check_mlflow() -> str:
+        import urllib.error
         import urllib.request
 
         from lakehouse.config import load_settings
+        from lakehouse.errors import ServiceError
 
         uri = load_settings().mlflow_uri
-        with urllib.request.urlopen(f"{uri}/health", timeout=10) as response:
-            if response.status != 200:
-                raise RuntimeError(f"MLflow at {uri} answered {response.status}")
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=10) as response:
+                if response.status != 200:
+                    raise ServiceError(f"MLflow at {uri} answered {response.status}: see "
+                                       "`lambdalake status`")
+        except urllib.error.HTTPError as exc:
+            raise ServiceError(f"MLflow at {uri} answered {exc.code}: see "
+                               "`lambdalake status`") from exc
+        except (urllib.error.URLError, OSError) as exc:
+            raise ServiceError(f"cannot reach MLflow at {uri} ({getattr(exc, 'reason', exc)}): "
+                               "start it with `lambdalake up`") from exc
         return uri
 
     create_topics() >> check_mlflow()

@@ -185,6 +185,10 @@ class AirflowClient:
             detail = failed.read().decode(errors="replace")[:500]
             failed.close()
             raise ServiceError(f"Airflow {method} {path} answered {failed.code}: {detail}") from None
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as failed:
+            reason = getattr(failed, "reason", None) or failed
+            raise ServiceError(f"cannot reach Airflow at {self.base} ({method} {path}: {reason}): "
+                               "start it with `lambdalake up`") from failed
 
     def run_dag(self, dag_id: str, *, timeout_s: float = 3600.0,
                 echo: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
@@ -195,8 +199,9 @@ class AirflowClient:
             try:
                 was_paused = bool(self.call("GET", f"/api/v2/dags/{dag_id}")["is_paused"])
                 break
-            except ServiceError:
-                if time.monotonic() > deadline:
+            except ServiceError as refused:
+                # an answer (no DAG yet) is retried; an unreachable Airflow (chained) is not
+                if time.monotonic() > deadline or refused.__cause__ is not None:
                     raise
                 time.sleep(3)
         if was_paused:  # a paused DAG's runs do not start

@@ -20,6 +20,7 @@ import statistics
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -111,9 +112,13 @@ def run_demo(settings: Settings, spec: PlatformSpec, *, events: int, stream: int
     kafka.close()
     ends = _topic_counts(settings, spec)
 
+    api_log = settings.logs_dir / "api.log"
+
     def caught_up() -> bool:
-        snapshot = client.post("/v1/sql", json={"query": "SELECT coverage FROM serving.snapshot"}).json()
-        coverage: dict[str, int] = json.loads(snapshot["rows"][0]["coverage"])
+        coverage: dict[str, int] = _ask(
+            client, "reading the serving snapshot's coverage", api_log, "POST", "/v1/sql",
+            lambda answer: json.loads(answer["rows"][0]["coverage"]),
+            json={"query": "SELECT coverage FROM serving.snapshot"})
         return sum(o + 1 for o in coverage.values()) >= ends[spec.events.topic]
 
     deadline = time.monotonic() + 600
@@ -124,26 +129,37 @@ def run_demo(settings: Settings, spec: PlatformSpec, *, events: int, stream: int
         time.sleep(1)
 
     echo("5/5 the proof: SQL, /predict, freshness, exact merge")
-    top = client.post("/v1/sql", json={"query": "SELECT user_id, count, mean_amount, std_amount "
-                                                "FROM merged.user_all ORDER BY count DESC LIMIT 5"}).json()
-    user = top["rows"][0]["user_id"]
-    merchant = client.post("/v1/sql", json={"query": "SELECT merchant_id FROM merged.merchant_all "
-                                                     "ORDER BY count DESC LIMIT 1"}).json()["rows"][0]["merchant_id"]
+    top = _ask(client, "querying the top users", api_log, "POST", "/v1/sql",
+               lambda answer: {"rows": answer["rows"], "user": answer["rows"][0]["user_id"]},
+               json={"query": "SELECT user_id, count, mean_amount, std_amount "
+                              "FROM merged.user_all ORDER BY count DESC LIMIT 5"})
+    user = top["user"]
+    merchant = _ask(client, "querying the top merchant", api_log, "POST", "/v1/sql",
+                    lambda answer: answer["rows"][0]["merchant_id"],
+                    json={"query": "SELECT merchant_id FROM merged.merchant_all "
+                                   "ORDER BY count DESC LIMIT 1"})
     probe = {"event_id": f"demo-{uuid.uuid4().hex[:8]}", "user_id": user, "merchant_id": merchant,
              "merchant_category": "gift_cards", "amount": 899.99, "currency": "EUR", "country": "BR",
              "channel": "online", "event_time": format_timestamp_ms(int(time.time() * 1000))}
     latencies, prediction = [], {}
     for i in range(30):
         begun = time.perf_counter()
-        prediction = client.post("/v1/predict", json={**probe, "amount": 100 + i}).json()
+        prediction = _ask(client, "scoring the probe (/v1/predict)", api_log, "POST", "/v1/predict",
+                          json={**probe, "amount": 100 + i})
         latencies.append((time.perf_counter() - begun) * 1000)
-    before = client.get(f"/v1/entities/user_id/{user}/features").json()["views"]["user_all"]["count"]
+    def user_count() -> int:
+        count: int = _ask(client, f"reading the features of user {user}", api_log, "GET",
+                          f"/v1/entities/user_id/{user}/features",
+                          lambda answer: answer["views"]["user_all"]["count"])
+        return count
+
+    before = user_count()
     kafka = producer(settings)
     sent = time.perf_counter()
     kafka.send(spec.events.topic, key=user.encode(), value=json.dumps(probe).encode())
     kafka.flush()
     kafka.close()
-    while client.get(f"/v1/entities/user_id/{user}/features").json()["views"]["user_all"]["count"] <= before:
+    while user_count() <= before:
         if time.perf_counter() - sent > 120:
             raise DemoError("the probe event did not reach the merged view within 120 s")
         time.sleep(0.02)
@@ -163,8 +179,9 @@ def run_demo(settings: Settings, spec: PlatformSpec, *, events: int, stream: int
         "gold_states": sum(views["row_counts"].get(v.name, 0) for v in spec.views),
         "training_rows": trained["training_set"]["rows"],
         "scored_events": _table_rows(lakehouse.scored_events),
-        "merged_users": client.post("/v1/sql", json={"query": "SELECT count(*) AS n FROM merged.user_all"}
-                                    ).json()["rows"][0]["n"],
+        "merged_users": _ask(client, "counting the merged users", api_log, "POST", "/v1/sql",
+                             lambda answer: answer["rows"][0]["n"],
+                             json={"query": "SELECT count(*) AS n FROM merged.user_all"}),
     }
     summary = {
         "seed": seed,
@@ -186,6 +203,22 @@ def run_demo(settings: Settings, spec: PlatformSpec, *, events: int, stream: int
     }
     client.close()
     return summary
+
+
+def _ask(client: httpx.Client, what: str, log: Path, method: str, path: str,
+         pick: Callable[[Any], Any] = lambda answer: answer, **kwargs: Any) -> Any:
+    """What `pick` takes from the API's JSON answer to one request; DemoError naming `what`
+    if the API cannot be reached or its answer lacks what `pick` wants (an error answer)."""
+    try:
+        response = client.request(method, path, **kwargs)
+    except httpx.TransportError as exc:  # connect, timeout, protocol errors
+        raise DemoError(f"{what}: the HTTP API at {client.base_url} did not answer "
+                        f"({type(exc).__name__}: {exc}); see {log}") from exc
+    try:
+        return pick(response.json())
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        raise DemoError(f"{what}: the HTTP API answered {response.status_code} "
+                        f"{response.text[:300]!r}; see {log}") from exc
 
 
 def print_summary(summary: dict[str, Any], settings: Settings, out: Callable[[str], None]) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 from lakehouse.config import Settings
 from lakehouse.errors import RolloutError
 from lakehouse.registry import CHAMPION
-from lakehouse.serve import APP_NAME, connect, served_version
+from lakehouse.serve import APP_NAME, connect, deployed_apps, served_version
 from speed.model_service import ServiceArgs, serve_on_ray
 
 __all__ = ["roll_out"]
@@ -32,9 +32,7 @@ def roll_out(settings: Settings, trained: dict[str, Any], echo: Echo = _print,
     until its registry poller has swapped the new champion in. `trained` is the summary
     `batch.jobs.train` returns; RolloutError if the swap takes longer than `timeout_s`."""
     connect(settings)  # the local platform's Ray environment first, then ray.init
-    from ray import serve
-
-    if APP_NAME not in serve.status().applications:
+    if APP_NAME not in deployed_apps():  # in any state, not only RUNNING
         info = serve_on_ray(settings.ray_address, ServiceArgs.from_settings(settings))
         echo(f"deployed the model service: v{info['version']}")
         return {"served_version": info["version"], "deployed": True}

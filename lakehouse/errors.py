@@ -6,7 +6,12 @@ that says what to do, from bugs. Vendor errors are translated at the layer bound
     ├── ConfigError            settings (the core)
     ├── SpecError              the platform spec (the core)
     ├── ValidationError        a record against the spec (the core)
+    │   └── BadRequest         speed.model_service: a scoring request that cannot be served
+    ├── StaleRunError          lakehouse.tables: a batch run covers less than the published one
+    ├── ModelSignatureError    lakehouse.bundle: unsigned, signed by another key, or changed
+    ├── ModelSpecError         lakehouse.bundle: a model bundle was made for another spec
     ├── ServiceError           a service could not be started, stopped or reached
+    │   ├── StoreBehindError   lakehouse.online.base: a step would leave a gap in the store
     │   ├── RolloutError       infra: the model service did not take the new champion
     │   └── DemoError          infra: a stage of `lambdalake demo` failed
     ├── BatchError             the batch layer
@@ -17,7 +22,9 @@ that says what to do, from bugs. Vendor errors are translated at the layer bound
         │   └── SqlTimeout
         └── MergeCheckError    the exact-merge check could not read what it compares
 
-The CLI prints any of them as one line and exits non-zero (2 for a ConfigError, else 1).
+The classes named with a module are defined there, beside the contract they belong to;
+the rest are defined here. The CLI prints any of them as one line and exits non-zero (2 for
+a ConfigError, else 1).
 """
 
 from __future__ import annotations

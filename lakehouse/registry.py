@@ -18,6 +18,7 @@ import getpass
 import json
 import logging
 import os
+import re
 import socket
 import tempfile
 from datetime import UTC, datetime
@@ -35,6 +36,19 @@ BUNDLE_ARTIFACT_PATH = "model"
 audit = logging.getLogger("lambdalake.audit")
 
 
+def _redacted(text: str) -> str:
+    """Text with the user info of any URL in it (`//user:password@`) left out."""
+    return re.sub(r"//[^/@\s]+@", "//***@", text)
+
+
+def _unreachable(mlflow: MlflowClient, what: str, exc: BaseException) -> ServiceError:
+    """The ServiceError for an MLflow call that failed (MLflow down, or answering an error)."""
+    uri = _redacted(str(getattr(mlflow, "tracking_uri", "") or "(no tracking URI)"))
+    why = _redacted((str(exc).strip().splitlines() or [type(exc).__name__])[0])
+    return ServiceError(f"cannot {what} in MLflow at {uri} ({why}): check that MLflow is up "
+                        "(`lambdalake up`) and that LAMBDALAKE_MLFLOW_TRACKING_URI names it")
+
+
 def client(tracking_uri: str) -> MlflowClient:
     from mlflow import MlflowClient
 
@@ -50,7 +64,9 @@ def version_by_alias(mlflow: MlflowClient, name: str, alias: str) -> Any | None:
     except MlflowException as exc:
         if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
             return None
-        raise
+        raise _unreachable(mlflow, f"read alias {alias!r} of model {name!r}", exc) from exc
+    except OSError as exc:
+        raise _unreachable(mlflow, f"read alias {alias!r} of model {name!r}", exc) from exc
 
 
 def current_actor() -> str:
@@ -74,8 +90,14 @@ def move_alias(mlflow: MlflowClient, name: str, alias: str, version: int | str, 
                who: str | None = None, **context: str) -> dict[str, Any]:
     """Point `alias` of model `name` at `version`, and write the move to the audit log.
     The one way aliases move; returns the audit record."""
+    from mlflow.exceptions import MlflowException
+
     before = version_by_alias(mlflow, name, alias)
-    mlflow.set_registered_model_alias(name, alias, str(version))
+    try:
+        mlflow.set_registered_model_alias(name, alias, str(version))
+    except (MlflowException, OSError) as exc:
+        raise _unreachable(mlflow, f"point alias {alias!r} of model {name!r} at v{version}",
+                           exc) from exc
     record = alias_move_record(name, alias, int(version), None if before is None else int(before.version),
                                who=who or current_actor(), why=why, **context)
     audit.info(json.dumps(record))
@@ -92,8 +114,8 @@ def download_bundle(mlflow: MlflowClient, version: Any, into: Path | None = None
             run_id=version.run_id, artifact_path=BUNDLE_ARTIFACT_PATH, dst_path=str(destination),
             tracking_uri=mlflow.tracking_uri)
     except Exception as exc:  # noqa: BLE001 - any transport error means the same to callers
-        raise ServiceError(f"cannot download model {version.name} v{version.version} from "
-                           f"MLflow at {mlflow.tracking_uri}: {exc}") from exc
+        raise ServiceError(_redacted(f"cannot download model {version.name} v{version.version} "
+                                     f"from MLflow at {mlflow.tracking_uri}: {exc}")) from exc
     return Path(local)
 
 
@@ -107,10 +129,16 @@ def register(mlflow: MlflowClient, name: str, run_id: str, tags: dict[str, str],
             name, description="lambdalake scoring model: signed bundles (torch + ONNX)")
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-    source = f"{mlflow.get_run(run_id).info.artifact_uri}/{BUNDLE_ARTIFACT_PATH}"
-    return mlflow.create_model_version(name, source=source, run_id=run_id, tags=tags,
-                                       description=description)
+            raise _unreachable(mlflow, f"create model {name!r}", exc) from exc
+    except OSError as exc:
+        raise _unreachable(mlflow, f"create model {name!r}", exc) from exc
+    try:
+        source = f"{mlflow.get_run(run_id).info.artifact_uri}/{BUNDLE_ARTIFACT_PATH}"
+        return mlflow.create_model_version(name, source=source, run_id=run_id, tags=tags,
+                                           description=description)
+    except (MlflowException, OSError) as exc:
+        raise _unreachable(mlflow, f"register run {run_id} as a version of model {name!r}",
+                           exc) from exc
 
 
 def publish_bundle(mlflow: MlflowClient, name: str, run_id: str, bundle_dir: Path, *,
@@ -118,7 +146,12 @@ def publish_bundle(mlflow: MlflowClient, name: str, run_id: str, bundle_dir: Pat
                    who: str | None = None) -> Any:
     """Log a signed bundle as the run's `model/` artifacts, register it as a new version of
     `name`, and point `alias` at it (if given; audited, with `description` as the why)."""
-    mlflow.log_artifacts(run_id, str(bundle_dir), BUNDLE_ARTIFACT_PATH)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.log_artifacts(run_id, str(bundle_dir), BUNDLE_ARTIFACT_PATH)
+    except (MlflowException, OSError) as exc:
+        raise _unreachable(mlflow, f"log the bundle of run {run_id}", exc) from exc
     version = register(mlflow, name, run_id, tags=tags, description=description)
     if alias is not None:
         move_alias(mlflow, name, alias, version.version, why=description, who=who,

@@ -19,10 +19,11 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from lakehouse.config import Settings
+from lakehouse.errors import ServiceError
 from lakehouse.registry import CHAMPION
 
 __all__ = ["APP_NAME", "DEPLOYMENT", "AsyncScoreCall", "app_name", "async_score_call",
-           "Scorer", "connect", "ray_is_local", "ray_local_env", "running_apps",
+           "Scorer", "connect", "deployed_apps", "ray_is_local", "ray_local_env", "running_apps",
            "serve_scorer", "served_version"]
 
 APP_NAME = "model"
@@ -87,17 +88,36 @@ def connect(settings: Settings | None = None, *, address: str | None = None,
     if ray.is_initialized():
         return
     target = address or (settings.ray_address if settings is not None else "auto")
-    if quiet:
-        ray.init(address=target, log_to_driver=False, logging_level=logging.WARNING)
-    else:
-        ray.init(address=target, log_to_driver=False)
+    try:
+        if quiet:
+            ray.init(address=target, log_to_driver=False, logging_level=logging.WARNING)
+        else:
+            ray.init(address=target, log_to_driver=False)
+    except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
+        raise ServiceError(f"cannot join the Ray cluster at {target} ({_first_line(exc)}): start "
+                           "the platform with `lambdalake up`, or set LAMBDALAKE_RAY_ADDRESS to "
+                           "a running Ray head") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _app_handle(app: str) -> Any:
+    """The handle of an application's ingress deployment; ServiceError if it is not deployed."""
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        return serve.get_app_handle(app)
+    except (RayServeException, ValueError) as exc:
+        raise ServiceError(f"the model service application {app!r} is not deployed on Ray "
+                           f"({_first_line(exc)}): deploy it with `lambdalake model serve`") from exc
 
 
 def serve_scorer(app: str = APP_NAME, *, timeout_s: float = 60.0) -> Scorer:
     """Score rows through an application's deployment handle, blocking (the speed layer)."""
-    from ray import serve
-
-    handle = serve.get_app_handle(app)
+    handle = _app_handle(app)
 
     def score(rows: list[list[float]]) -> tuple[list[float], int]:
         answer = handle.score.remote(rows).result(timeout_s=timeout_s)
@@ -108,15 +128,21 @@ def serve_scorer(app: str = APP_NAME, *, timeout_s: float = 60.0) -> Scorer:
 
 def async_score_call(app: str) -> AsyncScoreCall:
     """Score rows through an application's deployment handle, from async code (the API)."""
-    from ray import serve
-
-    handle = serve.get_app_handle(app)
+    handle = _app_handle(app)
 
     async def call(rows: list[list[float]]) -> dict[str, Any]:
         answer: dict[str, Any] = await handle.score.remote(rows)
         return answer
 
     return call
+
+
+def deployed_apps() -> set[str]:
+    """The Serve applications deployed in any state, deploying or failed too (Ray must be
+    connected)."""
+    from ray import serve
+
+    return set(serve.status().applications)
 
 
 def running_apps() -> set[str]:
@@ -129,7 +155,5 @@ def running_apps() -> set[str]:
 
 def served_version(app: str = APP_NAME, *, timeout_s: float = 60.0) -> int:
     """The model version an application serves now (Ray must be connected)."""
-    from ray import serve
-
-    info = serve.get_app_handle(app).info.remote().result(timeout_s=timeout_s)
+    info = _app_handle(app).info.remote().result(timeout_s=timeout_s)
     return int(info["version"])

@@ -45,7 +45,7 @@ from lakehouse.bundle import (
     spec_fingerprint_of,
 )
 from lakehouse.config import SETTING, Settings, options_from_settings, setting_field
-from lakehouse.errors import PlatformError, ValidationError
+from lakehouse.errors import ServiceError, SpeedError, ValidationError
 from lakehouse.fraud import FRAUD_SPEC
 from lakehouse.model import load_bundle
 from lakehouse.registry import CHAMPION
@@ -106,8 +106,8 @@ class ServiceArgs:
         try:
             return Path(self.verify_key_file).read_bytes()
         except OSError as error:
-            raise PlatformError(f"cannot read the model verify key {self.verify_key_file}: "
-                                f"{error.strerror}") from error
+            raise SpeedError(f"cannot read the model verify key {self.verify_key_file}: "
+                             f"{error.strerror}") from error
 
 
 class BadRequest(ValidationError):
@@ -182,8 +182,8 @@ def _scorer_class() -> type[Any]:
             self.client = None
             loaded = self._load_current()
             if loaded is None:
-                raise PlatformError(f"model {self.args.model_name!r} has no {self.args.alias!r} "
-                                    "version to serve: train one first (`lambdalake batch train`)")
+                raise SpeedError(f"model {self.args.model_name!r} has no {self.args.alias!r} "
+                                 "version to serve: train one first (`lambdalake batch train`)")
             self.loaded: LoadedModel = loaded
             self.swaps = 0
             self.last_error = ""
@@ -295,9 +295,13 @@ def serve_on_ray(address: str, service: ServiceArgs, *, timeout_s: float = 180.0
         try:
             info: dict[str, Any] = handle.info.remote().result(timeout_s=max(1.0, deadline - time.monotonic()))
             return info
-        except Exception:
+        except Exception as exc:
             if time.monotonic() > deadline:
-                raise
+                why = (str(exc).splitlines() or [""])[0]
+                raise ServiceError(
+                    f"the model service {name!r} on Ray at {address} was not healthy within "
+                    f"{timeout_s:.0f}s ({type(exc).__name__}: {why}); check `serve status` and "
+                    "the replica logs, then run `lambdalake model serve` again") from exc
             time.sleep(1.0)
 
 
