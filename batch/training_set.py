@@ -33,7 +33,14 @@ from lakehouse.features import (
     views_by_entity,
 )
 from lakehouse.spec import FeatureView, PlatformSpec
-from lakehouse.tables import EVENT_TIME_MS, BatchRun, Lakehouse, last_commit, table_version
+from lakehouse.tables import (
+    BATCH_RUN_ID,
+    EVENT_TIME_MS,
+    BatchRun,
+    Lakehouse,
+    last_commit,
+    table_version,
+)
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -41,7 +48,6 @@ if TYPE_CHECKING:
 EVENT_ID = "event_id"
 LABEL = "label"
 LABEL_TIME_MS = "label_time_ms"
-BATCH_RUN_ID = "batch_run_id"
 
 
 @dataclass(frozen=True)

@@ -25,15 +25,21 @@ from typing import TYPE_CHECKING
 
 from lakehouse.errors import BatchError
 from lakehouse.spec import FeatureView, PlatformSpec
-from lakehouse.tables import BUCKET, BatchRun, Lakehouse, last_commit, publish_run, table_version
+from lakehouse.tables import (
+    BATCH_RUN_ID,
+    BUCKET,
+    BatchRun,
+    Lakehouse,
+    last_commit,
+    publish_run,
+    table_version,
+)
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
 __all__ = ["BUCKET", "BatchRun", "compute_views", "read_view", "view_states",
            "validated_boundary", "within_boundary"]
-
-BATCH_RUN_ID = "batch_run_id"
 
 
 def view_states(events: DataFrame, view: FeatureView) -> DataFrame:

@@ -19,7 +19,7 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -28,6 +28,7 @@ from rich.table import Table
 
 from lakehouse.config import Settings, load_settings
 from lakehouse.errors import ConfigError, PlatformError
+from lakehouse.registry import CHALLENGER, CHAMPION
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -129,10 +130,14 @@ def _print_status(healths: list[Health]) -> None:
 def generate(
     events: Annotated[int, typer.Option("--events", "-n", min=1, help="transactions to send")],
     rate: Annotated[float, typer.Option(help="messages per second; 0 = as fast as possible", min=0)] = 0,
-    seed: Annotated[int, typer.Option(min=0, help="same seed and options, same messages")] = 0,
-    malformed: Annotated[float, typer.Option(help="fraction of malformed messages")] = 0.005,
-    duplicates: Annotated[float, typer.Option(help="fraction of re-sent duplicates")] = 0.005,
-    late: Annotated[float, typer.Option(help="fraction of late (out-of-order) events")] = 0.01,
+    seed: Annotated[int | None, typer.Option(
+        min=0, help="same seed and options, same messages (default: GeneratorOptions.seed)")] = None,
+    malformed: Annotated[float | None, typer.Option(
+        help="fraction of malformed messages (default: GeneratorOptions.malformed_fraction)")] = None,
+    duplicates: Annotated[float | None, typer.Option(
+        help="fraction of re-sent duplicates (default: GeneratorOptions.duplicate_fraction)")] = None,
+    late: Annotated[float | None, typer.Option(
+        help="fraction of late (out-of-order) events (default: GeneratorOptions.late_fraction)")] = None,
     truth: Annotated[Path | None, typer.Option(
         help="Parquet file for the ground truth; default <state_dir>/generated/truth-seed<S>.parquet"
     )] = None,
@@ -143,10 +148,12 @@ def generate(
     from lakehouse.generator import GeneratorOptions, generate_and_produce
     from lakehouse.streams import ensure_topics, producer
 
-    options = GeneratorOptions(events=events, seed=seed, malformed_fraction=malformed,
-                               duplicate_fraction=duplicates, late_fraction=late)
+    given: dict[str, Any] = {"seed": seed, "malformed_fraction": malformed,
+                             "duplicate_fraction": duplicates, "late_fraction": late}
+    options = GeneratorOptions(events=events,
+                               **{name: value for name, value in given.items() if value is not None})
     config = settings()
-    truth_path = truth or config.state_path / "generated" / f"truth-seed{seed}.parquet"
+    truth_path = truth or config.state_path / "generated" / f"truth-seed{options.seed}.parquet"
     truth_path.parent.mkdir(parents=True, exist_ok=True)
     ensure_topics(config, FRAUD_SPEC.topics, partitions=config.kafka_partitions)
     kafka = producer(config)
@@ -312,13 +319,13 @@ AliasOption = Annotated[str, typer.Option(
 def _service_args(alias: str) -> ServiceArgs:
     from speed.model_service import ServiceArgs
 
-    if alias not in ("champion", "challenger"):
-        raise typer.BadParameter(f"--alias must be champion or challenger, got {alias!r}")
+    if alias not in (CHAMPION, CHALLENGER):
+        raise typer.BadParameter(f"--alias must be {CHAMPION} or {CHALLENGER}, got {alias!r}")
     return ServiceArgs.from_settings(settings(), alias=alias)
 
 
 @model_app.command("serve")
-def model_serve(alias: AliasOption = "champion") -> None:
+def model_serve(alias: AliasOption = CHAMPION) -> None:
     """Deploy (or update) the model service on the platform's Ray Serve and wait until it
     answers; prints the version it serves."""
     import os
@@ -336,7 +343,7 @@ def model_serve(alias: AliasOption = "champion") -> None:
 
 
 @model_app.command("config")
-def model_config(alias: AliasOption = "champion") -> None:
+def model_config(alias: AliasOption = CHAMPION) -> None:
     """Print a Ray Serve config file for the model service (`serve deploy FILE`)."""
     from speed.model_service import serve_config
 
@@ -352,8 +359,10 @@ app.add_typer(speed_app, name="speed")
 def speed_run(
     group: Annotated[str | None, typer.Option(
         help="Kafka consumer group; members share the partitions [default: LAMBDALAKE_SPEED_GROUP]")] = None,
-    max_batch: Annotated[int, typer.Option(min=1, help="records per micro-batch at most")] = 2000,
-    max_wait_ms: Annotated[int, typer.Option(min=1, help="longest wait for a micro-batch to fill")] = 200,
+    max_batch: Annotated[int | None, typer.Option(
+        min=1, help="records per micro-batch at most (default: SpeedOptions.max_batch)")] = None,
+    max_wait_ms: Annotated[int | None, typer.Option(
+        min=1, help="longest wait for a micro-batch to fill (default: SpeedOptions.max_wait_ms)")] = None,
     max_events: Annotated[int | None, typer.Option(min=1, help="stop after this many records")] = None,
     idle_exit: Annotated[float | None, typer.Option(min=0.1, help="stop after this many idle seconds")] = None,
     metrics_port: Annotated[int, typer.Option(
@@ -361,13 +370,14 @@ def speed_run(
     metrics_host: Annotated[str, typer.Option(
         help="bind address of the metrics endpoint (0.0.0.0 in a pod, for the scraper)")] = "127.0.0.1",
     topic: Annotated[str | None, typer.Option(help="events topic (default: the spec's); the DLQ is TOPIC.dlq")] = None,
-    on_missing_offsets: Annotated[str, typer.Option(
+    on_missing_offsets: Annotated[str | None, typer.Option(
         help="resuming below the oldest offset Kafka holds: fail (an error with the numbers) or "
-             "skip (start at the oldest; logged and counted as lost)")] = "fail",
+             "skip (start at the oldest; logged and counted as lost) "
+             "(default: SpeedOptions.on_missing_offsets)")] = None,
 ) -> None:
     """Score every event of the events topic through the model service, exactly once,
     until SIGTERM/SIGINT (the current micro-batch completes first)."""
-    if on_missing_offsets not in ("fail", "skip"):
+    if on_missing_offsets is not None and on_missing_offsets not in ("fail", "skip"):
         raise typer.BadParameter(f"expected fail or skip, got {on_missing_offsets!r}",
                                  param_hint="--on-missing-offsets")
     import threading
@@ -392,10 +402,11 @@ def speed_run(
     if topic:
         spec = dataclasses.replace(spec, events=dataclasses.replace(spec.events, topic=topic),
                                    dlq_topic=f"{topic}.dlq")
-    group = group or config.speed_group
-    options = SpeedOptions(group_id=group, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                           on_missing_offsets=on_missing_offsets)  # type: ignore[arg-type]
-    _echo(f"speed layer: group {group}, topic {spec.events.topic}")
+    given = {"group_id": group or None, "max_batch": max_batch, "max_wait_ms": max_wait_ms,
+             "on_missing_offsets": on_missing_offsets}
+    options = SpeedOptions.from_settings(
+        config, **{name: value for name, value in given.items() if value is not None})
+    _echo(f"speed layer: group {options.group_id}, topic {spec.events.topic}")
     counts = SpeedLayer(config, spec, serve_scorer(), options=options).run(
         stop, max_events=max_events, idle_exit_s=idle_exit)
     print(json.dumps(counts))

@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from lakehouse.features import OFFSET, PARTITION
 from lakehouse.spec import PlatformSpec
-from lakehouse.tables import Lakehouse
+from lakehouse.tables import BATCH_RUN_ID, Lakehouse
 from lakehouse.types import typed_arrow_schema
 
 __all__ = ["app_id", "coverage", "ensure_scored_table", "resume_offsets", "scored_schema"]
@@ -64,7 +64,7 @@ def scored_schema(spec: PlatformSpec) -> pa.Schema:
         pa.field("features", pa.list_(pa.float64()), nullable=False),
         pa.field("score", pa.float64(), nullable=False),
         pa.field("model_version", pa.int64(), nullable=False),
-        pa.field("batch_run_id", pa.string()),
+        pa.field(BATCH_RUN_ID, pa.string()),
         pa.field("consumer_group", pa.string(), nullable=False),
         pa.field("scored_at", pa.timestamp("us", tz="UTC"), nullable=False),
         pa.field("feature_ms", pa.float64(), nullable=False),

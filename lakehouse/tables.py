@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 BUCKET = "bucket_start_ms"  # gold tables: start (epoch ms) of an (entity, bucket) state's bucket
 EVENT_TIME_MS = "event_time_ms"  # an event's time as integer epoch milliseconds (UTC)
+BATCH_RUN_ID = "batch_run_id"  # gold, training and scored rows: the batch run they come from
 PUBLISH_APP_ID = "lambdalake-publish"  # batch_runs' app transaction: its version is the sequence
 
 

@@ -38,7 +38,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date, datetime
 from datetime import time as dt_time
 from decimal import Decimal
@@ -91,7 +91,7 @@ class Serving:
     engine: DuckEngine
     rollout: Rollout
     keys: ApiKeys
-    config: ServingConfig = field(default_factory=ServingConfig)
+    config: ServingConfig  # `ServingConfig.from_settings(settings)` (serving.server)
     # called in the refresh thread every ~10 s: may add or drop rollout arms
     discover_arms: Callable[[], None] | None = None
 

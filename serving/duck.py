@@ -42,23 +42,23 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from lakehouse.config import setting_default
 from lakehouse.errors import SqlError, SqlTimeout
 from lakehouse.features import OFFSET, PARTITION
 from lakehouse.scored import coverage as scored_coverage
 from lakehouse.spec import FeatureView, PlatformSpec
-from lakehouse.tables import BUCKET, EVENT_TIME_MS, Lakehouse, published_runs
+from lakehouse.tables import BATCH_RUN_ID, BUCKET, EVENT_TIME_MS, Lakehouse, published_runs
 from lakehouse.types import arrow_type
 from serving.point import PointIndex, exact_int
 from serving.views import (
     DUCKDB,
+    SCHEMAS,
     merged_views,
     raw_tables,
     view_name,
 )
 
 log = logging.getLogger("lambdalake.serving")
-
-SCHEMAS = ("gold", "batch", "speed", "merged", "bronze", "silver", "quarantine", "training", "serving")
 
 # Table functions a query may call: they make or reshape values and read nothing else.
 TABLE_FUNCTIONS = frozenset({"range", "generate_series", "unnest", "json_each", "json_tree"})
@@ -115,7 +115,7 @@ def gold_schema(spec: PlatformSpec, view: FeatureView) -> pa.Schema:
     return pa.schema([pa.field(view.entity, _arrow_type(spec, view.entity)),
                       pa.field(BUCKET, pa.int64()),
                       *[pa.field(n, state(a)) for n, a in view.aggregations.items()],
-                      pa.field("batch_run_id", pa.string())])
+                      pa.field(BATCH_RUN_ID, pa.string())])
 
 
 def increments_schema(spec: PlatformSpec) -> pa.Schema:
@@ -128,7 +128,8 @@ class DuckEngine:
     """Merged views and read-only SQL over one lakehouse, for one speed consumer group."""
 
     def __init__(self, spec: PlatformSpec, lakehouse: Lakehouse, *, group: str, topic: str | None = None,
-                 partitions: int = 1, threads: int = 2, memory_limit: str = "2GB") -> None:
+                 partitions: int = 1, threads: int = 2,
+                 memory_limit: str = setting_default("duckdb_memory_limit")) -> None:
         import duckdb
 
         self.spec = spec
@@ -310,7 +311,8 @@ class DuckEngine:
             local.generation = self._generation
         return cursor
 
-    def query(self, sql: str, *, row_cap: int = 10_000, timeout_s: float = 10.0) -> QueryResult:
+    def query(self, sql: str, *, row_cap: int = setting_default("sql_row_cap"),
+              timeout_s: float = setting_default("sql_timeout_s")) -> QueryResult:
         """Run one read-only SELECT; at most `row_cap` rows, interrupted after `timeout_s`."""
         import duckdb
 

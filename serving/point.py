@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 
 from lakehouse.features import OFFSET, PARTITION, ViewStates
 from lakehouse.spec import FeatureView, PlatformSpec
-from lakehouse.tables import BUCKET
+from lakehouse.tables import BUCKET, EVENT_TIME_MS
 
 # entity field → entity → [(partition, offset, typed event), ...] in arrival order
 Increments = dict[str, dict[Any, list[tuple[int, int, dict[str, Any]]]]]
@@ -80,10 +80,10 @@ class PointIndex:
         increments = {f: {} for f in self.increments} if replace else self.increments
         time_field = spec.events.time_field
         fields = [f for f in spec.events.field_names if f != time_field]
-        columns = {n: events.column(n).to_pylist() for n in [*fields, "event_time_ms", PARTITION, OFFSET]}
+        columns = {n: events.column(n).to_pylist() for n in [*fields, EVENT_TIME_MS, PARTITION, OFFSET]}
         for i in range(events.num_rows):
             event = {f: columns[f][i] for f in fields}
-            event[time_field] = columns["event_time_ms"][i]
+            event[time_field] = columns[EVENT_TIME_MS][i]
             arrived = (columns[PARTITION][i], columns[OFFSET][i], event)
             for field, by_entity in increments.items():
                 by_entity.setdefault(event[field], []).append(arrived)

@@ -22,14 +22,15 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+from lakehouse.config import setting_default
 from lakehouse.errors import SqlError
 from lakehouse.features import OFFSET, PARTITION
 from lakehouse.scored import coverage as scored_coverage
 from lakehouse.spec import PlatformSpec
-from lakehouse.tables import EVENT_TIME_MS, Lakehouse, published_runs
+from lakehouse.tables import BUCKET, EVENT_TIME_MS, Lakehouse, published_runs
 from lakehouse.types import spark_sql_type
 from serving.duck import Snapshot
-from serving.views import SPARK, merged_views, raw_tables
+from serving.views import SCHEMAS, SPARK, merged_views, raw_tables
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -88,8 +89,7 @@ class SparkEngine:
 
 
         spark, spec, lake = self.spark, self.spec, self.lakehouse
-        for schema in (HIDDEN, "gold", "batch", "speed", "merged", "bronze", "silver", "quarantine",
-                       "training", "serving"):
+        for schema in (HIDDEN, *SCHEMAS):
             spark.sql(f"CREATE DATABASE IF NOT EXISTS {schema}")
         runs = [r for r in published_runs(lake) if r.spec_fingerprint == spec.fingerprint()]
         run = runs[0] if runs else None
@@ -98,7 +98,7 @@ class SparkEngine:
             hidden = self._table(f"gold.{view.name}", lake.gold(view.name))
             if run is None or hidden is None:
                 columns = ", ".join(
-                    [f"CAST(NULL AS STRING) AS {_q(view.entity)}", f"CAST(NULL AS BIGINT) AS {_q('bucket_start_ms')}"]
+                    [f"CAST(NULL AS STRING) AS {_q(view.entity)}", f"CAST(NULL AS BIGINT) AS {_q(BUCKET)}"]
                     + [f"CAST(NULL AS {a.spark_type.upper()}) AS {_q(n)}" for n, a in view.aggregations.items()])
                 spark.sql(f"CREATE OR REPLACE VIEW gold.{view.name} AS SELECT {columns} WHERE false")
             else:
@@ -141,7 +141,7 @@ class SparkEngine:
     def _event_types(self) -> list[tuple[str, str]]:
         return [(f.name, spark_sql_type(f)) for f in self.spec.events.fields]
 
-    def query(self, sql: str, *, row_cap: int = 10_000) -> tuple[pa.Table, bool]:
+    def query(self, sql: str, *, row_cap: int = setting_default("sql_row_cap")) -> tuple[pa.Table, bool]:
         """One read-only query; at most `row_cap` rows (and whether more existed)."""
         from py4j.protocol import Py4JJavaError
         from pyspark.errors import PySparkException

@@ -21,7 +21,7 @@ from lakehouse.errors import MergeCheckError, ValidationError
 from lakehouse.recompute import states_by_view
 from lakehouse.spec import PlatformSpec
 from lakehouse.streams import kafka_client_config
-from lakehouse.tables import Lakehouse
+from lakehouse.tables import BUCKET, Lakehouse
 from serving.duck import DuckEngine
 
 
@@ -81,7 +81,7 @@ def check_exact_merge(settings: Settings, spec: PlatformSpec, *, lakehouse: Lake
     for view in spec.views:
         names = list(view.aggregations)
         merged = {
-            (r[view.entity], r["bucket_start_ms"]): {n: None if r[n] is None else int(r[n]) for n in names}
+            (r[view.entity], r[BUCKET]): {n: None if r[n] is None else int(r[n]) for n in names}
             for r in engine.query(f"SELECT * FROM merged.{view.name}_states", row_cap=10**9).table.to_pylist()}
         expected = recomputed[view.name]
         differing = [k for k in expected.keys() | merged.keys() if expected.get(k) != merged.get(k)]

@@ -37,6 +37,8 @@ from lakehouse.spec import FeatureView, PlatformSpec
 from lakehouse.tables import BUCKET, EVENT_TIME_MS, Lakehouse
 
 WINDOW_END = "window_end_ms"
+# the SQL schemas every engine creates (and a query may read from)
+SCHEMAS = ("gold", "batch", "speed", "merged", "bronze", "silver", "quarantine", "training", "serving")
 
 
 @dataclass(frozen=True)

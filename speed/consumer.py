@@ -81,12 +81,12 @@ class SpeedOptions:
 
 class SpeedLayer:
     def __init__(self, settings: Settings, spec: PlatformSpec, scorer: Scorer, *,
-                 lakehouse: Lakehouse | None = None, options: SpeedOptions = SpeedOptions()) -> None:
+                 lakehouse: Lakehouse | None = None, options: SpeedOptions | None = None) -> None:
         self.settings = settings
         self.spec = spec
         self.scorer = scorer
         self.lakehouse = lakehouse or Lakehouse(settings.delta_uri)
-        self.options = options
+        self.options = options if options is not None else SpeedOptions.from_settings(settings)
         self.topic = spec.events.topic
         self.dlq_topic = spec.topics[2]
         self.schema = scored.scored_schema(spec)
