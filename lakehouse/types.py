@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from lakehouse.monoids import Aggregation
 from lakehouse.spec import FieldSpec, RecordSchema
 
-__all__ = ["ARROW_TYPES", "SPARK_SQL_TYPES", "arrow_type", "spark_sql_type", "typed_arrow_schema"]
+__all__ = ["ARROW_TYPES", "SPARK_SQL_TYPES", "arrow_type", "spark_sql_type", "state_arrow_type",
+           "typed_arrow_schema"]
 
 # spec type → (Arrow type, Spark SQL type)
 _TYPES: dict[str, tuple[pa.DataType, str]] = {
@@ -35,6 +37,15 @@ SPARK_SQL_TYPES: dict[str, str] = {name: spark for name, (_, spark) in _TYPES.it
 
 def arrow_type(field: FieldSpec) -> pa.DataType:
     return ARROW_TYPES[field.type]
+
+
+# a monoid state's SQL type (`Aggregation.spark_type`) → its Arrow type (gold tables read by
+# DuckDB and delta-rs): counts, sums, extremes in 64 bits; sums of squares beyond them
+_STATE_ARROW_TYPES: dict[str, pa.DataType] = {"bigint": pa.int64(), "decimal(38,0)": pa.decimal128(38, 0)}
+
+
+def state_arrow_type(aggregation: Aggregation) -> pa.DataType:
+    return _STATE_ARROW_TYPES[aggregation.spark_type]
 
 
 def spark_sql_type(field: FieldSpec) -> str:

@@ -48,7 +48,7 @@ from lakehouse.features import OFFSET, PARTITION
 from lakehouse.scored import coverage as scored_coverage
 from lakehouse.spec import FeatureView, PlatformSpec
 from lakehouse.tables import BATCH_RUN_ID, BUCKET, EVENT_TIME_MS, Lakehouse, published_runs
-from lakehouse.types import arrow_type
+from lakehouse.types import arrow_type, state_arrow_type
 from serving.point import PointIndex, exact_int
 from serving.views import (
     DUCKDB,
@@ -110,11 +110,9 @@ def _arrow_type(spec: PlatformSpec, name: str) -> pa.DataType:
 
 def gold_schema(spec: PlatformSpec, view: FeatureView) -> pa.Schema:
     """The gold table's columns (what an empty one looks like before the first run)."""
-    def state(a: Any) -> pa.DataType:
-        return pa.decimal128(38, 0) if a.spark_type.startswith("decimal") else pa.int64()
     return pa.schema([pa.field(view.entity, _arrow_type(spec, view.entity)),
                       pa.field(BUCKET, pa.int64()),
-                      *[pa.field(n, state(a)) for n, a in view.aggregations.items()],
+                      *[pa.field(n, state_arrow_type(a)) for n, a in view.aggregations.items()],
                       pa.field(BATCH_RUN_ID, pa.string())])
 
 

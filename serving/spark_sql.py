@@ -98,7 +98,8 @@ class SparkEngine:
             hidden = self._table(f"gold.{view.name}", lake.gold(view.name))
             if run is None or hidden is None:
                 columns = ", ".join(
-                    [f"CAST(NULL AS STRING) AS {_q(view.entity)}", f"CAST(NULL AS BIGINT) AS {_q(BUCKET)}"]
+                    [f"CAST(NULL AS {self._field_types[view.entity]}) AS {_q(view.entity)}",
+                     f"CAST(NULL AS BIGINT) AS {_q(BUCKET)}"]
                     + [f"CAST(NULL AS {a.spark_type.upper()}) AS {_q(n)}" for n, a in view.aggregations.items()])
                 spark.sql(f"CREATE OR REPLACE VIEW gold.{view.name} AS SELECT {columns} WHERE false")
             else:
@@ -138,8 +139,12 @@ class SparkEngine:
         increments = spark.sql("SELECT count(*) AS n FROM speed.increments").collect()[0]["n"]
         return Snapshot(run.run_id if run else None, dict(boundary), scored_version, coverage, int(increments))
 
+    @property
+    def _field_types(self) -> dict[str, str]:
+        return {f.name: spark_sql_type(f) for f in self.spec.events.fields}
+
     def _event_types(self) -> list[tuple[str, str]]:
-        return [(f.name, spark_sql_type(f)) for f in self.spec.events.fields]
+        return list(self._field_types.items())
 
     def query(self, sql: str, *, row_cap: int = setting_default("sql_row_cap")) -> tuple[pa.Table, bool]:
         """One read-only query; at most `row_cap` rows (and whether more existed)."""
