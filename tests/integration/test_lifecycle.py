@@ -29,17 +29,18 @@ def _cmdline(pid: int) -> str:
 def test_status_shows_every_service_healthy(platform: Settings) -> None:
     result = lambdalake("status", "--json")
     services = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert {s["service"] for s in services} == {"kafka", "mlflow", "ray", "airflow"}
+    assert {s["service"] for s in services} == {"kafka", "redis", "mlflow", "ray", "airflow"}
     assert all(s["healthy"] and s["pids"] for s in services), services
     urls = {s["service"]: s["url"] for s in services}
     assert urls["airflow"] == f"http://127.0.0.1:{platform.airflow_port}"
     assert urls["mlflow"] == f"http://127.0.0.1:{platform.mlflow_port}"
+    assert urls["redis"] == f"redis://127.0.0.1:{platform.redis_port}/0"
 
 
 def test_up_again_changes_nothing(platform: Settings) -> None:
     before = {h.service: h.pids for h in Platform(platform).status()}
     result = lambdalake("up")
-    assert result.stderr.count("already running") == 4
+    assert result.stderr.count("already running") == 5
     after = {h.service: h.pids for h in Platform(platform).status()}
     assert after == before
 
@@ -60,6 +61,7 @@ def _small_platform_env(tmp_path: Path, offset: int) -> dict[str, str]:
         "LAMBDALAKE_MLFLOW_PORT": str(25000 + offset),
         "LAMBDALAKE_MANAGE_RAY": "false",
         "LAMBDALAKE_MANAGE_AIRFLOW": "false",
+        "LAMBDALAKE_MANAGE_REDIS": "false",
     }
 
 
@@ -87,7 +89,7 @@ def test_failed_start_stops_what_it_started(platform: Settings, tmp_path: Path) 
     assert "heap" in result.stderr.lower()  # the log tail explains why
     # MLflow had been started by this call: it must be gone again
     leftover = Platform(load_settings(state_dir=tmp_path / "state", mlflow_port=25010,
-                                      manage_ray=False, manage_airflow=False,
+                                      manage_ray=False, manage_airflow=False, manage_redis=False,
                                       kafka_bootstrap_servers="127.0.0.1:29102")).status()
     assert all(not h.pids for h in leftover), leftover
     assert not port_open("127.0.0.1", 25010)
