@@ -1,0 +1,150 @@
+"""Refresh cost against uptime: the online store next to today's Delta hand-off.
+
+The same events arrive in 100 and in 10,000 micro-batches (one partition, 1,000 users). For
+each size, side by side in one run:
+
+- Delta (today's path): every micro-batch is one append to a scored-events-like table; a
+  serving refresh lists the table's files (`to_pyarrow_dataset().get_fragments()`), so its
+  cost follows the number of micro-batches since the table began.
+- Online store: every micro-batch is one `apply` step (exactly once, per partition); a
+  refresh is one `scan` of the epochs after the cut, whose cost follows the number of live
+  (entity, bucket) states, not how many steps built them.
+
+Also: the time of one step and of one point read (`read`, what /v1/entities will use).
+
+    .venv/bin/python -m tests.benchmarks.online_store [--events 50000] [--sizes 100 10000]
+
+Needs `redis-server` (installed by `make install`); starts its own on a free port.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import redis
+from deltalake import DeltaTable, write_deltalake
+
+from lakehouse.fraud import FRAUD_SPEC
+from lakehouse.online.base import increments_of
+from lakehouse.online.redis_store import RedisOnlineStore
+
+SPEC = FRAUD_SPEC
+TIME = SPEC.events.time_field
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _events(n: int, seed: int = 7) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    start = 1_767_225_600_000
+    return [{"event_id": f"e{i}", "user_id": f"u{rng.randrange(1000)}", "merchant_id": f"m{rng.randrange(200)}",
+             "merchant_category": "grocery", "amount": rng.randrange(100, 100_000), "currency": "EUR",
+             "country": "DE", "channel": "pos", TIME: start + i * 50} for i in range(n)]
+
+
+def _timed(action: Any, repeat: int = 5) -> float:
+    """Median seconds of `action()`."""
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        action()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def _delta(folder: Path, batches: list[list[dict[str, Any]]]) -> tuple[float, float]:
+    """(seconds per append, seconds per refresh listing) of one Delta table."""
+    path = str(folder / "scored")
+    schema = pa.schema([("offset", pa.int64()), ("user_id", pa.string()), ("amount", pa.int64())])
+    offset, started = 0, time.perf_counter()
+    for batch in batches:
+        rows = [{"offset": offset + i, "user_id": e["user_id"], "amount": e["amount"]} for i, e in enumerate(batch)]
+        offset += len(batch)
+        write_deltalake(path, pa.Table.from_pylist(rows, schema=schema), mode="append")
+    per_append = (time.perf_counter() - started) / len(batches)
+    return per_append, _timed(lambda: list(DeltaTable(path).to_pyarrow_dataset().get_fragments()))
+
+
+def _store(url: str, group: str, batches: list[list[dict[str, Any]]]) -> tuple[float, float, float, int]:
+    """(seconds per step, seconds per scan, seconds per point read, live states) of the store."""
+    store = RedisOnlineStore(SPEC, group, url)
+    store.wipe()
+    offset, started = 0, time.perf_counter()
+    for batch in batches:
+        first, last = offset, offset + len(batch) - 1
+        offset += len(batch)
+        store.apply(0, first, last, lambda applied, batch=batch, first=first: increments_of(
+            SPEC, [e for i, e in enumerate(batch) if first + i > applied]))
+    per_step = (time.perf_counter() - started) / len(batches)
+    states = sum(1 for _ in store.scan(0, 0)[1])
+    scan = _timed(lambda: list(store.scan(0, 0)[1]))
+    keys = [(view.name, "u1" if view.entity == "user_id" else "m1", view.bucket_of(batches[-1][-1][TIME]))
+            for view in SPEC.views]
+    point = _timed(lambda: store.read(keys, [0], {}), repeat=50)
+    return per_step, scan, point, states
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=50_000)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100, 10_000], help="micro-batches")
+    args = parser.parse_args()
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server is not installed: run `make install`")
+    port = _free_port()
+    with tempfile.TemporaryDirectory(prefix="lambdalake-bench-") as scratch:
+        server = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", scratch,
+                                   "--save", "", "--appendonly", "yes", "--appendfsync", "everysec",
+                                   "--maxmemory", "256mb"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            client = redis.Redis(port=port)
+            for _ in range(100):
+                try:
+                    client.ping()
+                    break
+                except redis.ConnectionError:
+                    time.sleep(0.05)
+            url = f"redis://127.0.0.1:{port}/0"
+            events = _events(args.events)
+            rows = []
+            for size in args.sizes:
+                per = max(1, len(events) // size)
+                batches = [events[i:i + per] for i in range(0, len(events), per)][:size]
+                print(f"{len(batches):>6} micro-batches of {per} events: Delta …", flush=True)
+                append, listing = _delta(Path(scratch) / f"delta-{size}", batches)
+                print(f"{len(batches):>6} micro-batches of {per} events: store …", flush=True)
+                step, scan, point, states = _store(url, f"bench-{size}", batches)
+                rows.append((len(batches), append, listing, step, scan, point, states))
+        finally:
+            server.terminate()
+            server.wait(10)
+    print()
+    print(f"{'batches':>8} {'Delta append':>13} {'Delta refresh':>14} {'store step':>11} {'store scan':>11} "
+          f"{'point read':>11} {'live states':>12}")
+    for n, append, listing, step, scan, point, states in rows:
+        print(f"{n:>8} {append * 1000:>10.2f} ms {listing * 1000:>11.2f} ms {step * 1000:>8.2f} ms "
+              f"{scan * 1000:>8.2f} ms {point * 1000:>8.3f} ms {states:>12}")
+    if len(rows) >= 2:
+        (small, *_, large) = rows
+        print(f"\nrefresh cost, {large[0]} vs {small[0]} micro-batches: Delta listing ×{large[2] / small[2]:.1f}, "
+              f"store scan ×{large[4] / small[4]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
