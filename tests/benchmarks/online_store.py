@@ -1,6 +1,6 @@
 """Refresh cost against uptime: the online store next to today's Delta hand-off.
 
-The same events arrive in 100 and in 10,000 micro-batches (one partition, 1,000 users). For
+The same events arrive in 100 and in 2,000 micro-batches (one partition, 1,000 users). For
 each size, side by side in one run:
 
 - Delta (today's path): every micro-batch is one append to a scored-events-like table; a
@@ -12,7 +12,7 @@ each size, side by side in one run:
 
 Also: the time of one step and of one point read (`read`, what /v1/entities will use).
 
-    .venv/bin/python -m tests.benchmarks.online_store [--events 50000] [--sizes 100 10000]
+    .venv/bin/python -m tests.benchmarks.online_store [--events 20000] [--sizes 100 2000]
 
 Needs `redis-server` (installed by `make install`); starts its own on a free port.
 """
@@ -100,8 +100,8 @@ def _store(url: str, group: str, batches: list[list[dict[str, Any]]]) -> tuple[f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--events", type=int, default=50_000)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[100, 10_000], help="micro-batches")
+    parser.add_argument("--events", type=int, default=20_000)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100, 2_000], help="micro-batches")
     args = parser.parse_args()
     binary = shutil.which("redis-server")
     if binary is None:
