@@ -14,26 +14,26 @@ Also: the time of one step and of one point read (`read`, what /v1/entities will
 
     .venv/bin/python -m tests.benchmarks.online_store [--events 20000] [--sizes 100 2000]
 
-Needs `redis-server` (installed by `make install`); starts its own on a free port.
+Needs `redis-server` (installed by `make install`); starts its own on a free port, as the
+platform runs it (`infra.redis`).
 """
 
 from __future__ import annotations
 
 import argparse
 import random
-import shutil
 import socket
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import redis
 from deltalake import DeltaTable, write_deltalake
 
+from infra.redis import RedisService
+from lakehouse.config import load_settings
 from lakehouse.fraud import FRAUD_SPEC
 from lakehouse.online.base import increments_of
 from lakehouse.online.redis_store import RedisOnlineStore
@@ -103,24 +103,12 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 2_000], help="micro-batches")
     args = parser.parse_args()
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("redis-server is not installed: run `make install`")
-    port = _free_port()
     with tempfile.TemporaryDirectory(prefix="lambdalake-bench-") as scratch:
-        server = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", scratch,
-                                   "--save", "", "--appendonly", "yes", "--appendfsync", "everysec",
-                                   "--maxmemory", "256mb"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        server = RedisService(load_settings(state_dir=Path(scratch) / "state", redis_port=_free_port()))
+        server.start()
         try:
-            client = redis.Redis(port=port)
-            for _ in range(100):
-                try:
-                    client.ping()
-                    break
-                except redis.ConnectionError:
-                    time.sleep(0.05)
-            url = f"redis://127.0.0.1:{port}/0"
+            server.wait_ready()
+            url = server.url
             events = _events(args.events)
             rows = []
             for size in args.sizes:
@@ -132,8 +120,7 @@ def main() -> None:
                 step, scan, point, states = _store(url, f"bench-{size}", batches)
                 rows.append((len(batches), append, listing, step, scan, point, states))
         finally:
-            server.terminate()
-            server.wait(10)
+            server.stop()
     print()
     print(f"{'batches':>8} {'Delta append':>13} {'Delta refresh':>14} {'store step':>11} {'store scan':>11} "
           f"{'point read':>11} {'live states':>12}")

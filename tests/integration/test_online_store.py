@@ -5,17 +5,15 @@ and the merge of gold ⊕ the epochs after a cut against a plain recomputation."
 from __future__ import annotations
 
 import random
-import shutil
 import socket
-import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import redis
 
+from infra.redis import RedisService
+from lakehouse.config import load_settings
 from lakehouse.errors import ServiceError
 from lakehouse.fraud import FRAUD_SPEC
 from lakehouse.online.base import Increments, StateKey, StoreBehindError, merge_into
@@ -37,26 +35,14 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    binary = shutil.which("redis-server")
-    assert binary, "redis-server is installed by infra/bootstrap/system-packages.sh"
-    port, folder = _free_port(), tmp_path_factory.mktemp("redis")
-    process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder),
-                                "--appendonly", "yes", "--save", "", "--maxmemory", "64mb"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = redis.Redis(port=port)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            if time.monotonic() > deadline:
-                process.kill()
-                raise
-            time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}/0"
-    process.terminate()
-    process.wait(10)
+    """A redis-server of its own, started and stopped by the platform's service (infra.redis)."""
+    service = RedisService(load_settings(state_dir=tmp_path_factory.mktemp("state"), redis_port=_free_port()))
+    service.start()
+    try:
+        service.wait_ready()
+        yield service.url
+    finally:
+        service.stop()
 
 
 @pytest.fixture
