@@ -16,6 +16,13 @@ dropped (`drop_epochs`).
 
 Every read says what it reflects: per partition, the applied offset its states include
 (the coverage vector), read in the same atomic step as the states.
+
+A step carries two more things of its records above the applied offset, so that the store
+is the speed layer's one sink of record: the scored rows, kept in the partition's outbox
+until they are in Delta (`pending`, `flushed`: `speed/scored_events` follows the store, at
+most about once a second), and the identities (`RecordSchema.dedup_key`) of its valid
+events, so that a later copy of an event is recognised by whichever member consumes it
+(`seen`).
 """
 
 from __future__ import annotations
@@ -30,8 +37,8 @@ from lakehouse.errors import ServiceError
 from lakehouse.features import ViewStates
 from lakehouse.spec import PlatformSpec
 
-__all__ = ["Cut", "Increments", "OnlineStore", "StateKey", "StoreBehindError", "StoreRead", "decode_key",
-           "encode_key", "increments_of", "merge_into"]
+__all__ = ["NOTHING", "Cut", "Increments", "OnlineStore", "StateKey", "Step", "StoreBehindError", "StoreRead",
+           "decode_key", "encode_key", "increments_of", "merge_into"]
 
 StateKey = tuple[str, Any, int]  # (feature view, entity, bucket start)
 # key → the view's monoid states, in the order of its aggregations
@@ -55,6 +62,17 @@ class Cut:
     partition: int
     epoch: int
     offset: int
+
+
+@dataclass(frozen=True)
+class Step:
+    """What one step adds for the records above the applied offset: their monoid-state
+    increments, their scored rows (offset → encoded row, for the outbox) and the identities
+    of their valid events."""
+
+    increments: Increments
+    rows: Mapping[int, bytes]
+    seen: Sequence[str]
 
 
 @dataclass(frozen=True)
@@ -107,6 +125,7 @@ class OnlineStore(ABC):
     def __init__(self, spec: PlatformSpec, group: str) -> None:
         self.spec = spec
         self.group = group
+        self.topic = spec.events.topic
 
     @abstractmethod
     def ping(self) -> None:
@@ -118,19 +137,38 @@ class OnlineStore(ABC):
 
     @abstractmethod
     def apply(self, partition: int, from_offset: int, last_offset: int,
-              increments_above: Callable[[int], Increments]) -> bool:
+              step_above: Callable[[int], Step]) -> bool:
         """One atomic step for the records a member consumed from `from_offset` through
-        `last_offset`: the increments of those above the partition's applied offset
-        (`increments_above(applied)`) merged into its open epoch, and `last_offset` recorded
-        as applied. False (nothing changed) when `last_offset` is already applied;
-        StoreBehindError when `from_offset` lies above the applied offset + 1 (the records
-        in between would be lost: the store lost state, `lambdalake speed rebuild`)."""
+        `last_offset`: of those above the partition's applied offset (`step_above(applied)`),
+        the increments merged into its open epoch, the rows added to its outbox and the
+        identities to its seen set, and `last_offset` recorded as applied. False (nothing
+        changed) when `last_offset` is already applied; StoreBehindError when `from_offset`
+        lies above the applied offset + 1 (the records in between would be lost: the store
+        lost state)."""
 
     @abstractmethod
-    def cut(self, partition: int, *, floor: int = NOTHING) -> Cut:
+    def seen(self, identities: Mapping[int, Sequence[str]]) -> dict[int, set[str]]:
+        """Per partition, those of the given event identities a step (or a cut's floor)
+        already recorded."""
+
+    @abstractmethod
+    def cut(self, partition: int, *, floor: int = NOTHING,
+            remember: Callable[[int], Iterable[str]] | None = None) -> Cut:
         """Close the partition's open epoch at its applied offset and open the next. Where
-        the speed group never applied a step, the cut is at `floor` if that is higher (bronze's
-        high-water mark: the run covers bronze up to it, and the group resumes after it)."""
+        the speed group never applied a step, the cut is at `floor` if that is higher (the
+        offsets the batch run validated: it covers them, and the group resumes after them);
+        the identities of the valid events the floor passes over (`remember(previous
+        applied)`, those at offsets above it through `floor`) join the seen set in the same
+        step, so a later copy of one is still recognised."""
+
+    @abstractmethod
+    def pending(self, partition: int) -> tuple[int, list[bytes]]:
+        """(applied offset, the outbox's rows in offset order), read atomically: what
+        `speed/scored_events` must hold for the partition through the applied offset."""
+
+    @abstractmethod
+    def flushed(self, partition: int, through: int) -> None:
+        """Drop the outbox rows at or below `through` (they are in Delta)."""
 
     @abstractmethod
     def read(self, keys: Iterable[StateKey], partitions: Iterable[int],

@@ -1,12 +1,15 @@
 """The online store on Redis (any Redis-protocol server; Redis Cluster too).
 
-Layout, per consumer group and Kafka partition, all under one hash tag so that every step
-touches one slot (`{<prefix>:<group>:<partition>}`):
+Layout, per consumer group, topic and Kafka partition, all under one hash tag so that every
+step touches one slot (`{<prefix>:<group>:<topic>:<partition>}`):
 
     {…}:meta        hash: applied (the highest offset applied), epoch (the open one),
-                    cut:<e> (the applied offset at which epoch e was closed)
+                    cut:<e> (the applied offset at which epoch e was closed), stepped (set
+                    by the first step of the speed group)
     {…}:e<epoch>    hash: "<view>\\x1f<entity as JSON>\\x1f<bucket>" → the view's monoid
                     states as a JSON list (exact integers, None for an empty max/min)
+    {…}:outbox      sorted set: scored rows not yet in Delta, scored by Kafka offset
+    {…}:seen        set: identities of the partition's valid events (the dedup key as JSON)
 
 `apply` is optimistic: it WATCHes the meta hash, reads the applied offset, asks for the
 increments of the events above it, merges them into the open epoch's states with the spec's
@@ -25,7 +28,7 @@ last seen, and says so when a cut has opened a newer one since, which is read ag
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple, TypeVar
 
 import redis
@@ -35,9 +38,9 @@ from lakehouse.online.base import (
     FIRST_EPOCH,
     NOTHING,
     Cut,
-    Increments,
     OnlineStore,
     StateKey,
+    Step,
     StoreBehindError,
     StoreRead,
     decode_key,
@@ -90,7 +93,13 @@ class RedisOnlineStore(OnlineStore):
 
     # ------------------------------------------------------------------ keys
     def _tag(self, partition: int) -> str:
-        return f"{{{self.prefix}:{self.group}:{partition}}}"
+        return f"{{{self.prefix}:{self.group}:{self.topic}:{partition}}}"
+
+    def _outbox(self, partition: int) -> str:
+        return f"{self._tag(partition)}:outbox"
+
+    def _seen(self, partition: int) -> str:
+        return f"{self._tag(partition)}:seen"
 
     def _meta(self, partition: int) -> str:
         return f"{self._tag(partition)}:meta"
@@ -140,7 +149,7 @@ class RedisOnlineStore(OnlineStore):
                            "attempts in a row")
 
     def apply(self, partition: int, from_offset: int, last_offset: int,
-              increments_above: Callable[[int], Increments]) -> bool:
+              step_above: Callable[[int], Step]) -> bool:
         def step(pipe: Any, meta: _Meta) -> bool:
             applied, epoch = meta.applied, meta.epoch
             if applied >= last_offset:
@@ -152,7 +161,8 @@ class RedisOnlineStore(OnlineStore):
                     f"the online store has partition {partition} applied through offset {applied}, but "
                     f"this step starts at {from_offset}: offsets {applied + 1}..{from_offset - 1} would "
                     "be lost. Re-derive the store with `lambdalake speed rebuild`")
-            increments = increments_above(applied)
+            above = step_above(applied)
+            increments = above.increments
             data = self._epoch_key(partition, epoch)
             merged: dict[StateKey, list[Any]] = {}
             if increments:
@@ -165,23 +175,59 @@ class RedisOnlineStore(OnlineStore):
             pipe.multi()
             if merged:
                 pipe.hset(data, mapping={encode_key(k): json.dumps(v) for k, v in merged.items()})
+            if above.rows:
+                pipe.zadd(self._outbox(partition), {row: offset for offset, row in above.rows.items()})
+            if above.seen:
+                pipe.sadd(self._seen(partition), *above.seen)
             pipe.hset(self._meta(partition), mapping={"applied": last_offset, "epoch": epoch, "stepped": 1})
             pipe.execute()
             return True
 
         return self._step(partition, "apply", step)
 
-    def cut(self, partition: int, *, floor: int = NOTHING) -> Cut:
+    def seen(self, identities: Mapping[int, Sequence[str]]) -> dict[int, set[str]]:
+        asked = [(p, list(ids)) for p, ids in identities.items() if ids]
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                for p, ids in asked:
+                    pipe.smismember(self._seen(p), ids)
+                answers = pipe.execute()
+        except redis.RedisError as error:
+            raise self._unreachable(error) from error
+        return {p: {i for i, known in zip(ids, answer, strict=True) if known}
+                for (p, ids), answer in zip(asked, answers, strict=True)}
+
+    def cut(self, partition: int, *, floor: int = NOTHING,
+            remember: Callable[[int], Iterable[str]] | None = None) -> Cut:
         def step(pipe: Any, meta: _Meta) -> Cut:
             epoch = meta.epoch
             at = max(floor, meta.applied) if not meta.stepped else meta.applied
+            passed = list(remember(meta.applied)) if remember is not None and at > meta.applied else []
             pipe.multi()
+            for start in range(0, len(passed), 10_000):
+                pipe.sadd(self._seen(partition), *passed[start:start + 10_000])
             pipe.hset(self._meta(partition), mapping={"applied": at, "epoch": epoch + 1, f"cut:{epoch}": at})
             pipe.execute()
             self._open_epochs[partition] = epoch + 1
             return Cut(partition, epoch, at)
 
         return self._step(partition, "cut", step)
+
+    def pending(self, partition: int) -> tuple[int, list[bytes]]:
+        try:
+            with self.client.pipeline(transaction=True) as pipe:
+                pipe.hget(self._meta(partition), "applied")
+                pipe.zrange(self._outbox(partition), 0, -1)
+                applied, rows = pipe.execute()
+        except redis.RedisError as error:
+            raise self._unreachable(error) from error
+        return (NOTHING if applied is None else int(applied)), list(rows)
+
+    def flushed(self, partition: int, through: int) -> None:
+        try:
+            self.client.zremrangebyscore(self._outbox(partition), "-inf", through)
+        except redis.RedisError as error:
+            raise self._unreachable(error) from error
 
     def _read_partitions(self, partitions: list[int], after: Mapping[int, int],
                          fields: list[str]) -> dict[int, tuple[int, int, list[Any]]]:
@@ -255,7 +301,8 @@ class RedisOnlineStore(OnlineStore):
 
     def wipe(self) -> None:
         try:
-            doomed = list(self.client.scan_iter(match=f"{{{self.prefix}:{self.group}:*", count=1000))
+            doomed = list(self.client.scan_iter(match=f"{{{self.prefix}:{self.group}:{self.topic}:*",
+                                                count=1000))
             for start in range(0, len(doomed), 500):
                 self.client.unlink(*doomed[start:start + 500])
         except redis.RedisError as error:

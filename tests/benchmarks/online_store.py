@@ -35,7 +35,7 @@ from deltalake import DeltaTable, write_deltalake
 from infra.redis import RedisService
 from lakehouse.config import load_settings
 from lakehouse.fraud import FRAUD_SPEC
-from lakehouse.online.base import increments_of
+from lakehouse.online.base import Step, increments_of
 from lakehouse.online.redis_store import RedisOnlineStore
 
 SPEC = FRAUD_SPEC
@@ -87,8 +87,8 @@ def _store(url: str, group: str, batches: list[list[dict[str, Any]]]) -> tuple[f
     for batch in batches:
         first, last = offset, offset + len(batch) - 1
         offset += len(batch)
-        store.apply(0, first, last, lambda applied, batch=batch, first=first: increments_of(
-            SPEC, [e for i, e in enumerate(batch) if first + i > applied]))
+        store.apply(0, first, last, lambda applied, batch=batch, first=first: Step(increments_of(
+            SPEC, [e for i, e in enumerate(batch) if first + i > applied]), {}, []))
     per_step = (time.perf_counter() - started) / len(batches)
     states = sum(1 for _ in store.scan(0, 0)[1])
     scan = _timed(lambda: list(store.scan(0, 0)[1]))

@@ -16,7 +16,7 @@ from infra.redis import RedisService
 from lakehouse.config import load_settings
 from lakehouse.errors import ServiceError
 from lakehouse.fraud import FRAUD_SPEC
-from lakehouse.online.base import Increments, StateKey, StoreBehindError, merge_into
+from lakehouse.online.base import StateKey, Step, StoreBehindError, merge_into
 from lakehouse.online.base import increments_of as production_increments
 from lakehouse.online.redis_store import RedisOnlineStore, redis_location
 from lakehouse.recompute import states_by_view
@@ -78,8 +78,10 @@ def batches(seed: int, partitions: int, n: int) -> dict[int, list[tuple[int, dic
 
 def step(store: RedisOnlineStore, partition: int, events: list[tuple[int, dict[str, Any]]]) -> bool:
     """Apply the records a member consumed: `events`, (offset, event) from its position on."""
-    def above(applied: int) -> Increments:
-        return production_increments(SPEC, [e for o, e in events if o > applied])
+    def above(applied: int) -> Step:
+        fresh = [(o, e) for o, e in events if o > applied]
+        return Step(production_increments(SPEC, [e for _, e in fresh]),
+                    {o: f"row {o}".encode() for o, _ in fresh}, [e["event_id"] for _, e in fresh])
 
     return store.apply(partition, events[0][0], events[-1][0], above)
 
@@ -205,6 +207,36 @@ def test_a_read_after_a_cut_it_did_not_see_reads_the_new_epoch(store: RedisOnlin
     read = reader.read(keys, [0], {})
     assert read.epochs == {0: 2} and read.coverage == {0: 99}
     assert read.states == increments_of([e for _, e in events])
+
+
+def test_the_outbox_and_the_seen_set_take_each_record_once(store: RedisOnlineStore) -> None:
+    """A step's rows wait in the outbox until flushed; a replayed or overlapping step adds
+    none twice, and the seen set knows exactly the applied events' identities."""
+    events = batches(8, 1, 120)[0]
+    step(store, 0, events[:80])
+    step(store, 0, events[:80])  # redelivered
+    step(store, 0, events[40:100])  # overlapping: adds 80..99
+    applied, rows = store.pending(0)
+    assert applied == 99
+    assert rows == [f"row {o}".encode() for o in range(100)]
+    store.flushed(0, 59)
+    assert store.pending(0) == (99, [f"row {o}".encode() for o in range(60, 100)])
+    asked = [e["event_id"] for _, e in events]
+    assert store.seen({0: asked}) == {0: set(asked[:100])}
+    assert store.seen({0: []}) == {}
+
+
+def test_a_floored_cut_remembers_the_identities_it_passes_over(store: RedisOnlineStore) -> None:
+    asked: list[int] = []
+
+    def remember(previous: int) -> list[str]:
+        asked.append(previous)
+        return [f"e{o}" for o in range(previous + 1, 21)]
+
+    store.cut(3, floor=20, remember=remember)
+    store.cut(3, floor=20, remember=remember)  # nothing new passed over: not asked again
+    assert asked == [-1]
+    assert store.seen({3: ["e0", "e20", "e21"]}) == {3: {"e0", "e20"}}
 
 
 def test_an_unreachable_store_is_a_service_error_without_the_password() -> None:
