@@ -26,9 +26,10 @@ from batch.validate import ValidationSummary, accept_slice, validate_topic
 from batch.views import compute_views
 from lakehouse.config import Settings
 from lakehouse.errors import BatchError
+from lakehouse.online import open_store
 from lakehouse.spark import spark_session
-from lakehouse.spec import PlatformSpec
-from lakehouse.streams import spark_kafka_options
+from lakehouse.spec import PlatformSpec, RecordSchema
+from lakehouse.streams import spark_kafka_options, topic_partitions
 from lakehouse.tables import BatchRun, Lakehouse, latest_run
 
 if TYPE_CHECKING:
@@ -66,14 +67,14 @@ def ingest(settings: Settings, spec: PlatformSpec, echo: Echo = _print, *,
 
 
 def run_validate(settings: Settings, spec: PlatformSpec, *, spark: SparkSession | None = None,
-                 echo: Echo = _print) -> list[ValidationSummary]:
-    """Events and labels; a slice above the configured failure rate is refused, unwritten
-    (see `validate_topic`), until `accept` lets it through."""
+                 schemas: list[RecordSchema] | None = None, echo: Echo = _print) -> list[ValidationSummary]:
+    """`schemas` (default: events and labels); a slice above the configured failure rate is
+    refused, unwritten (see `validate_topic`), until `accept` lets it through."""
     spark, lakehouse = spark or spark_session(settings), Lakehouse(settings.delta_uri)
     gx_dir = settings.state_path / "great_expectations"
     return [validate_topic(spark, lakehouse, schema, gx_dir=gx_dir,
                            max_failure_rate=settings.batch_max_failure_rate, echo=echo)
-            for schema in (spec.events, spec.labels)]
+            for schema in (schemas or [spec.events, spec.labels])]
 
 
 def validate(settings: Settings, spec: PlatformSpec, echo: Echo = _print, *,
@@ -92,8 +93,17 @@ def accept(settings: Settings, slice_id: str, *, note: str = "", echo: Echo = _p
 
 def run_views(settings: Settings, spec: PlatformSpec, *, spark: SparkSession | None = None,
               echo: Echo = _print) -> BatchRun:
-    """Recompute the views and publish the run (the boundary)."""
-    return compute_views(spark or spark_session(settings), Lakehouse(settings.delta_uri), spec,
+    """Cut the speed layer's online store, recompute the views up to the cut (catching
+    silver up to it with an ingest + validate of the events topic where the speed layer
+    applied beyond validation) and publish the run (the boundary)."""
+    spark = spark or spark_session(settings)
+
+    def catch_up() -> None:
+        run_ingest(settings, spec, spark=spark, topics=[spec.events.topic], echo=echo)
+        run_validate(settings, spec, spark=spark, schemas=[spec.events], echo=echo)
+
+    return compute_views(spark, Lakehouse(settings.delta_uri), spec, store=open_store(settings, spec),
+                         partitions=topic_partitions(settings, spec.events.topic), catch_up=catch_up,
                          echo=echo)
 
 
@@ -101,7 +111,7 @@ def views(settings: Settings, spec: PlatformSpec, echo: Echo = _print, *,
           spark: SparkSession | None = None) -> dict[str, Any]:
     run = run_views(settings, spec, spark=spark, echo=echo)
     return {"batch_run_id": run.run_id, "boundary": {str(p): o for p, o in run.boundary.items()},
-            "row_counts": run.row_counts}
+            "cut_epochs": {str(p): e for p, e in run.cut_epochs.items()}, "row_counts": run.row_counts}
 
 
 def training_set(settings: Settings, spec: PlatformSpec, echo: Echo = _print, *,

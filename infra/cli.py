@@ -225,7 +225,8 @@ def batch_accept(
 
 @batch_app.command("views")
 def batch_views() -> None:
-    """Recompute every feature view up to the current boundary into gold, then publish the run."""
+    """Cut the online store, recompute every feature view up to the cut into gold (catching
+    silver up to it first where needed), then publish the run."""
     from batch import jobs
     from lakehouse.fraud import FRAUD_SPEC
 
@@ -299,7 +300,8 @@ def batch_run(
         "ingested": {a.topic: a.rows for a in added},
         "validated": {v.schema: {"silver": v.silver_rows, "quarantined": v.quarantined,
                                  "duplicates": v.duplicates} for v in validated},
-        "batch_run": run.run_id, "boundary": run.boundary, "view_rows": run.row_counts,
+        "batch_run": run.run_id, "boundary": run.boundary, "cut_epochs": run.cut_epochs,
+        "view_rows": run.row_counts,
         "model": {"name": trained.model_name, "version": trained.version, "alias": trained.alias,
                   "reason": trained.reason, "mlflow_run_id": trained.mlflow_run_id},
         "metrics": trained.metrics,

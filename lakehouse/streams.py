@@ -114,6 +114,31 @@ def ensure_topics(kafka: Settings | str, topics: Iterable[str], *, partitions: i
         admin.close()
 
 
+def topic_partitions(kafka: Settings | str, topic: str) -> int:
+    """How many partitions `topic` has; 0 where it does not exist. `kafka`: the settings, or
+    a PLAINTEXT bootstrap list (as for `ensure_topics`)."""
+    config = {**_connection(kafka), "client_id": "lambdalake-admin", "request_timeout_ms": 15000}
+    try:
+        admin = KafkaAdminClient(**config)
+    except (KafkaError, OSError) as exc:
+        raise ServiceError(
+            f"cannot reach Kafka at {_servers(kafka)} ({exc}): is the platform up? "
+            "(`lambdalake up`)"
+        ) from None
+    try:
+        if topic not in set(admin.list_topics()):
+            return 0
+        described = admin.describe_topics([topic])
+    except (KafkaError, OSError) as exc:
+        raise ServiceError(f"cannot describe Kafka topic {topic} at {_servers(kafka)}: {exc}") from None
+    finally:
+        admin.close()
+    for entry in described:  # one metadata entry per topic asked (an error code if it vanished)
+        if entry.get("name") == topic and not entry.get("error_code"):
+            return len(entry.get("partitions") or [])
+    return 0
+
+
 def producer(kafka: Settings | str, **options: object) -> KafkaProducer:
     """A producer that waits for the broker's acknowledgement of every record. `kafka`: the
     settings, or a PLAINTEXT bootstrap list (as for `ensure_topics`)."""

@@ -18,7 +18,7 @@ joined with "/" so both work.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -127,10 +127,17 @@ class BatchRun:
     `sequence` is the run's place in publish (commit) order, 1 for the first: "the newest
     run" is the one with the highest sequence, never the latest `finished_at` (clocks skew,
     runs overlap). Boundaries never go back: each run covers at least what the one before it
-    covered, in every partition (`publish_run` refuses anything else)."""
+    covered, in every partition (`publish_run` refuses anything else).
+
+    `cut_epochs` names, per partition, the online-store epoch the run closed (`OnlineStore.
+    cut`): the run's gold views hold exactly the events up to that cut, and its readers merge
+    them with the store's epochs after it. Empty: the run cut no store (its views serve
+    batch readers only; the speed layer adopts only runs that cut the store)."""
 
     run_id: str
     boundary: dict[int, int]  # partition → highest offset included
+    # partition → the online-store epoch the run closed ({}: none cut); keyword-only
+    cut_epochs: dict[int, int] = field(default_factory=dict, kw_only=True)
     view_versions: dict[str, int]
     source_versions: dict[str, int]
     row_counts: dict[str, int]
@@ -146,6 +153,7 @@ def _batch_runs_schema() -> Any:
     return pa.schema([
         pa.field("run_id", pa.string(), nullable=False),
         pa.field("boundary", pa.map_(pa.int32(), pa.int64()), nullable=False),
+        pa.field("cut_epochs", pa.map_(pa.int32(), pa.int64())),  # absent in older rows: {}
         pa.field("view_versions", pa.map_(pa.string(), pa.int64()), nullable=False),
         pa.field("source_versions", pa.map_(pa.string(), pa.int64()), nullable=False),
         pa.field("row_counts", pa.map_(pa.string(), pa.int64()), nullable=False),
@@ -165,7 +173,8 @@ def _decode_runs(table: Any) -> list[BatchRun]:
         return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
 
     runs = [
-        BatchRun(run_id=r["run_id"], boundary=pairs(r["boundary"]), view_versions=pairs(r["view_versions"]),
+        BatchRun(run_id=r["run_id"], boundary=pairs(r["boundary"]), cut_epochs=pairs(r.get("cut_epochs")),
+                 view_versions=pairs(r["view_versions"]),
                  source_versions=pairs(r["source_versions"]), row_counts=pairs(r["row_counts"]),
                  durations_s=pairs(r["durations_s"]), spec_fingerprint=r["spec_fingerprint"],
                  finished_at=utc(r["finished_at"]), sequence=int(r.get("sequence") or 0))
@@ -209,7 +218,7 @@ def publish_through(lakehouse: Lakehouse, snapshot: Any, run: BatchRun) -> Batch
                 "run the views again")
     published = dataclasses.replace(run, sequence=(current.sequence + 1) if current else 1)
     row = {f.name: getattr(published, f.name) for f in dataclasses.fields(published)}
-    for name in ("boundary", "view_versions", "source_versions", "row_counts", "durations_s"):
+    for name in ("boundary", "cut_epochs", "view_versions", "source_versions", "row_counts", "durations_s"):
         row[name] = list(row[name].items())
     data = pa.Table.from_pylist([row], schema=_batch_runs_schema())
     write_deltalake(snapshot if snapshot is not None else lakehouse.batch_runs, data, mode="append",

@@ -3,6 +3,7 @@ boundary never goes back, and two publishers racing from one snapshot cannot bot
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from lakehouse.tables import (
     BatchRun,
     Lakehouse,
     StaleRunError,
+    _batch_runs_schema,
     latest_run,
     publish_run,
     publish_through,
@@ -39,6 +41,23 @@ def test_newest_is_commit_order_not_the_clock(lakehouse: Lakehouse) -> None:
     assert second.sequence == 2
     assert latest_run(lakehouse) == second
     assert [r.run_id for r in published_runs(lakehouse)] == ["second", "first"]
+
+
+def test_cut_epochs_round_trip_and_rows_written_before_them_read_as_none_cut(lakehouse: Lakehouse) -> None:
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    old = run("old", {0: 10})
+    row = {"run_id": old.run_id, "boundary": [(0, 10)], "view_versions": [("v", 1)], "source_versions": [],
+           "row_counts": [], "durations_s": [], "spec_fingerprint": "f", "finished_at": NOW, "sequence": 1}
+    schema = pa.schema([f for f in _batch_runs_schema() if f.name != "cut_epochs"])  # before the column
+    write_deltalake(lakehouse.batch_runs, pa.Table.from_pylist([row], schema=schema))
+    assert published_runs(lakehouse)[0].cut_epochs == {}
+    cut = dataclasses.replace(run("cut", {0: 12, 1: 3}), cut_epochs={0: 4, 1: 2, 2: 1})
+    published = publish_run(lakehouse, cut)
+    assert published.sequence == 2
+    assert [(r.run_id, r.cut_epochs) for r in published_runs(lakehouse)] == [
+        ("cut", {0: 4, 1: 2, 2: 1}), ("old", {})]
 
 
 def test_a_boundary_below_the_published_one_is_refused(lakehouse: Lakehouse) -> None:
