@@ -37,16 +37,15 @@ it are dropped: that run's readers read only the epochs after its cut.
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from lakehouse.errors import BatchError
-from lakehouse.online.base import NOTHING, Cut, OnlineStore
+from lakehouse.online.base import NOTHING, Cut, OnlineStore, event_identity
 from lakehouse.spec import FeatureView, PlatformSpec, RecordSchema
 from lakehouse.tables import (
     BATCH_RUN_ID,
@@ -62,7 +61,7 @@ from lakehouse.tables import (
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
-__all__ = ["BUCKET", "CATCH_UP_ROUNDS", "BatchRun", "compute_views", "event_identity", "read_view",
+__all__ = ["BUCKET", "CATCH_UP_ROUNDS", "BatchRun", "compute_views", "read_view",
            "view_states", "validated_boundary", "within_boundary"]
 
 CATCH_UP_ROUNDS = 3  # catch-ups a run tries before giving up on silver reaching the store's cut
@@ -110,11 +109,6 @@ def within_boundary(events: DataFrame, boundary: dict[int, int]) -> DataFrame:
         return events.limit(0)
     limit = F.create_map(*[F.lit(x) for p, o in sorted(boundary.items()) for x in (p, o)])
     return events.where(F.col("offset") <= F.coalesce(limit[F.col("partition")], F.lit(-1)))
-
-
-def event_identity(schema: RecordSchema, record: Mapping[str, Any]) -> str:
-    """An event's identity in the online store's seen set: its `dedup_key` as compact JSON."""
-    return json.dumps(list(schema.dedup_key(record)), separators=(",", ":"))
 
 
 @dataclass(frozen=True)

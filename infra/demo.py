@@ -172,6 +172,8 @@ def run_demo(settings: Settings, spec: PlatformSpec, *, events: int, stream: int
         "generated_messages": generated + streamed,
         "kafka_events": topics[spec.events.topic], "kafka_labels": topics[spec.labels.topic],
         "kafka_events_at_batch": at_batch[spec.events.topic],
+        # the records the batch run covers: the speed layer resumes above them
+        "kafka_events_in_batch_run": sum(int(o) + 1 for o in views["boundary"].values()),
         "kafka_dlq": topics[spec.topics[2]],
         "bronze_events": _table_rows(lakehouse.bronze(spec.events.topic)),
         "silver_events": _table_rows(lakehouse.silver(spec.events.name)),
@@ -233,7 +235,8 @@ def print_summary(summary: dict[str, Any], settings: Settings, out: Callable[[st
         f"{c['quarantined_events']:,}; {c['gold_states']:,} gold states (run {summary['batch_run_id']})",
         f"  training         {c['training_rows']:,} labelled rows → {m['name']} v{m['version']} ({m['alias']}), "
         f"ROC AUC {m['roc_auc']}, PR AUC {m['pr_auc']}; plots in {m['plots']}",
-        f"  speed layer      {c['scored_events']:,} events scored exactly once",
+        f"  speed layer      {c['scored_events']:,} events scored exactly once, above the "
+        f"{c['kafka_events_in_batch_run']:,} records the batch run covers",
         f"  merged views     {c['merged_users']:,} users; exact merge "
         f"{'PASSED' if exact['passed'] else 'FAILED'} ({exact['states']:,} states, "
         f"{exact['mismatches']} mismatches, {exact['valid_events']:,} valid events recomputed from Kafka)",

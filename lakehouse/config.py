@@ -249,6 +249,16 @@ class Settings(BaseSettings):
         description="Kafka consumer group of the speed layer; the serving layer merges its "
         "scored events.",
     )
+    speed_max_wait_ms: int = Field(
+        default=50, ge=1, le=60_000,
+        description="Longest wait of the speed layer for a micro-batch to fill: what a quiet "
+        "stream adds to freshness.",
+    )
+    speed_flush_s: float = Field(
+        default=1.0, gt=0, le=3600,
+        description="How often a speed member appends the scored rows the online store holds "
+        "to Delta `speed/scored_events` (one commit for all its partitions).",
+    )
 
     speed_metrics_port: int = Field(
         default=9108, ge=1, le=65535,

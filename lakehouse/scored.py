@@ -62,6 +62,8 @@ def scored_schema(spec: PlatformSpec) -> pa.Schema:
         pa.field(OFFSET, pa.int64(), nullable=False),
         pa.field("kafka_timestamp", pa.timestamp("us", tz="UTC")),
         pa.field("features", pa.list_(pa.float64()), nullable=False),
+        # per partition, the highest offset the features include (the event's own: the one before it)
+        pa.field("coverage", pa.map_(pa.int32(), pa.int64())),
         pa.field("score", pa.float64(), nullable=False),
         pa.field("model_version", pa.int64(), nullable=False),
         pa.field(BATCH_RUN_ID, pa.string()),

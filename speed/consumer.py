@@ -1,53 +1,63 @@
-"""The speed layer: Kafka → validation → point-in-time features → Ray Serve → Delta, exactly once.
+"""The speed layer: Kafka → validation → point-in-time features → Ray Serve → the online
+store (then Delta), exactly once.
 
 One `SpeedLayer` is one member of a Kafka consumer group on the events topic. Each
 micro-batch (bounded by `max_batch` records and `max_wait_ms`):
 
 1. parses every record with the spec's validation routine (the batch layer's), given its
-   Kafka key and timestamp; an invalid record, or a later copy of an event already scored
-   (same key entity and id, `RecordSchema.dedup_scope`, as the batch layer deduplicates),
-   goes to the DLQ topic with its reason, original key and bytes, and source
-   topic/partition/offset in the headers. A value larger than `dlq_max_value_bytes` is
-   stored truncated, its original size and SHA-256 in the headers (bronze keeps it whole).
-   Every DLQ delivery is acknowledged before anything of the batch is committed: a failed
-   one stops the layer (ServiceError) with nothing committed, so the batch is replayed.
-   Each source partition's DLQ records go to one DLQ partition (source partition modulo
-   the DLQ's partitions), and each Kafka offset commit records, in its metadata, where in
-   that DLQ partition records of later offsets can start; a member taking a partition over
-   reads the DLQ from there and does not send again what a crashed predecessor delivered
-   before its commit. So each (partition, offset) reaches the DLQ exactly once;
-2. computes each valid event's features in offset order from `SpeedState` (the adopted
-   batch run's views ⊕ the increments after its boundary), then folds the event in;
+   Kafka key and timestamp; an invalid record, or a later copy of an event already taken
+   (same key entity and id, `RecordSchema.dedup_scope`, as the batch layer deduplicates:
+   the store's seen set, plus the micro-batch's own), goes to the DLQ topic with its reason,
+   original key and bytes, and source topic/partition/offset in the headers. A value
+   larger than `dlq_max_value_bytes` is stored truncated, its original size and SHA-256 in
+   the headers (bronze keeps it whole). Every DLQ delivery is acknowledged before anything
+   of the batch is committed: a failed one stops the layer (ServiceError) with nothing
+   committed, so the batch is replayed. Each source partition's DLQ records go to one DLQ
+   partition (source partition modulo the DLQ's partitions), and each Kafka offset commit
+   records, in its metadata, where in that DLQ partition records of later offsets can
+   start; a member taking a partition over reads the DLQ from there and does not send
+   again what a crashed predecessor delivered before its store step. So each (partition,
+   offset) reaches the DLQ exactly once;
+2. reads the online store once (every partition's increments after the adopted batch
+   run's cut, and their coverage vector) and computes each valid event's features as of
+   that vector, its own partition's earlier offsets included (`speed.state`);
 3. scores the batch through the model service's deployment handle (the `/predict` path);
-4. appends the scored rows to Delta `speed/scored_events` with one app transaction per
-   (group, topic, partition) = the last offset consumed; only then commits Kafka offsets.
+4. applies it to the store: one atomic step per partition with its monoid-state
+   increments, its scored rows (the outbox), its events' identities and its last offset.
+   A step at or below the store's applied offset changes nothing, and records at or below
+   it (applied by another member, or covered by a batch run's floor) are dropped before
+   they are scored: a replay after a crash, or a fenced member, counts nothing twice. Then
+   the Kafka offsets are committed (their metadata is all the layer reads back).
 
-On (re)assignment a member seeks each partition to what Delta recorded and rebuilds its
-state from the newest batch run it has consumed past plus the events scored above that run's
-boundary, so a crash anywhere, or a rebalance, scores every event once. DLQ delivery is
-at-least-once: a record can reach the DLQ twice after a crash between produce and commit
-(its headers name the source partition and offset, the key to deduplicate on).
+Every `flush_s` (and when it takes partitions over) a member appends the rows the store's
+outbox holds for its partitions to Delta `speed/scored_events`, one commit with one app
+transaction per (group, topic, partition) = the store's applied offset, and then drops
+them from the outbox: Delta follows the store, off the hot path, each row once.
 
-A newer published batch run is loaded in a background thread and swapped in between two
-micro-batches once this member has consumed past its boundary in every partition it owns
-(`SpeedState.adopt`): scoring never pauses for it.
+On (re)assignment a member seeks each partition to the store's applied offset + 1: a
+restart costs what the new records cost, not the history. A newer published batch run is
+loaded in a background thread and swapped in between two micro-batches (`SpeedState`):
+scoring never pauses for it. When the store cannot be reached the layer waits (logged,
+counted) and resumes where it stood; a store that lost state (its applied offset below
+what this member consumed) stops the layer with StoreBehindError.
 """
 
 from __future__ import annotations
 
 import hashlib
-import heapq
 import json
 import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
 
 from lakehouse import scored
 from lakehouse.config import Settings, options_from_settings, setting_field
 from lakehouse.errors import ServiceError, ValidationError
+from lakehouse.online import open_store
+from lakehouse.online.base import OnlineStore, Step, StoreBehindError, event_identity, increments_of
 from lakehouse.serve import Scorer
 from lakehouse.spec import PlatformSpec
 from lakehouse.streams import kafka_client_config
@@ -59,11 +69,15 @@ log = logging.getLogger("lambdalake.speed")
 
 
 
+_T = TypeVar("_T")
+
+
 @dataclass(frozen=True)
 class SpeedOptions:
     group_id: str = setting_field("speed_group")
     max_batch: int = 2000
-    max_wait_ms: int = 200
+    max_wait_ms: int = setting_field("speed_max_wait_ms")
+    flush_s: float = setting_field("speed_flush_s")  # how often the outbox goes to Delta
     run_check_s: float = 5.0  # how often to look for a newer published batch run
     score_retries: int = 5
     session_timeout_s: float = 10.0  # a member that stops heartbeating leaves the group after this
@@ -79,36 +93,55 @@ class SpeedOptions:
         return options_from_settings(cls, settings, **overrides)
 
 
+@dataclass
+class _Taken:
+    """A valid event of the micro-batch that the store does not hold yet."""
+
+    offset: int
+    event: dict[str, Any]
+    identity: str
+    row: dict[str, Any] = field(default_factory=dict)
+
+
 class SpeedLayer:
     def __init__(self, settings: Settings, spec: PlatformSpec, scorer: Scorer, *,
-                 lakehouse: Lakehouse | None = None, options: SpeedOptions | None = None) -> None:
+                 lakehouse: Lakehouse | None = None, options: SpeedOptions | None = None,
+                 store: OnlineStore | None = None) -> None:
         self.settings = settings
         self.spec = spec
         self.scorer = scorer
         self.lakehouse = lakehouse or Lakehouse(settings.delta_uri)
         self.options = options if options is not None else SpeedOptions.from_settings(settings)
+        self.store = store if store is not None else open_store(
+            settings, spec, group=self.options.group_id, root=self.lakehouse.root)
         self.topic = spec.events.topic
         self.dlq_topic = spec.topics[2]
         self.schema = scored.scored_schema(spec)
         self.state = SpeedState(spec)
         self.owned: set[int] = set()
-        # partition → (key entity, id) of the events scored from it: a later copy goes to the DLQ
-        self.seen: dict[int, set[tuple[Any, Any]]] = {}
+        self.positions: dict[int, int] = {}  # partition → next offset to consume
+        self._partitions = 0  # of the events topic, known at connect
+        self._gap_from: dict[int, int] = {}  # partition → first offset lost ("skip" policy)
         self._dlq_sent: list[Any] = []  # this batch's DLQ deliveries, acknowledged before commit
         self._dlq_partitions = 0  # of the DLQ topic, known at the first send
         self._dlq_from: dict[int, int] = {}  # DLQ partition → offset later records land at or after
         self._dlq_done: dict[int, set[int]] = {}  # source partition → offsets already in the DLQ
         self._dlq_pending: dict[int, int] = {}  # assigned partitions whose DLQ is not read yet → resume
+        self._flush_due: set[int] = set()  # partitions whose outbox must go to Delta now
+        self._last_flush = time.monotonic()
         self._pending_run: tuple[BatchRun, PreparedBase] | None = None
         self._loading = False
         self._last_run_check = 0.0
         self._last_lag_report = 0.0
         self._idle_since = time.monotonic()
+        self._stop: threading.Event | None = None
         self._consumer: Any = None
         self._producer: Any = None
-        self.counts = {"scored": 0, "dlq": 0, "batches": 0}
-        # called after each Delta commit with the rows it wrote and the commit's wall time (s)
+        self.counts = {"scored": 0, "dlq": 0, "batches": 0, "stale": 0}
+        # called after each micro-batch's store step with its rows and the step's wall time (s)
         self.on_commit: Callable[[list[dict[str, Any]], float], None] | None = None
+        # called after each Delta append with the rows it wrote and its wall time (s)
+        self.on_flush: Callable[[list[dict[str, Any]], float], None] | None = None
 
     # -------------------------------------------------------------- Kafka plumbing
     def _connect(self) -> None:
@@ -127,6 +160,8 @@ class SpeedLayer:
                 layer._revoke({tp.partition for tp in lost})
 
         scored.ensure_scored_table(self.lakehouse, self.schema)
+        self._with_store("connect", self.store.ping)
+        self._adopt_newest()
         self._consumer = KafkaConsumer(
             **kafka_client_config(self.settings),
             group_id=self.options.group_id,
@@ -137,8 +172,36 @@ class SpeedLayer:
             session_timeout_ms=int(self.options.session_timeout_s * 1000),
             client_id=f"lambdalake-speed-{threading.get_native_id()}",
         )
+        self._partitions = len(self._consumer.partitions_for_topic(self.topic) or ())
         self._consumer.subscribe(topics=[self.topic], listener=Listener())
         self._producer = KafkaProducer(**kafka_client_config(self.settings), acks="all", linger_ms=5)
+
+    def _with_store(self, what: str, call: Callable[[], _T]) -> _T:
+        """`call` (an online-store operation), waiting while the store cannot be reached:
+        nothing of the micro-batch is committed meanwhile. A store that lost state
+        (StoreBehindError) is not waited for."""
+        delay, down_since = 0.2, None
+        while True:
+            try:
+                result = call()
+            except StoreBehindError:
+                raise
+            except ServiceError as error:
+                if self._stop is not None and self._stop.is_set():
+                    raise
+                if down_since is None:
+                    down_since = time.monotonic()
+                    metrics.STORE_UP.set(0)
+                    log.error(json.dumps({"event": "online_store_unreachable", "during": what,
+                                          "error": str(error)}))
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            if down_since is not None:
+                metrics.STORE_UP.set(1)
+                log.info(json.dumps({"event": "online_store_back", "during": what,
+                                     "down_s": round(time.monotonic() - down_since, 1)}))
+            return result
 
     def _dlq_partition(self, source_partition: int) -> int:
         if not self._dlq_partitions:
@@ -207,6 +270,7 @@ class SpeedLayer:
             raise ServiceError(message + "; raise the topic's retention, or restart with "
                                "--on-missing-offsets skip to accept the loss")
         metrics.EVENTS.labels("lost").inc(lost)
+        self._gap_from[partition] = min(wanted, self._gap_from.get(partition, wanted))
         log.error(json.dumps({"event": "offsets_skipped", "partition": partition, "from": wanted,
                               "to": oldest, "records": lost}))
         return oldest
@@ -218,75 +282,72 @@ class SpeedLayer:
         self.owned -= mine
         self._idle_since = time.monotonic()
         for p in mine:
-            self.seen.pop(p, None)
-        self.state.release(mine)
+            self.positions.pop(p, None)
+            self._flush_due.discard(p)
         metrics.OWNED_PARTITIONS.set(len(self.owned))
         log.info(json.dumps({"event": "partitions_revoked", "partitions": sorted(mine)}))
 
     def _assign(self, partitions: set[int]) -> None:
-        """Seek the new partitions to what Delta recorded and rebuild the state."""
+        """Seek the new partitions to what the store applied."""
         from kafka import TopicPartition
 
         self.owned |= partitions
         self._idle_since = time.monotonic()
-        resume = scored.resume_offsets(self.lakehouse, self.options.group_id, self.topic, sorted(self.owned))
-        # Only local calls here: the callback runs inside kafka-python's network loop. A resume
-        # offset Kafka no longer holds surfaces in the next poll (`_poll`), and the DLQ is read
-        # (`_recover_dlq`) before any record of these partitions is processed.
+        applied = self._with_store("assign", lambda: self.store.applied(sorted(partitions)))
+        # Only local calls and the store here: the callback runs inside kafka-python's network
+        # loop. A resume offset Kafka no longer holds surfaces in the next poll (`_poll`); the
+        # DLQ is read (`_recover_dlq`) and the outbox flushed before any record of these
+        # partitions is processed.
         for p in partitions:
-            self._consumer.seek(TopicPartition(self.topic, p), resume[p])
-            self._dlq_pending[p] = resume[p]
-        self.state = self._rebuild(resume)
-        self._pending_run = None
+            resume = applied[p] + 1
+            self._consumer.seek(TopicPartition(self.topic, p), resume)
+            self.positions[p] = resume
+            self._dlq_pending[p] = resume
+            self._flush_due.add(p)
         metrics.OWNED_PARTITIONS.set(len(self.owned))
         log.info(json.dumps({"event": "partitions_assigned", "partitions": sorted(partitions),
-                             "resume": {str(p): resume[p] for p in sorted(partitions)},
+                             "resume": {str(p): applied[p] + 1 for p in sorted(partitions)},
                              "batch_run": self.state.base.run_id}))
 
-    def _rebuild(self, resume: dict[int, int]) -> SpeedState:
-        """State for the owned partitions: the newest run consumed past in all of them, plus
-        the events scored above its boundary."""
-        state = SpeedState(self.spec)
-        state.positions.update(resume)
-        for run in published_runs(self.lakehouse):
-            if run.spec_fingerprint == self.spec.fingerprint() and state.can_adopt(run.boundary, self.owned):
-                state.adopt(run.run_id, run.boundary, lake.gold_rows(self.lakehouse, self.spec, run))
-                break
-        for p in sorted(self.owned):
-            history = lake.scored_history(self.lakehouse, self.spec, p, below=resume[p])
-            self.seen[p] = {self.spec.events.dedup_key(event) for _, event in history}
-            state.restore(p, history, next_offset=resume[p])
-        return state
-
     # -------------------------------------------------------------- batch handover
+    def _adoptable(self, run: BatchRun) -> bool:
+        """A run of this spec that cut the online store (its gold ⊕ the epochs after its cut
+        is exact)."""
+        return run.spec_fingerprint == self.spec.fingerprint() and bool(run.cut_epochs)
+
+    def _prepare(self, run: BatchRun) -> PreparedBase:
+        return self.state.prepare(run.run_id, run.boundary, run.cut_epochs,
+                                  lake.gold_rows(self.lakehouse, self.spec, run))
+
+    def _adopt_newest(self) -> None:
+        run = next((r for r in published_runs(self.lakehouse) if self._adoptable(r)), None)
+        if run is not None and run.run_id != self.state.base.run_id:
+            self.state.install(self._prepare(run))
+            metrics.BATCH_RUN.info({"run_id": run.run_id})
+
     def _check_for_new_run(self) -> None:
         """Start loading a newer published run in the background; install it between two
-        batches once it is ready and this member has consumed past its boundary."""
+        batches once it is ready."""
         if self._pending_run is not None:
             run, prepared = self._pending_run
-            if self.state.can_adopt(run.boundary, self.owned):
-                dropped = self.state.install(prepared)
-                self._pending_run = None
-                metrics.BATCH_RUN.info({"run_id": run.run_id})
-                log.info(json.dumps({"event": "batch_run_adopted", "run_id": run.run_id,
-                                     "boundary": {str(p): o for p, o in run.boundary.items()},
-                                     "increments_dropped": dropped}))
+            self.state.install(prepared)
+            self._pending_run = None
+            metrics.BATCH_RUN.info({"run_id": run.run_id})
+            log.info(json.dumps({"event": "batch_run_adopted", "run_id": run.run_id,
+                                 "boundary": {str(p): o for p, o in run.boundary.items()},
+                                 "cut_epochs": {str(p): e for p, e in run.cut_epochs.items()}}))
             return
         if self._loading or time.monotonic() - self._last_run_check < self.options.run_check_s:
             return
         self._last_run_check = time.monotonic()
         runs = published_runs(self.lakehouse)
-        if not runs or runs[0].run_id == self.state.base.run_id:
+        if not runs or runs[0].run_id == self.state.base.run_id or not self._adoptable(runs[0]):
             return
         run = runs[0]
-        if run.spec_fingerprint != self.spec.fingerprint():
-            return
 
         def load() -> None:
             try:
-                prepared = self.state.prepare(run.run_id, run.boundary,
-                                              lake.gold_rows(self.lakehouse, self.spec, run))
-                self._pending_run = (run, prepared)
+                self._pending_run = (run, self._prepare(run))
             except Exception as exc:  # noqa: BLE001 - keep scoring on the current base
                 log.error(json.dumps({"event": "batch_run_load_failed", "run_id": run.run_id,
                                       "error": f"{type(exc).__name__}: {exc}"}))
@@ -300,11 +361,13 @@ class SpeedLayer:
     def run(self, stop: threading.Event, *, max_events: int | None = None,
             idle_exit_s: float | None = None) -> dict[str, int]:
         """Consume until `stop` is set (SIGTERM), `max_events` records were handled, or
-        nothing arrived for `idle_exit_s`; the current batch always completes first.
+        nothing arrived for `idle_exit_s`; the current batch always completes first, and the
+        outbox of the partitions still owned goes to Delta.
 
         Idle time counts from the last record or the last rebalance. While this member owns
         no partitions (joining, or a killed member not yet timed out of the group) it waits
         two session timeouts longer, so a restart does not give up before its assignment."""
+        self._stop = stop
         self._connect()
         self._idle_since = time.monotonic()
         handled = 0
@@ -316,17 +379,17 @@ class SpeedLayer:
                     self._recover_dlq(set(pending), pending)
                 self._check_for_new_run()
                 records = [r for tp_records in polled.values() for r in tp_records]
-                if not records:
-                    if idle_exit_s is not None and self._idle(idle_exit_s):
-                        break
-                    self._report_lag()
-                    continue
-                self._idle_since = time.monotonic()
-                self._process(records)
+                if records:
+                    self._idle_since = time.monotonic()
+                    self._process(records)
+                    handled += len(records)
+                self._flush_if_due()
                 self._report_lag()
-                handled += len(records)
                 if max_events is not None and handled >= max_events:
                     break
+                if not records and idle_exit_s is not None and self._idle(idle_exit_s):
+                    break
+            self._flush(self.owned)
         finally:
             self.close()
         return dict(self.counts)
@@ -345,7 +408,7 @@ class SpeedLayer:
             partitions = list(named) or [TopicPartition(self.topic, p) for p in sorted(self.owned)]
             oldest = self._consumer.beginning_offsets(partitions)
             for tp in partitions:
-                wanted = self.state.positions.get(tp.partition, 0)
+                wanted = self.positions.get(tp.partition, 0)
                 if wanted < oldest[tp]:
                     self._consumer.seek(tp, self._missing_offsets(tp.partition, wanted, oldest[tp]))
             return {}
@@ -359,58 +422,92 @@ class SpeedLayer:
         from kafka.structs import OffsetAndMetadata, TopicPartition
 
         started = time.perf_counter()
-        # Each partition in offset order (exact for the entity that keys the messages);
-        # partitions interleaved by record timestamp, so entities spread over partitions
-        # (merchants) see events close to the batch layer's (event time, partition, offset)
-        # order.
+        schema = self.spec.events
         per_partition: dict[int, list[Any]] = {}
         for record in records:
             per_partition.setdefault(record.partition, []).append(record)
-        records = list(heapq.merge(*[sorted(rs, key=lambda r: r.offset) for rs in per_partition.values()],
-                                   key=lambda r: (r.timestamp, r.partition)))
-        rows: list[dict[str, Any]] = []
+        parsed: dict[int, list[tuple[Any, dict[str, Any] | None, list[str]]]] = {}
+        identities: dict[int, list[str]] = {}
+        keys: set[Any] = set()
+        for p, recs in per_partition.items():
+            recs.sort(key=lambda r: r.offset)
+            out = parsed[p] = []
+            for record in recs:
+                try:
+                    event = schema.parse(record.value, key=record.key,
+                                         arrival_ms=record.timestamp if record.timestamp >= 0 else None)
+                except ValidationError as invalid:
+                    out.append((record, None, invalid.reasons))
+                    continue
+                out.append((record, event, []))
+                identities.setdefault(p, []).append(event_identity(schema, event))
+                keys.update(self.state.keys(event))
+        seen = self._with_store("seen", lambda: self.store.seen(identities))
+        read = self._with_store("read", lambda: self.store.read(
+            keys, range(max(self._partitions, max(per_partition) + 1)), self.state.base.cut_epochs))
+        batch = self.state.micro_batch(read.states)
+        taken: dict[int, list[_Taken]] = {}
         vectors: list[list[float]] = []
         last: dict[int, int] = {}
-        dlq = 0
-        schema = self.spec.events
-        time_field = schema.time_field
-        for record in records:
-            last[record.partition] = record.offset
-            try:
-                event = schema.parse(record.value, key=record.key,
-                                     arrival_ms=record.timestamp if record.timestamp >= 0 else None)
-            except ValidationError as invalid:
-                self._to_dlq(record, invalid.reasons)
-                self.state.skip(record.partition, record.offset)
-                dlq += 1
-                continue
-            seen = self.seen.setdefault(record.partition, set())
-            identity = schema.dedup_key(event)
-            if identity in seen:
-                self._to_dlq(record, [f"duplicate:{schema.id_field}"])
-                self.state.skip(record.partition, record.offset)
-                dlq += 1
-                continue
-            seen.add(identity)
-            vectors.append(self.state.features(event))
-            self.state.add(dict(event), record.partition, record.offset)
-            rows.append({**event, time_field: event[time_field] * 1000,
-                         "partition": record.partition, "offset": record.offset,
-                         "kafka_timestamp": record.timestamp * 1000})
+        dlq = stale = 0
+        for p, items in parsed.items():
+            applied = read.coverage.get(p, -1)
+            known = seen.get(p, set())
+            mine = taken[p] = []
+            for record, typed, reasons in items:
+                last[p] = record.offset
+                self.positions[p] = record.offset + 1
+                if record.offset <= applied:  # another member applied it, or a batch run's floor
+                    stale += 1
+                    continue
+                if typed is None:
+                    self._to_dlq(record, reasons)
+                    dlq += 1
+                    continue
+                event = typed
+                identity = event_identity(schema, event)
+                if identity in known:
+                    self._to_dlq(record, [f"duplicate:{schema.id_field}"])
+                    dlq += 1
+                    continue
+                known.add(identity)
+                vectors.append(batch.features(event, p))
+                batch.add(event, p)
+                mine.append(_Taken(record.offset, event, identity, {
+                    "partition": p, "offset": record.offset,
+                    "kafka_timestamp": record.timestamp * 1000 if record.timestamp >= 0 else None,
+                    "coverage": {**read.coverage, p: record.offset - 1}}))
         feature_ms = (time.perf_counter() - started) * 1000
         scores, version, model_ms = self._score(vectors)
-        scored_at = lake.now_utc()
-        for row, vector, score in zip(rows, vectors, scores, strict=True):
-            row.update(features=vector, score=score, model_version=version,
-                       batch_run_id=self.state.base.run_id, consumer_group=self.options.group_id,
-                       scored_at=scored_at, feature_ms=feature_ms / max(1, len(rows)),
-                       model_ms=model_ms)
+        scored_at = int(time.time() * 1_000_000)
+        time_field = schema.time_field
+        flat = [t for p in taken for t in taken[p]]
+        for item, vector, score in zip(flat, vectors, scores, strict=True):
+            item.row = {**item.event, time_field: item.event[time_field] * 1000, **item.row,
+                        "features": vector, "score": score, "model_version": version,
+                        "batch_run_id": self.state.base.run_id, "consumer_group": self.options.group_id,
+                        "scored_at": scored_at, "feature_ms": feature_ms / max(1, len(flat)),
+                        "model_ms": model_ms}
         if dlq:
             self._await_dlq()
-        written = lake.append_scored(self.lakehouse, self.schema, rows, last,
-                                     group=self.options.group_id, topic=self.topic)
-        if written < len(rows):  # another member owns these partitions now and wrote them
-            log.warning(json.dumps({"event": "stale_rows_skipped", "rows": len(rows) - written}))
+        applied_rows: list[dict[str, Any]] = []
+        for p, mine in taken.items():
+            first = min(per_partition[p][0].offset, self._gap_from.pop(p, per_partition[p][0].offset))
+            chosen: list[_Taken] = []
+
+            def step_above(applied: int, mine: list[_Taken] = mine, chosen: list[_Taken] = chosen) -> Step:
+                chosen[:] = [t for t in mine if t.offset > applied]
+                return Step(increments_of(self.spec, [t.event for t in chosen]),
+                            {t.offset: encode_row(t.row) for t in chosen}, [t.identity for t in chosen])
+
+            stepped = self._with_store("apply", lambda p=p, first=first, step_above=step_above:  # type: ignore[misc]
+                                       self.store.apply(p, first, last[p], step_above))
+            if stepped:
+                applied_rows.extend(t.row for t in chosen)
+            if len(chosen) < len(mine) or not stepped:
+                stale += len(mine) - (len(chosen) if stepped else 0)
+        if stale:
+            log.info(json.dumps({"event": "stale_rows_skipped", "rows": stale}))
         # where this group's DLQ records of later offsets can start (see `_recover_dlq`)
         try:
             self._consumer.commit({
@@ -419,22 +516,56 @@ class SpeedLayer:
                 for p, o in last.items()})
         except CommitFailedError:  # the group rebalanced while this batch ran (a stalled member)
             log.warning(json.dumps({"event": "offset_commit_refused", "partitions": sorted(last),
-                                    "why": "the group rebalanced; Delta's app transactions decide "
-                                           "where each partition resumes"}))
+                                    "why": "the group rebalanced; the online store decides where "
+                                           "each partition resumes"}))
         committed = time.time()
         if self.on_commit is not None:
-            self.on_commit(rows, committed)
+            self.on_commit(applied_rows, committed)
         now_ms = committed * 1000
-        for row in rows:
-            metrics.END_TO_END.observe((now_ms - row["kafka_timestamp"] / 1000) / 1000)
-        metrics.EVENTS.labels("scored").inc(written)
+        for row in applied_rows:
+            if row["kafka_timestamp"] is not None:
+                metrics.END_TO_END.observe((now_ms - row["kafka_timestamp"] / 1000) / 1000)
+        metrics.EVENTS.labels("scored").inc(len(applied_rows))
         metrics.EVENTS.labels("dlq").inc(dlq)
         metrics.BATCH_SIZE.observe(len(records))
-        if rows:
+        if applied_rows:
             metrics.MODEL_VERSION.set(version)
-        self.counts["scored"] += written
+        self.counts["scored"] += len(applied_rows)
         self.counts["dlq"] += dlq
+        self.counts["stale"] += stale
         self.counts["batches"] += 1
+
+    # -------------------------------------------------------------- the outbox → Delta
+    def _flush_if_due(self) -> None:
+        if self._flush_due:
+            due, self._flush_due = self._flush_due & self.owned, set()
+            self._flush(due)
+        if time.monotonic() - self._last_flush >= self.options.flush_s:
+            self._flush(self.owned)
+
+    def _flush(self, partitions: set[int]) -> None:
+        """Append the outbox rows of `partitions` to scored_events in one commit, whose app
+        transactions record the store's applied offsets; then drop them from the outbox.
+        Rows Delta already holds (a flush that died before its outbox trim) are left out."""
+        self._last_flush = time.monotonic()
+        rows: list[dict[str, Any]] = []
+        through: dict[int, int] = {}
+        for p in sorted(partitions):
+            applied, pending = self._with_store("flush", lambda p=p: self.store.pending(p))  # type: ignore[misc]
+            if applied < 0:
+                continue
+            through[p] = applied
+            rows.extend(decode_row(raw) for raw in pending)
+        if not through:
+            return
+        started = time.perf_counter()
+        written = lake.append_scored(self.lakehouse, self.schema, rows, through,
+                                     group=self.options.group_id, topic=self.topic)
+        metrics.FLUSH_LATENCY.observe(time.perf_counter() - started)
+        for p, applied in through.items():
+            self._with_store("flush", lambda p=p, applied=applied: self.store.flushed(p, applied))  # type: ignore[misc]
+        if self.on_flush is not None and written:
+            self.on_flush(rows, time.time())
 
     def _score(self, vectors: list[list[float]]) -> tuple[list[float], int, float]:
         if not vectors:
@@ -502,7 +633,7 @@ class SpeedLayer:
         except Exception:  # noqa: BLE001 - lag is best-effort observability
             return
         for tp in partitions:
-            metrics.LAG.labels(str(tp.partition)).set(ends[tp] - self.state.positions.get(tp.partition, 0))
+            metrics.LAG.labels(str(tp.partition)).set(ends[tp] - self.positions.get(tp.partition, 0))
 
     def close(self) -> None:
         if self._consumer is not None:
@@ -512,3 +643,15 @@ class SpeedLayer:
             self._producer.flush()
             self._producer.close()
             self._producer = None
+
+
+def encode_row(row: dict[str, Any]) -> bytes:
+    """A scored row for the outbox: JSON, timestamps as epoch microseconds."""
+    return json.dumps({**row, "coverage": {str(p): o for p, o in row["coverage"].items()}},
+                      separators=(",", ":")).encode()
+
+
+def decode_row(raw: bytes) -> dict[str, Any]:
+    row: dict[str, Any] = json.loads(raw)
+    row["coverage"] = sorted((int(p), o) for p, o in row["coverage"].items())
+    return row

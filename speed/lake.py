@@ -1,6 +1,6 @@
 """The speed layer's writes to and reads from the lakehouse, through delta-rs (no JVM in a
-long-running consumer): the gold views of a published batch run, the partition history a
-process folds in when it takes a partition over, and appends to `speed/scored_events` under
+long-running consumer): the gold views of a published batch run, and appends of the online
+store's outbox to `speed/scored_events` under
 the table contract of `lakehouse.scored` (one app transaction per consumer group, topic and
 partition, whose version is the last offset it covers).
 """
@@ -21,7 +21,7 @@ from lakehouse.spec import PlatformSpec
 from lakehouse.tables import BUCKET, BatchRun, Lakehouse
 from speed.state import GoldRow
 
-__all__ = ["append_scored", "append_through", "gold_rows", "now_utc", "scored_history"]
+__all__ = ["append_scored", "append_through", "gold_rows", "now_utc"]
 
 
 def gold_rows(lakehouse: Lakehouse, spec: PlatformSpec, run: BatchRun) -> Iterator[GoldRow]:
@@ -37,27 +37,6 @@ def gold_rows(lakehouse: Lakehouse, spec: PlatformSpec, run: BatchRun) -> Iterat
             yield view.name, entity, bucket, {
                 n: (int(v) if v is not None and not isinstance(v, int) else v)
                 for n, v in zip(names, values, strict=True)}
-
-
-def scored_history(lakehouse: Lakehouse, spec: PlatformSpec, partition: int,
-                   below: int) -> list[tuple[int, dict[str, Any]]]:
-    """(offset, typed event) of every event scored from a partition below an offset, in
-    offset order: what a process taking the partition over folds into its state."""
-    from deltalake import DeltaTable
-
-    path = lakehouse.scored_events
-    if not DeltaTable.is_deltatable(path):
-        return []
-    data = DeltaTable(path).to_pyarrow_table(
-        columns=[*spec.events.field_names, OFFSET],
-        filters=[(PARTITION, "=", partition), (OFFSET, "<", below)])
-    time_field = spec.events.time_field
-    index = data.schema.get_field_index(time_field)
-    micros = data.column(time_field).cast(pa.timestamp("us", tz="UTC")).cast(pa.int64())
-    data = data.set_column(index, time_field, pa.compute.divide(micros, 1000))  # exact ms
-    rows = data.to_pylist()
-    rows.sort(key=lambda r: r[OFFSET])
-    return [(row.pop(OFFSET), row) for row in rows]
 
 
 def append_scored(lakehouse: Lakehouse, schema: pa.Schema, rows: list[dict[str, Any]],

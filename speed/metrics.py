@@ -11,9 +11,12 @@ SCORING_LATENCY = Histogram("lambdalake_speed_scoring_seconds",
                             "Model service call per micro-batch",
                             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
 END_TO_END = Histogram("lambdalake_speed_end_to_end_seconds",
-                       "From the Kafka record timestamp to its Delta commit",
+                       "From the Kafka record timestamp to its online-store step",
                        buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 LAG = Gauge("lambdalake_speed_consumer_lag", "Records behind the log end", ["partition"])
 MODEL_VERSION = Gauge("lambdalake_speed_model_version", "Model version of the latest score")
 OWNED_PARTITIONS = Gauge("lambdalake_speed_partitions", "Partitions this member owns")
 BATCH_RUN = Info("lambdalake_speed_batch_run", "The batch run whose views the state is built on")
+STORE_UP = Gauge("lambdalake_speed_online_store_up", "1 while the online store answers, 0 while it does not")
+FLUSH_LATENCY = Histogram("lambdalake_speed_flush_seconds", "One append of the outbox to Delta scored_events",
+                          buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))

@@ -1,16 +1,20 @@
-"""The speed layer's feature state: a published batch run's views ⊕ the events consumed
-after its boundary.
+"""The speed layer's feature state: a published batch run's views ⊕ the online store's
+increments after the run's cut ⊕ the micro-batch's own earlier events.
 
-`SpeedState` answers, for each valid event in arrival order, the model input vector as of
-just before it (the fold of `lakehouse.features`, the one the batch layer replays), then
-adds the event. It keeps the events it added since the adopted run's boundary, per Kafka
-partition, so that adopting a newer run (the boundary handover) is exact: the new run's
-views already hold every event at or below its boundary, and only the kept events above it
-are added back. A run is adopted only once this process has consumed past its boundary in
-every partition it owns; until then the older base stays, so nothing is counted twice or
-missed whatever the relative speed of the two layers.
+Every valid event's model inputs are computed as of a *coverage vector*: per Kafka
+partition, the highest offset whose events they include. For a micro-batch, the store is
+read once (`OnlineStore.read`, every partition, the epochs after the adopted run's cut):
+that read's coverage is the vector for every partition but the event's own, where the
+event sees its partition's strictly earlier offsets: the store's (every offset through the
+read's coverage) and the micro-batch's own events before it (`MicroBatch`). The batch
+layer's training set recomputes each scored event's features as of exactly that vector.
 
-Pure logic: loading gold rows and reading Kafka live in `speed.consumer`.
+The run's gold views hold every event at or below its cut and the epochs after the cut
+every event above it, so base ⊕ store is exact whatever the relative speed of the layers:
+a newer run is installed as soon as its gold is loaded (`prepare` in a background thread,
+`install` between two micro-batches).
+
+Pure logic: loading gold rows and talking to the store live in `speed.consumer`.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lakehouse.features import ViewStates
+from lakehouse.online.base import StateKey
 from lakehouse.spec import PlatformSpec
 
 # (view name, entity, bucket start, {aggregation: state}) rows of the batch views
@@ -32,9 +37,7 @@ class Base:
 
     run_id: str | None = None
     boundary: dict[int, int] = field(default_factory=dict)
-
-    def includes(self, partition: int, offset: int) -> bool:
-        return offset <= self.boundary.get(partition, -1)
+    cut_epochs: dict[int, int] = field(default_factory=dict)  # the store epochs the run closed
 
 
 @dataclass
@@ -49,88 +52,74 @@ class SpeedState:
         self.time_field = spec.events.time_field
         self.base = Base()
         self.base_tables = self._empty()  # the adopted run's views, never added to
-        self.increments = self._empty()  # the kept events
-        self.kept: dict[int, list[tuple[int, dict[str, Any]]]] = {}  # partition → (offset, event)
-        self.positions: dict[int, int] = {}  # partition → next offset to consume
 
     def _empty(self) -> dict[str, ViewStates]:
         return {view.name: ViewStates(view) for view in self.spec.views}
 
-    # ------------------------------------------------------------------ scoring path
-    def states(self, event: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-        """Each view's states for an event: batch view ⊕ increments."""
-        out = {}
+    def keys(self, event: Mapping[str, Any]) -> list[StateKey]:
+        """The store keys an event's features read: each view's entity and window buckets."""
         time_ms = event[self.time_field]
-        for name, base in self.base_tables.items():
-            entity = event[base.view.entity]
-            batch, speed = base.read(entity, time_ms), self.increments[name].read(entity, time_ms)
-            out[name] = {agg: aggregation.plus(batch[agg], speed[agg])
-                         for agg, aggregation in base.view.aggregations.items()}
-        return out
+        return [(view.name, event[view.entity], bucket)
+                for view in self.spec.views for bucket in view.window_buckets_of(time_ms)]
 
-    def features(self, event: Mapping[str, Any]) -> list[float]:
-        """The model inputs of an event from everything added before it."""
-        return self.spec.features(self.states(event), event)
-
-    def add(self, event: dict[str, Any], partition: int, offset: int) -> None:
-        """Fold a consumed valid event in (unless the base run already holds it)."""
-        self.positions[partition] = offset + 1
-        if self.base.includes(partition, offset):
-            return
-        for table in self.increments.values():
-            table.add(event, self.time_field)
-        self.kept.setdefault(partition, []).append((offset, event))
-
-    def skip(self, partition: int, offset: int) -> None:
-        """A consumed record that is not a state event (invalid, duplicate)."""
-        self.positions[partition] = offset + 1
+    def micro_batch(self, stored: Mapping[StateKey, list[Any]]) -> MicroBatch:
+        """The view of one micro-batch: the base ⊕ the states `stored` (one store read)."""
+        return MicroBatch(self, stored)
 
     # ------------------------------------------------------------------ handover
-    def can_adopt(self, boundary: Mapping[int, int], owned: Iterable[int]) -> bool:
-        """True when this process has consumed past `boundary` in every partition it owns."""
-        return all(self.positions.get(p, 0) > boundary.get(p, -1) for p in owned)
-
-    def prepare(self, run_id: str, boundary: Mapping[int, int], gold: Iterable[GoldRow]) -> PreparedBase:
+    def prepare(self, run_id: str, boundary: Mapping[int, int], cut_epochs: Mapping[int, int],
+                gold: Iterable[GoldRow]) -> PreparedBase:
         """Build a run's view states (slow for big views; safe in a background thread)."""
         tables = self._empty()
         for view_name, entity, bucket, state in gold:
             tables[view_name].merge(entity, bucket, state)
-        return PreparedBase(Base(run_id, dict(boundary)), tables)
+        return PreparedBase(Base(run_id, dict(boundary), dict(cut_epochs)), tables)
 
-    def install(self, prepared: PreparedBase) -> int:
-        """Switch to a prepared base: keep the events above its boundary, drop the rest
-        (now inside the batch views). Returns how many were dropped."""
-        base = prepared.base
-        before = sum(len(events) for events in self.kept.values())
-        self.kept = {p: [(o, e) for o, e in events if not base.includes(p, o)]
-                     for p, events in self.kept.items()}
-        self.base, self.base_tables = base, prepared.tables
-        self._rebuild_increments()
-        return before - sum(len(events) for events in self.kept.values())
+    def install(self, prepared: PreparedBase) -> None:
+        """Switch to a prepared base: the next micro-batch reads the epochs after its cut."""
+        self.base, self.base_tables = prepared.base, prepared.tables
 
-    def adopt(self, run_id: str, boundary: Mapping[int, int], gold: Iterable[GoldRow]) -> int:
-        """Rebuild on a newer batch run: its views, plus the kept events above its boundary.
-        Returns how many kept events were dropped (now inside the batch views)."""
-        return self.install(self.prepare(run_id, boundary, gold))
 
-    def release(self, partitions: Iterable[int]) -> None:
-        """Forget partitions this process no longer owns: their events leave the state."""
-        for p in partitions:
-            self.kept.pop(p, None)
-            self.positions.pop(p, None)
-        self._rebuild_increments()
+class MicroBatch:
+    """Features of one micro-batch's events: base ⊕ one store read ⊕, per partition, the
+    batch's own events added so far (`add`, in offset order)."""
 
-    def restore(self, partition: int, events: Iterable[tuple[int, dict[str, Any]]],
-                next_offset: int) -> None:
-        """Take over a partition: add its already-scored events (in offset order) and
-        resume at `next_offset`."""
-        for offset, event in events:
-            self.add(event, partition, offset)
-        self.positions[partition] = next_offset
+    def __init__(self, state: SpeedState, stored: Mapping[StateKey, list[Any]]) -> None:
+        self.state = state
+        self.read = state._empty()
+        for (view, entity, bucket), values in stored.items():
+            table = self.read[view]
+            table.merge(entity, bucket, dict(zip(table.view.aggregations, values, strict=True)))
+        self.local: dict[int, dict[str, ViewStates]] = {}
 
-    def _rebuild_increments(self) -> None:
-        self.increments = self._empty()
-        for events in self.kept.values():
-            for _, event in events:
-                for table in self.increments.values():
-                    table.add(event, self.time_field)
+    def states(self, event: Mapping[str, Any], partition: int) -> dict[str, dict[str, Any]]:
+        """Each view's states for an event of `partition`, from everything before it."""
+        out = {}
+        time_ms = event[self.state.time_field]
+        local = self.local.get(partition)
+        for name, base in self.state.base_tables.items():
+            entity = event[base.view.entity]
+            parts = [base.read(entity, time_ms), self.read[name].read(entity, time_ms)]
+            if local is not None:
+                parts.append(local[name].read(entity, time_ms))
+            out[name] = {agg: _plus_all(aggregation, [p[agg] for p in parts])
+                         for agg, aggregation in base.view.aggregations.items()}
+        return out
+
+    def features(self, event: Mapping[str, Any], partition: int) -> list[float]:
+        return self.state.spec.features(self.states(event, partition), event)
+
+    def add(self, event: Mapping[str, Any], partition: int) -> None:
+        """Fold an event in: later events of its partition see it."""
+        local = self.local.get(partition)
+        if local is None:
+            local = self.local[partition] = self.state._empty()
+        for table in local.values():
+            table.add(event, self.state.time_field)
+
+
+def _plus_all(aggregation: Any, states: list[Any]) -> Any:
+    total = states[0]
+    for state in states[1:]:
+        total = aggregation.plus(total, state)
+    return total

@@ -35,10 +35,10 @@ from typing import Any
 
 from lakehouse.errors import ServiceError
 from lakehouse.features import ViewStates
-from lakehouse.spec import PlatformSpec
+from lakehouse.spec import PlatformSpec, RecordSchema
 
 __all__ = ["NOTHING", "Cut", "Increments", "OnlineStore", "StateKey", "Step", "StoreBehindError", "StoreRead",
-           "decode_key", "encode_key", "increments_of", "merge_into"]
+           "decode_key", "encode_key", "event_identity", "increments_of", "merge_into"]
 
 StateKey = tuple[str, Any, int]  # (feature view, entity, bucket start)
 # key → the view's monoid states, in the order of its aggregations
@@ -82,6 +82,12 @@ class StoreRead:
     states: dict[StateKey, list[Any]]
     coverage: dict[int, int]  # partition → the applied offset the states include
     epochs: dict[int, int]  # partition → the epoch open when it was read
+
+
+def event_identity(schema: RecordSchema, record: Mapping[str, Any]) -> str:
+    """An event's identity in the seen set: its `RecordSchema.dedup_key` as compact JSON (the
+    speed layer's steps and the batch run's floors write it the same way)."""
+    return json.dumps(list(schema.dedup_key(record)), separators=(",", ":"))
 
 
 def encode_key(key: StateKey) -> str:

@@ -1,7 +1,8 @@
 """The online store on Redis (any Redis-protocol server; Redis Cluster too).
 
 Layout, per consumer group, topic and Kafka partition, all under one hash tag so that every
-step touches one slot (`{<prefix>:<group>:<topic>:<partition>}`):
+step touches one slot (`{<prefix>:<group>:<topic>:<partition>}`; `open_store` names the
+lakehouse in the prefix):
 
     {…}:meta        hash: applied (the highest offset applied), epoch (the open one),
                     cut:<e> (the applied offset at which epoch e was closed), stepped (set

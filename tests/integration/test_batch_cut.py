@@ -18,7 +18,7 @@ import pytest
 from kafka import KafkaConsumer, TopicPartition
 
 from batch import jobs
-from batch.views import compute_views, event_identity, read_view, validated_boundary
+from batch.views import compute_views, read_view, validated_boundary
 from infra.kafka import KafkaService
 from infra.redis import RedisService
 from lakehouse.config import Settings, load_settings
@@ -26,7 +26,7 @@ from lakehouse.errors import BatchError, ValidationError
 from lakehouse.fraud import FRAUD_SPEC, TRANSACTIONS
 from lakehouse.generator import GeneratorOptions, generate
 from lakehouse.online import open_store
-from lakehouse.online.base import OnlineStore, StateKey, Step, increments_of, merge_into
+from lakehouse.online.base import OnlineStore, StateKey, Step, event_identity, increments_of, merge_into
 from lakehouse.recompute import states_by_view
 from lakehouse.spec import PlatformSpec
 from lakehouse.streams import ensure_topics, kafka_client_config, producer, topic_partitions

@@ -23,6 +23,7 @@ from batch.validate import validate_topic
 from batch.views import compute_views
 from lakehouse.config import Settings
 from lakehouse.fraud import FRAUD_SPEC
+from lakehouse.online import open_store
 from lakehouse.streams import producer
 from tests.integration.streams import (
     Stream,
@@ -174,9 +175,10 @@ def test_a_member_stalled_past_the_session_timeout_is_fenced(served: Settings) -
 
 
 def test_features_equal_the_batch_layers_across_a_handover(served: Settings, spark) -> None:  # type: ignore[no-untyped-def]
-    """Half the stream, a batch run over it, the other half: the speed layer adopts the
-    run mid-stream, and every event's user features (the entity that keys Kafka) equal
-    the batch layer's point-in-time ones exactly; merchant features are reported."""
+    """Half the stream, a batch run over it (cutting the online store), the other half: the
+    speed layer adopts the run mid-stream, and every event's user features (the entity that
+    keys Kafka) equal the batch layer's point-in-time ones exactly; merchant features
+    (computed as of each micro-batch's coverage vector) are reported."""
     from lakehouse.serve import serve_scorer
     from speed.consumer import SpeedLayer, SpeedOptions
 
@@ -195,7 +197,10 @@ def test_features_equal_the_batch_layers_across_a_handover(served: Settings, spa
                       topics=[stream.topic])
         gx = Path(stream.lakehouse.root) / "gx"
         validate_topic(spark, stream.lakehouse, stream.spec.events, gx_dir=gx)
-        run = compute_views(spark, stream.lakehouse, stream.spec)  # published while it scores
+        store = open_store(served, stream.spec, group="live", root=stream.lakehouse.root)
+        run = compute_views(spark, stream.lakehouse, stream.spec, store=store,  # published while it scores
+                            partitions=served.kafka_partitions)
+        assert run.cut_epochs == {p: 1 for p in range(served.kafka_partitions)}
         assert sum(run.boundary.values()) + len(run.boundary) == half
         send(stream, stream.messages[half:])
         wait_for(lambda: len(scored_or_empty(stream)) >= len(stream.valid_ids))

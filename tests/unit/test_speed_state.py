@@ -1,6 +1,7 @@
-"""The speed layer's state: batch views ⊕ increments give each event exactly the states a
-plain recomputation over the earlier events gives (the test oracle, not the shared fold),
-across boundary handovers, released and restored partitions."""
+"""The speed layer's state: a run's gold ⊕ one store read ⊕ the micro-batch's own earlier
+events give each event exactly the states of its coverage vector (every other partition
+through the read's coverage, its own partition before it), by a plain recomputation (the
+test oracle, not the shared fold), for every view, merchants included."""
 
 from __future__ import annotations
 
@@ -8,120 +9,83 @@ import random
 from typing import Any
 
 from lakehouse.fraud import FRAUD_SPEC
-from lakehouse.spec import FeatureView
+from lakehouse.online.base import StateKey
 from speed.state import GoldRow, SpeedState
-from tests.oracle import point_in_time_states, states_by_view
+from tests.oracle import states_by_view, window_states
 
 T0 = 1_767_225_600_000
+VIEWS = FRAUD_SPEC.views
 
 
-def stream(n: int, seed: int = 0) -> list[tuple[int, int, dict[str, Any]]]:
-    """(partition, offset, event) in consumption order: users keyed to partitions."""
+def stream(n: int, seed: int) -> dict[int, list[dict[str, Any]]]:
+    """Events per partition in offset order (users keyed to partitions; merchants anywhere)."""
     rng = random.Random(seed)
-    offsets = [0, 0, 0]
-    out = []
+    out: dict[int, list[dict[str, Any]]] = {0: [], 1: [], 2: []}
     clock = T0
     for i in range(n):
         clock += rng.randint(1, 90_000)
         user = rng.randint(0, 20)
-        partition = user % 3
-        event = {"event_id": f"e{i}", "user_id": f"u{user}", "merchant_id": f"m{rng.randint(0, 5)}",
-                 "merchant_category": "grocery", "channel": "online",
-                 "amount": rng.randint(1, 50_000),
-                 "event_time": clock - (rng.randint(0, 3_600_000) if rng.random() < 0.05 else 0)}
-        out.append((partition, offsets[partition], event))
-        offsets[partition] += 1
+        out[user % 3].append({
+            "event_id": f"e{i}", "user_id": f"u{user}", "merchant_id": f"m{rng.randint(0, 5)}",
+            "merchant_category": "grocery", "channel": "online", "amount": rng.randint(1, 50_000),
+            "event_time": clock - (rng.randint(0, 3_600_000) if rng.random() < 0.05 else 0)})
     return out
 
 
-def gold_of(events: list[dict[str, Any]], views: tuple[FeatureView, ...]) -> list[GoldRow]:
-    """Batch view rows (view, entity, bucket, state) of some events, as the batch layer writes
-    them, computed by the oracle."""
-    tables = states_by_view(views, events, "event_time")
+def gold_of(events: list[dict[str, Any]]) -> list[GoldRow]:
+    tables = states_by_view(VIEWS, events, "event_time")
     return [(name, entity, bucket, state)
             for name, table in tables.items() for (entity, bucket), state in table.items()]
 
 
-def user_views() -> tuple[FeatureView, ...]:
-    return tuple(v for v in FRAUD_SPEC.views if v.entity == "user_id")
+def stored_of(events: list[dict[str, Any]]) -> dict[StateKey, list[Any]]:
+    """What a store read returns for some events: states per (view, entity, bucket)."""
+    tables = states_by_view(VIEWS, events, "event_time")
+    return {(view.name, entity, bucket): [states[a] for a in view.aggregations]
+            for view in VIEWS for (entity, bucket), states in tables[view.name].items()}
 
 
-def expected_user_states(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each event's user-view states over the events consumed before it (the key entity's
-    arrival order is consumption order), by the oracle."""
-    return point_in_time_states(user_views(), events, "event_time")
+def expected(included: list[dict[str, Any]], event: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    tables = states_by_view(VIEWS, included, "event_time")
+    return {view.name: window_states(view, tables[view.name], event[view.entity], event["event_time"])
+            for view in VIEWS}
 
 
-def speed_user_states(state: SpeedState, event: dict[str, Any]) -> dict[str, Any]:
-    states = state.states(event)
-    return {v.name: states[v.name] for v in user_views()}
-
-
-def test_without_a_base_speed_states_are_the_recomputation() -> None:
-    items = stream(400)
+def test_each_event_sees_exactly_its_coverage_vector() -> None:
+    parts = stream(600, seed=1)
+    rng = random.Random(2)
+    cut = {p: rng.randrange(len(events) // 3) for p, events in parts.items()}
+    covered = {p: rng.randrange(cut[p], 2 * len(events) // 3) for p, events in parts.items()}
     state = SpeedState(FRAUD_SPEC)
-    expected = point_in_time_states(FRAUD_SPEC.views, [e for _, _, e in items], "event_time")
-    for (partition, offset, event), want in zip(items, expected, strict=True):
-        assert state.states(event) == want
-        state.add(event, partition, offset)
+    gold = [e for p, events in parts.items() for e in events[:cut[p] + 1]]
+    state.install(state.prepare("run-1", cut, {0: 1, 1: 1, 2: 1}, gold_of(gold)))
+    stored = stored_of([e for p, events in parts.items() for e in events[cut[p] + 1:covered[p] + 1]])
+    batch = state.micro_batch(stored)
+    checked = 0
+    for p, events in parts.items():
+        for offset in range(covered[p] + 1, min(len(events), covered[p] + 40)):
+            event = events[offset]
+            vector = {**covered, p: offset - 1}
+            included = [e for q, es in parts.items() for e in es[:vector[q] + 1]]
+            assert batch.states(event, p) == expected(included, event), (p, offset)
+            batch.add(event, p)
+            checked += 1
+    assert checked > 60
 
 
-def test_a_handover_mid_stream_changes_no_feature() -> None:
-    items = stream(600, seed=1)
-    expected = expected_user_states([e for _, _, e in items])
+def test_without_a_run_the_store_alone_is_the_history() -> None:
+    parts = stream(200, seed=3)
     state = SpeedState(FRAUD_SPEC)
-    handover_at = 350
-    boundary: dict[int, int] = {}
-    for partition, offset, _ in items[:300]:  # the batch run covers the first 300 arrivals
-        boundary[partition] = max(boundary.get(partition, -1), offset)
-    batch_events = [e for _, _, e in items[:300]]
-    for i, (partition, offset, event) in enumerate(items):
-        if i == handover_at:
-            assert state.can_adopt(boundary, owned=[0, 1, 2])
-            dropped = state.adopt("run-2", boundary, gold_of(batch_events, FRAUD_SPEC.views))
-            assert dropped == 300
-        assert speed_user_states(state, event) == expected[i], i
-        state.add(event, partition, offset)
-    assert sum(len(k) for k in state.kept.values()) == 300
+    history = [e for events in parts.values() for e in events[:50]]
+    batch = state.micro_batch(stored_of(history))
+    event = parts[1][50]
+    assert batch.states(event, 1) == expected(history, event)
+    assert batch.features(event, 1) == FRAUD_SPEC.features(expected(history, event), event)
 
 
-def test_a_run_ahead_of_the_consumer_is_not_adopted() -> None:
-    items = stream(50, seed=2)
-    state = SpeedState(FRAUD_SPEC)
-    for partition, offset, event in items[:10]:
-        state.add(event, partition, offset)
-    assert not state.can_adopt({0: 1000}, owned=[0, 1, 2])
-    assert state.can_adopt({p: -1 for p in range(3)}, owned=[0, 1, 2])
-
-
-def test_events_inside_the_base_are_not_added_twice() -> None:
-    items = stream(100, seed=3)
-    events = [e for _, _, e in items]
-    boundary: dict[int, int] = {}
-    for partition, offset, _ in items[:60]:
-        boundary[partition] = max(boundary.get(partition, -1), offset)
-    state = SpeedState(FRAUD_SPEC)
-    state.adopt("run-1", boundary, gold_of(events[:60], FRAUD_SPEC.views))
-    expected = expected_user_states(events)
-    for i, (partition, offset, event) in enumerate(items):
-        if i >= 60:
-            assert speed_user_states(state, event) == expected[i]
-        state.add(event, partition, offset)  # the first 60 are in the base: ignored
-    assert sum(len(k) for k in state.kept.values()) == 40
-
-
-def test_released_and_restored_partitions() -> None:
-    items = stream(300, seed=4)
-    events = [e for _, _, e in items]
-    expected = expected_user_states(events)
-    state = SpeedState(FRAUD_SPEC)
-    for partition, offset, event in items[:200]:
-        state.add(event, partition, offset)
-    state.release([1])  # a rebalance took partition 1 away...
-    assert 1 not in state.kept and 1 not in state.positions
-    taken = [(o, e) for p, o, e in items[:200] if p == 1]
-    state.restore(1, taken, next_offset=taken[-1][0] + 1)  # ...and gave it back
-    for i in range(200, 300):
-        partition, offset, event = items[i]
-        assert speed_user_states(state, event) == expected[i]
-        state.add(event, partition, offset)
+def test_the_keys_of_an_event_are_its_window_buckets_in_every_view() -> None:
+    event = stream(1, seed=4)
+    event_ = next(e for events in event.values() for e in events)
+    keys = SpeedState(FRAUD_SPEC).keys(event_)
+    assert len(keys) == sum(len(view.window_buckets_of(event_["event_time"])) for view in VIEWS)
+    assert {k[0] for k in keys} == {v.name for v in VIEWS}
