@@ -1,19 +1,28 @@
-"""Serving-layer benchmark: /predict throughput and latency against a bare FastAPI endpoint
-on the same server stack, and SQL over merged views at 1M entities.
+"""Serving-layer benchmark: refreshes of the merged views at two sizes of uptime, point reads,
+SQL over merged views at 1M entities, and /predict throughput and latency against a bare
+FastAPI endpoint on the same server stack.
 
-    make up   # Kafka is not needed; MLflow and Ray Serve are
+    make up   # Kafka is not needed; MLflow and Ray Serve are (the script starts its own redis-server)
     .venv/bin/python -m tests.benchmarks.serving --entities 1000000 --speed-events 100000
 
 What it does:
-1. writes a synthetic lakehouse (delta-rs) in a temporary directory: a published batch run
-   whose views hold `--entities` users (and 1,000 merchants), and `--speed-events` scored
-   events above its boundary;
-2. SQL on the embedded engine: point lookups of random users in merged.user_all (p50/p99),
-   and full scans of the merged view (count and sums over every entity);
-3. registers a random signed model as the champion of `bench-serving-*`, deploys it on Ray
-   Serve, starts `lambdalake serve` on that lakehouse and a bare FastAPI app answering a
-   fixed JSON object (both uvicorn, one process each), and drives each with 32 concurrent
-   connections for `--seconds`: requests/s, p50, p99 and the ratio.
+1. starts a redis-server of its own (the platform's RedisService, on a free port) for the
+   online store, and writes a synthetic lakehouse (delta-rs) in a temporary directory: a
+   published batch run whose views hold `--entities` users (and 1,000 merchants) and which
+   cut the store (the speed layer never stepped: the cuts are at the run's boundary);
+2. the speed layer above the run: `--speed-events` events of `--active-users` of those
+   users, in `--steps` micro-batches, each one store step per partition (as `speed/` does);
+3. refreshes of the embedded engine: the first (loads the run's gold views), one with
+   nothing moved, then one after a tenth of the steps and one after all of them. A refresh
+   loads the store's live states, so its cost follows the entities the speed layer touched
+   since the run, not the steps or the events;
+4. point reads: SQL lookups of random users in merged.user_all, and the gold index ⊕ one
+   store round trip that /v1/entities (`entity_features`) and /v1/predict
+   (`entity_states`) read (p50/p99); full SQL scans of the merged views;
+5. registers a random signed model as the champion of `bench-serving-*`, deploys it on Ray
+   Serve, starts `lambdalake serve` on that lakehouse and store and a bare FastAPI app
+   answering a fixed JSON object (both uvicorn, one process each), and drives each with 32
+   concurrent connections for `--seconds`: requests/s, p50, p99 and the ratio.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import argparse
 import asyncio
 import os
 import random
+import socket
 import statistics
 import subprocess
 import sys
@@ -52,19 +62,39 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def write_lakehouse(root: Path, entities: int, speed_events: int) -> Any:
+PARTITIONS = 4
+FLOOR = 1_000_000  # the run's boundary in every partition: the speed layer's events come after it
+NOW_MS = 1_767_225_600_000
+GROUP = "bench"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def online_store(url: str, lakehouse: Any) -> Any:
+    """The store of the bench group over this lakehouse, named as `lambdalake serve` names it."""
+    from lakehouse.config import load_settings
+    from lakehouse.fraud import FRAUD_SPEC
+    from lakehouse.online import open_store
+
+    return open_store(load_settings(online_store_url=url), FRAUD_SPEC, group=GROUP, root=lakehouse.root)
+
+
+def write_run(root: Path, url: str, entities: int) -> tuple[Any, list[str]]:
+    """A published batch run of `entities` users that cut the store (never stepped: at FLOOR)."""
     import pyarrow as pa
     from deltalake import DeltaTable, write_deltalake
 
-    from lakehouse import scored
     from lakehouse.fraud import FRAUD_SPEC
-    from lakehouse.tables import Lakehouse
+    from lakehouse.tables import BatchRun, Lakehouse, publish_run
     from serving.duck import gold_schema
-    from speed import lake
 
     lakehouse = Lakehouse(str(root))
     rng = random.Random(1)
-    now_ms = 1_767_225_600_000
+    now_ms = NOW_MS
     users = [f"u{i:07d}" for i in range(entities)]
     versions = {}
     started = time.perf_counter()
@@ -84,61 +114,112 @@ def write_lakehouse(root: Path, entities: int, speed_events: int) -> Any:
         table = pa.table({f.name: pa.array(columns[f.name], type=f.type) for f in schema})
         write_deltalake(lakehouse.gold(view.name), table, mode="overwrite")
         versions[view.name] = DeltaTable(lakehouse.gold(view.name)).version()
-    run = {"run_id": "bench-run", "boundary": [(p, 1_000_000) for p in range(4)],
-           "view_versions": list(versions.items()), "source_versions": [], "row_counts": [],
-           "durations_s": [], "spec_fingerprint": FRAUD_SPEC.fingerprint(),
-           "finished_at": datetime.now(UTC)}
-    runs_schema = pa.schema([
-        ("run_id", pa.string()), ("boundary", pa.map_(pa.int32(), pa.int64())),
-        ("view_versions", pa.map_(pa.string(), pa.int64())), ("source_versions", pa.map_(pa.string(), pa.int64())),
-        ("row_counts", pa.map_(pa.string(), pa.int64())), ("durations_s", pa.map_(pa.string(), pa.float64())),
-        ("spec_fingerprint", pa.string()), ("finished_at", pa.timestamp("us", tz="UTC"))])
-    write_deltalake(lakehouse.batch_runs, pa.Table.from_pylist([run], schema=runs_schema), mode="append")
-    schema = scored.scored_schema(FRAUD_SPEC)
-    scored.ensure_scored_table(lakehouse, schema)
-    per_batch = 10_000
-    for start in range(0, speed_events, per_batch):
-        rows, last = [], {}
-        for i in range(start, min(speed_events, start + per_batch)):
-            p = i % 4
-            offset = 1_000_001 + i // 4
-            last[p] = offset
-            rows.append({"event_id": f"s{i}", "user_id": users[rng.randrange(entities)],
-                         "merchant_id": f"m{rng.randrange(1000):04d}", "merchant_category": "grocery",
-                         "amount": rng.randint(100, 50_000), "currency": "EUR", "country": "DE",
-                         "channel": "pos", "event_time": (now_ms + i) * 1000, "partition": p,
-                         "offset": offset, "kafka_timestamp": None, "features": [0.0], "score": 0.5,
-                         "model_version": 1, "batch_run_id": "bench-run", "consumer_group": "bench",
-                         "scored_at": datetime.now(UTC), "feature_ms": 0.0, "model_ms": 0.0})
-        lake.append_scored(lakehouse, schema, rows, last, group="bench", topic=FRAUD_SPEC.events.topic)
-    print(f"lakehouse: {entities:,} users, {speed_events:,} speed events written in "
+    store = online_store(url, lakehouse)
+    cuts = {p: store.cut(p, floor=FLOOR) for p in range(PARTITIONS)}  # as the views job does
+    publish_run(lakehouse, BatchRun(
+        run_id="bench-run", boundary={p: c.offset for p, c in cuts.items()},
+        cut_epochs={p: c.epoch for p, c in cuts.items()}, view_versions=versions, source_versions={},
+        row_counts={}, durations_s={}, spec_fingerprint=FRAUD_SPEC.fingerprint(), finished_at=datetime.now(UTC)))
+    print(f"lakehouse: a run of {entities:,} users written and published in "
           f"{time.perf_counter() - started:.1f}s", file=sys.stderr)
     return lakehouse, users
 
 
-def sql_figures(lakehouse: Any, users: list[str]) -> None:
+class SpeedLayer:
+    """The speed layer's micro-batches above the run: event j goes to partition j % 4 at offset
+    FLOOR + 1 + j // 4; each micro-batch is one store step per partition."""
+
+    def __init__(self, store: Any, users: list[str], events: int, steps: int, active_users: int) -> None:
+        self.store = store
+        self.steps = steps
+        self.per_step = max(1, events // steps)
+        rng = random.Random(4)
+        self.active = rng.sample(users, min(active_users, len(users)))
+        self.rng = rng
+        self.done = 0
+        self.seconds = 0.0
+
+    def event(self, j: int) -> dict[str, Any]:
+        rng = self.rng
+        return {"event_id": f"s{j}", "user_id": self.active[rng.randrange(len(self.active))],
+                "merchant_id": f"m{rng.randrange(1000):04d}", "merchant_category": "grocery",
+                "amount": rng.randint(100, 50_000), "currency": "EUR", "country": "DE", "channel": "pos",
+                "event_time": NOW_MS + j * 10}
+
+    def run(self, through: int) -> None:
+        """Apply the micro-batches up to `through` (of `steps`)."""
+        from lakehouse.fraud import FRAUD_SPEC
+        from lakehouse.online.base import Step, increments_of
+
+        started = time.perf_counter()
+        for i in range(self.done, through):
+            batches: dict[int, list[tuple[int, dict[str, Any]]]] = {}
+            for j in range(i * self.per_step, (i + 1) * self.per_step):
+                batches.setdefault(j % PARTITIONS, []).append((FLOOR + 1 + j // PARTITIONS, self.event(j)))
+            for p, batch in batches.items():
+                def above(applied: int, batch: list[tuple[int, dict[str, Any]]] = batch) -> Step:
+                    return Step(increments_of(FRAUD_SPEC, [e for o, e in batch if o > applied]), {}, [])
+
+                self.store.apply(p, batch[0][0], batch[-1][0], above)
+        self.done = max(self.done, through)
+        self.seconds += time.perf_counter() - started
+
+    @property
+    def events(self) -> int:
+        return self.done * self.per_step
+
+
+def engine_figures(lakehouse: Any, url: str, users: list[str], speed: SpeedLayer) -> None:
     from lakehouse.fraud import FRAUD_SPEC
     from serving.duck import DuckEngine
 
-    engine = DuckEngine(FRAUD_SPEC, lakehouse, group="bench", partitions=4)
+    engine = DuckEngine(FRAUD_SPEC, lakehouse, store=online_store(url, lakehouse), partitions=PARTITIONS)
+    small = max(1, speed.steps // 10)
+    speed.run(small - 1)
     started = time.perf_counter()
     snapshot = engine.refresh()
-    print(f"refresh (load the run and {snapshot.increments:,} increments): {time.perf_counter() - started:.2f}s")
+    gold_rows = sum(len(users) if v.entity == "user_id" else 1000 for v in FRAUD_SPEC.views)
+    print(f"refresh, first (loads the run: {gold_rows:,} gold rows, and {snapshot.increments:,} live states "
+          f"after {speed.done:,} steps): {time.perf_counter() - started:.2f}s")
+    started = time.perf_counter()
+    skipped = engine.refresh() is snapshot
+    print(f"refresh, nothing moved: {(time.perf_counter() - started) * 1000:.1f} ms "
+          f"({'skipped' if skipped else 'rebuilt: it should have been skipped'})")
+    for through in (small, speed.steps):
+        speed.run(through)
+        started = time.perf_counter()
+        snapshot = engine.refresh()
+        print(f"refresh after {speed.done:,} steps ({speed.events:,} events of {len(speed.active):,} users; "
+              f"{snapshot.increments:,} live states): {time.perf_counter() - started:.3f}s")
+    print(f"speed layer: {speed.done:,} micro-batches ({speed.done * PARTITIONS:,} store steps) applied in "
+          f"{speed.seconds:.1f}s", file=sys.stderr)
+
     rng = random.Random(2)
-    lookups = []
+    lookups, features, states = [], [], []
     for _ in range(300):
-        user = users[rng.randrange(len(users))]
+        user = speed.active[rng.randrange(len(speed.active))] if rng.random() < 0.5 else \
+            users[rng.randrange(len(users))]
         t = time.perf_counter()
         engine.query(f"SELECT * FROM merged.user_all WHERE user_id = '{user}'")
         lookups.append((time.perf_counter() - t) * 1000)
-    print(f"SQL point lookup merged.user_all: p50 {percentile(lookups, .5):.2f} ms, "
-          f"p99 {percentile(lookups, .99):.2f} ms (300 random users)")
+        t = time.perf_counter()
+        engine.entity_features("user_id", user)
+        features.append((time.perf_counter() - t) * 1000)
+        event = {**speed.event(0), "user_id": user, "event_time": NOW_MS + speed.events * 10}
+        t = time.perf_counter()
+        engine.entity_states(event)
+        states.append((time.perf_counter() - t) * 1000)
+    for name, values in (("SQL point lookup merged.user_all", lookups),
+                         ("entity_features (/v1/entities: gold index ⊕ one store read)", features),
+                         ("entity_states (/v1/predict: gold index ⊕ one store read)", states)):
+        print(f"{name}: p50 {percentile(values, .5):.2f} ms, p99 {percentile(values, .99):.2f} ms "
+              "(300 random users, half of them active)")
     scans = []
     for _ in range(5):
         t = time.perf_counter()
         engine.query("SELECT count(*), sum(count), sum(amount_sum), avg(mean_amount) FROM merged.user_all")
         scans.append(time.perf_counter() - t)
-    print(f"SQL full scan merged.user_all ({len(users):,} entities ⊕ {snapshot.increments:,} events): "
+    print(f"SQL full scan merged.user_all ({len(users):,} entities ⊕ {snapshot.increments:,} live states): "
           f"median {statistics.median(scans):.2f}s, best {min(scans):.2f}s")
     t = time.perf_counter()
     engine.query("SELECT count(*) FROM merged.user_10m")
@@ -185,7 +266,7 @@ def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 120)
     raise SystemExit(f"{url} never became ready")
 
 
-def http_figures(lakehouse: Any, users: list[str], seconds: float) -> None:
+def http_figures(lakehouse: Any, store_url: str, users: list[str], seconds: float) -> None:
     from lakehouse.config import load_settings
     from lakehouse.serve import APP_NAME
     from lakehouse.spec import format_timestamp_ms
@@ -197,7 +278,8 @@ def http_figures(lakehouse: Any, users: list[str], seconds: float) -> None:
     with tempfile.TemporaryDirectory() as bundles:
         publish(settings, random_model(3), Path(bundles))
     serve_on_ray(settings.ray_address, ServiceArgs.from_settings(settings, max_replicas=1))
-    env = {**os.environ, "LAMBDALAKE_DELTA_ROOT": lakehouse.root, "LAMBDALAKE_SPEED_GROUP": "bench",
+    env = {**os.environ, "LAMBDALAKE_DELTA_ROOT": lakehouse.root, "LAMBDALAKE_SPEED_GROUP": GROUP,
+           "LAMBDALAKE_ONLINE_STORE_URL": store_url, "LAMBDALAKE_KAFKA_PARTITIONS": str(PARTITIONS),
            "LAMBDALAKE_MODEL_NAME": settings.model_name, "LAMBDALAKE_API_KEYS": f"bench:{key}:predict",
            "LAMBDALAKE_PREDICTION_CACHE_SIZE": "0"}
     api_port, bare_port = settings.api_port + 100, settings.api_port + 101
@@ -240,21 +322,37 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--entities", type=int, default=1_000_000)
     parser.add_argument("--speed-events", type=int, default=100_000)
+    parser.add_argument("--steps", type=int, default=1000, help="micro-batches of the speed layer")
+    parser.add_argument("--active-users", type=int, default=10_000,
+                        help="the users the speed events are of (the run holds --entities)")
     parser.add_argument("--seconds", type=float, default=20.0)
-    parser.add_argument("--skip-http", action="store_true", help="SQL figures only (no services)")
+    parser.add_argument("--skip-http", action="store_true",
+                        help="engine figures only (no services besides the script's own redis-server)")
     args = parser.parse_args()
+    from infra.redis import RedisService
+    from lakehouse.config import load_settings
+
+    (REPO / "var").mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-serving-", dir=REPO / "var") as scratch:
-        lakehouse, users = write_lakehouse(Path(scratch) / "delta", args.entities, args.speed_events)
-        sql_figures(lakehouse, users)
-        if not args.skip_http:
-            from lakehouse.config import load_settings
-            from lakehouse.serve import ray_local_env
+        redis_server = RedisService(load_settings(state_dir=Path(scratch) / "state", redis_port=_free_port(),
+                                                  redis_maxmemory="4gb"))
+        redis_server.start()
+        try:
+            redis_server.wait_ready()
+            url = redis_server.url
+            lakehouse, users = write_run(Path(scratch) / "delta", url, args.entities)
+            speed = SpeedLayer(online_store(url, lakehouse), users, args.speed_events, args.steps, args.active_users)
+            engine_figures(lakehouse, url, users, speed)
+            if not args.skip_http:
+                from lakehouse.serve import ray_local_env
 
-            os.environ.update(ray_local_env())  # before Ray is imported: it reads them then
-            import ray
+                os.environ.update(ray_local_env())  # before Ray is imported: it reads them then
+                import ray
 
-            ray.init(address=load_settings().ray_address, log_to_driver=False)
-            http_figures(lakehouse, users, args.seconds)
+                ray.init(address=load_settings().ray_address, log_to_driver=False)
+                http_figures(lakehouse, url, users, args.seconds)
+        finally:
+            redis_server.stop()
 
 
 if __name__ == "__main__":
