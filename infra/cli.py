@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
     from batch.jobs import TrainResult
     from infra.service import Health
+    from lakehouse.online.base import OnlineStore
     from lakehouse.tables import Lakehouse
     from speed.model_service import ServiceArgs
 
@@ -183,6 +184,14 @@ def _lakehouse() -> Lakehouse:
     from lakehouse.tables import Lakehouse
 
     return Lakehouse(settings().delta_uri)
+
+
+def _store(config: Settings) -> OnlineStore:
+    """The speed group's online store, over the settings' lakehouse."""
+    from lakehouse.fraud import FRAUD_SPEC
+    from lakehouse.online import open_store
+
+    return open_store(config, FRAUD_SPEC)
 
 
 @batch_app.command("ingest")
@@ -457,12 +466,12 @@ def _run_sql(engine: str, query: str, cap: int):  # type: ignore[no-untyped-def]
     if engine == "spark":
         from serving.spark_sql import SparkEngine
 
-        spark_engine = SparkEngine(_spark(), FRAUD_SPEC, _lakehouse(), group=config.speed_group,
+        spark_engine = SparkEngine(_spark(), FRAUD_SPEC, _lakehouse(), store=_store(config),
                                    partitions=config.kafka_partitions)
         snapshot = spark_engine.register()
         table, truncated = spark_engine.query(query, row_cap=cap)
     else:
-        duck = DuckEngine(FRAUD_SPEC, _lakehouse(), group=config.speed_group,
+        duck = DuckEngine(FRAUD_SPEC, _lakehouse(), store=_store(config),
                           partitions=config.kafka_partitions, memory_limit=config.duckdb_memory_limit)
         snapshot = duck.refresh()
         result = duck.query(query, row_cap=cap, timeout_s=config.sql_timeout_s)

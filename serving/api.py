@@ -54,7 +54,7 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lakehouse.config import Settings, options_from_settings, setting_field
-from lakehouse.errors import SqlError, SqlTimeout, ValidationError
+from lakehouse.errors import ServiceError, SqlError, SqlTimeout, ValidationError
 from lakehouse.registry import CHAMPION
 from lakehouse.safejson import JsonLimits, JsonRefused, decode
 from lakehouse.spec import PlatformSpec
@@ -471,8 +471,13 @@ def create_app(serving: Serving) -> FastAPI:
 
     async def predict_events(request: Request, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
         started = time.perf_counter()
-        # in-memory lookups (~0.2 ms each): one hop off the event loop for the whole request
-        looked_up = await asyncio.to_thread(lambda: [engine.entity_states(e) for e in events])
+        # the gold index and one store round trip per event: one hop off the event loop for the
+        # whole request. Without the store there is no exact answer: 503, never features that
+        # differ from the speed layer's (see docs/architecture.md)
+        try:
+            looked_up = await asyncio.to_thread(lambda: [engine.entity_states(e) for e in events])
+        except ServiceError as down:
+            raise HTTPException(503, f"the online store cannot be read now: {down}") from None
         key_field = spec.events.key_field
         by_alias: dict[str, list[int]] = {}
         vectors = []
@@ -543,7 +548,11 @@ def create_app(serving: Serving) -> FastAPI:
         if entity not in entities:
             raise HTTPException(404, f"no feature view aggregates over {entity!r}; entities: {entities}")
         request.state.entity = entity_id
-        views = await asyncio.to_thread(engine.entity_features, entity, entity_id)
+        try:
+            found = await asyncio.to_thread(engine.entity_features, entity, entity_id)
+        except ServiceError as down:
+            raise HTTPException(503, f"the online store cannot be read now: {down}") from None
+        views = found.views
         known = any(views.values())
         out = {}
         for name, row in views.items():
@@ -551,7 +560,7 @@ def create_app(serving: Serving) -> FastAPI:
             out[name] = jsonable(row) if row else {n: a.zero for n, a in view.aggregations.items()}
         return {"entity": entity, "id": entity_id, "known": known,
                 "defaults": [n for n, row in views.items() if not row], "views": out,
-                **engine.snapshot.to_json()}
+                **found.snapshot}
 
     sql_body = {"requestBody": {"required": True, "content": {"application/json": {
         "schema": SqlRequest.model_json_schema()}}}}

@@ -3,15 +3,20 @@
 `DuckEngine.refresh()` takes a consistent snapshot of the lakehouse into one in-memory
 DuckDB database, in one transaction, so a reader sees either the old or the new snapshot:
 
-- `gold.<view>` and `batch.boundary`: the latest published batch run (of this spec), copied
-  in, sorted by entity so that point lookups skip most of the table;
-- `speed.increments`: the speed layer's scored events (of one consumer group) above that
-  boundary. Only Delta files added since the last refresh are read; a new batch run deletes
-  the increments its boundary now includes;
+- `gold.<view>` and `batch.boundary`: the latest published batch run (of this spec, one that
+  cut the online store), copied in, sorted by entity so that point lookups skip most of the
+  table;
+- `speed.<view>_states`: the online store's states above that run's cut (`serving/live.py`),
+  read again at each refresh in which the store moved: a refresh costs the increments since
+  the run, not the history (no Delta file is listed);
 - `merged.*`: the views of `serving/views.py`, the same SQL Spark runs;
 - the raw tables (bronze, silver, quarantine, batch runs, scored events, training set) as
   Arrow datasets at the snapshot's Delta versions, read only when a query touches them;
 - `serving.snapshot`: which run, boundary and coverage the answers reflect.
+
+`/v1/predict` and `/v1/entities` do not wait for a refresh: they read the gold index and the
+store at each request (`entity_states`, `entity_features`), as fresh as the speed layer's
+last step. Without a store (a lakehouse no speed layer writes) the views are gold alone.
 
 User SQL is checked and then run under a locked configuration: one SELECT statement; no
 file, network or extension access (`enable_external_access=false`); a row cap and a timeout.
@@ -40,23 +45,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from lakehouse.config import setting_default
 from lakehouse.errors import SqlError, SqlTimeout
 from lakehouse.features import OFFSET, PARTITION
-from lakehouse.scored import coverage as scored_coverage
+from lakehouse.online.base import OnlineStore
 from lakehouse.spec import FeatureView, PlatformSpec
-from lakehouse.tables import BATCH_RUN_ID, BUCKET, EVENT_TIME_MS, Lakehouse, published_runs
+from lakehouse.tables import BATCH_RUN_ID, BUCKET, Lakehouse, published_runs
 from lakehouse.types import arrow_type, state_arrow_type
+from serving.live import LiveSource, adoptable, live_schema, live_tables
 from serving.point import PointIndex, exact_int
-from serving.views import (
-    DUCKDB,
-    SCHEMAS,
-    merged_views,
-    raw_tables,
-    view_name,
-)
+from serving.views import DUCKDB, SCHEMAS, live_name, merged_views, raw_tables, view_sql
 
 log = logging.getLogger("lambdalake.serving")
 
@@ -69,6 +68,9 @@ REFUSED_FUNCTIONS = frozenset({"current_setting", "getenv", "getvariable", "whic
 # of call or relation, including those of a future DuckDB.
 REFUSED_PREFIXES = ("duckdb_", "pragma_", "read_", "parquet_", "sniff_", "pg_", "sqlite_")
 _FILE_NAME_CHARACTERS = frozenset("/\\.:*?~")
+# how often a refresh looks for new versions of the raw tables (bronze, silver, ...), which
+# change with the batch layer, not with the speed layer
+RAW_REFRESH_S = 10.0
 
 
 
@@ -79,15 +81,14 @@ class Snapshot:
 
     run_id: str | None
     boundary: dict[int, int]
-    scored_version: int | None
     coverage: dict[int, int]  # partition → highest offset whose events the views include
-    increments: int
+    increments: int  # live (view, entity, bucket) states
     refreshed_at: float = field(default_factory=time.time)
 
     def to_json(self) -> dict[str, Any]:
         return {"batch_run_id": self.run_id, "boundary": {str(p): o for p, o in sorted(self.boundary.items())},
                 "coverage": {str(p): o for p, o in sorted(self.coverage.items())},
-                "scored_events_version": self.scored_version, "speed_increments": self.increments}
+                "speed_increments": self.increments}
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,12 @@ class QueryResult:
     table: pa.Table
     truncated: bool
     elapsed_ms: float
+
+
+@dataclass(frozen=True)
+class EntityFeatures:
+    views: dict[str, dict[str, Any]]  # view → its merged.<view> row for the entity ({}: nothing)
+    snapshot: dict[str, Any]  # batch_run_id, boundary, coverage of what was read
 
 
 @dataclass(frozen=True)
@@ -116,25 +123,24 @@ def gold_schema(spec: PlatformSpec, view: FeatureView) -> pa.Schema:
                       pa.field(BATCH_RUN_ID, pa.string())])
 
 
-def increments_schema(spec: PlatformSpec) -> pa.Schema:
-    return pa.schema([*[pa.field(f.name, _arrow_type(spec, f.name)) for f in spec.events.fields],
-                      pa.field(EVENT_TIME_MS, pa.int64()),
-                      pa.field(PARTITION, pa.int32()), pa.field(OFFSET, pa.int64())])
+def entity_types(spec: PlatformSpec) -> dict[str, pa.DataType]:
+    return {view.entity: _arrow_type(spec, view.entity) for view in spec.views}
 
 
 class DuckEngine:
-    """Merged views and read-only SQL over one lakehouse, for one speed consumer group."""
+    """Merged views and read-only SQL over one lakehouse and the online store of its speed
+    group (None: gold only)."""
 
-    def __init__(self, spec: PlatformSpec, lakehouse: Lakehouse, *, group: str, topic: str | None = None,
+    def __init__(self, spec: PlatformSpec, lakehouse: Lakehouse, *, store: OnlineStore | None,
                  partitions: int = 1, threads: int = 2,
                  memory_limit: str = setting_default("duckdb_memory_limit")) -> None:
         import duckdb
 
         self.spec = spec
         self.lakehouse = lakehouse
-        self.group = group
-        self.topic = topic or spec.events.topic
+        self.store = store
         self.partitions = partitions
+        self._entity_types = entity_types(spec)
         # DuckDB may always read its temp directory (default `.tmp` in the working directory)
         temp_directory = tempfile.mkdtemp(prefix="lambdalake-duckdb-")
         self._remove_temp_directory = weakref.finalize(self, shutil.rmtree, temp_directory, True)
@@ -145,13 +151,13 @@ class DuckEngine:
         self._local = threading.local()
         self._raw: dict[str, Any] = {}  # registered name → Arrow dataset
         self._raw_views: set[str] = set()
+        self._raw_versions: dict[str, int] = {}
         self._generation = 0
-        self._files: set[str] = set()  # scored_events files already read
-        self._pending_files: set[str] = set()
         self._run: Any = None
-        self._scored_version: int | None = None
-        self.snapshot = Snapshot(None, {}, None, {}, 0, refreshed_at=0.0)
-        self.point = PointIndex.empty(spec)
+        self._refreshed = False
+        self._raw_at = 0.0  # when the raw tables' versions were last looked at
+        self.snapshot = Snapshot(None, {}, {}, 0, refreshed_at=0.0)
+        self.point = PointIndex.empty(spec, LiveSource(store, partitions, {}))
         self._create()
         self._db.execute("SET enable_external_access = false")
         self._db.execute("SET lock_configuration = true")
@@ -163,11 +169,11 @@ class DuckEngine:
             db.execute(f"CREATE SCHEMA {schema}")
         for view in self.spec.views:
             self._replace_table(db, f"gold.{view.name}", gold_schema(self.spec, view).empty_table())
+            self._replace_table(db, live_name(view),
+                                live_schema(self.spec, view, self._entity_types[view.entity]).empty_table())
         db.execute(f'CREATE TABLE batch.boundary ("{PARTITION}" INTEGER, "{OFFSET}" BIGINT)')
-        self._replace_table(db, "speed.increments", increments_schema(self.spec).empty_table())
         db.execute("CREATE TABLE serving.snapshot (batch_run_id VARCHAR, boundary VARCHAR, "
-                   "coverage VARCHAR, scored_events_version BIGINT, speed_increments BIGINT, "
-                   "refreshed_at TIMESTAMPTZ)")
+                   "coverage VARCHAR, speed_increments BIGINT, refreshed_at TIMESTAMPTZ)")
         for name, sql in merged_views(self.spec, DUCKDB).items():
             db.execute(f"CREATE VIEW {name} AS {sql}")
 
@@ -182,28 +188,22 @@ class DuckEngine:
 
     # ------------------------------------------------------------------ refresh
     def refresh(self) -> Snapshot:
-        """Bring the snapshot up to the lakehouse's latest published run and scored events."""
+        """Bring the snapshot up to the lakehouse's latest published run and the store."""
         from deltalake import DeltaTable
 
         with self._lock:
-            runs = [r for r in published_runs(self.lakehouse)
-                    if r.spec_fingerprint == self.spec.fingerprint()]
+            runs = [r for r in published_runs(self.lakehouse) if adoptable(r, self.spec, self.store)]
             run = runs[0] if runs else None
-            scored = (DeltaTable(self.lakehouse.scored_events)
-                      if DeltaTable.is_deltatable(self.lakehouse.scored_events) else None)
-            version = scored.version() if scored is not None else None
             new_run = run is not None and (self._run is None or run.run_id != self._run.run_id)
-            if not new_run and version == self._scored_version and self._raw:
-                return self.snapshot
             boundary = run.boundary if run is not None else {}
-            # files added since the last refresh; everything again after a rewrite (OPTIMIZE)
-            reload_all = new_run and self._run is not None and any(
-                boundary.get(p, -1) < o for p, o in self._run.boundary.items())
-            fresh: pa.Table | None = None
-            if scored is not None and version != self._scored_version:
-                if not self._appends_only(scored):
-                    reload_all = True
-                fresh = self._read_scored(scored, boundary, everything=reload_all)
+            point = self.point
+            live = LiveSource(self.store, self.partitions, run.cut_epochs) if new_run and run is not None \
+                else point.live
+            moved = self.store is not None and {**boundary, **live.coverage()} != self.snapshot.coverage
+            raw_due = time.monotonic() - self._raw_at >= RAW_REFRESH_S and self._raw_changed()
+            if not new_run and not moved and self._refreshed and not raw_due:
+                return self.snapshot
+            current = live_tables(live, self.spec, self._entity_types)
             gold: dict[str, pa.Table] = {}
             db = self._db
             db.execute("BEGIN TRANSACTION")
@@ -217,67 +217,34 @@ class DuckEngine:
                     db.execute("DELETE FROM batch.boundary")
                     if boundary:
                         db.executemany("INSERT INTO batch.boundary VALUES (?, ?)", sorted(boundary.items()))
-                    db.execute(f'DELETE FROM speed.increments AS i USING batch.boundary AS b '
-                               f'WHERE i."{PARTITION}" = b."{PARTITION}" AND i."{OFFSET}" <= b."{OFFSET}"')
-                if reload_all:
-                    db.execute("DELETE FROM speed.increments")
-                if fresh is not None and fresh.num_rows:
-                    db.register("_fresh", fresh)
-                    db.execute("INSERT INTO speed.increments SELECT * FROM _fresh")
-                    db.unregister("_fresh")
-                counted = db.execute("SELECT count(*) FROM speed.increments").fetchone()
-                increments = counted[0] if counted is not None else 0
-                coverage = dict(boundary) if scored is None else scored_coverage(
-                    scored, boundary, group=self.group, topic=self.topic, partitions=self.partitions)
-                snapshot = Snapshot(run.run_id if run else None, dict(boundary), version, coverage,
-                                    int(increments))
+                for view in self.spec.views:
+                    self._replace_table(db, live_name(view), current.tables[view.name])
+                coverage = {**boundary, **current.coverage}
+                snapshot = Snapshot(run.run_id if run else None, dict(boundary), coverage, current.states)
                 db.execute("DELETE FROM serving.snapshot")
-                db.execute("INSERT INTO serving.snapshot VALUES (?, ?, ?, ?, ?, now())",
+                db.execute("INSERT INTO serving.snapshot VALUES (?, ?, ?, ?, now())",
                            [snapshot.run_id, json.dumps(snapshot.to_json()["boundary"]),
-                            json.dumps(snapshot.to_json()["coverage"]), version, snapshot.increments])
+                            json.dumps(snapshot.to_json()["coverage"]), snapshot.increments])
                 self._register_raw(db)
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
-            point = self.point.with_run(run.run_id, boundary, gold) if new_run and run is not None else self.point
-            point = point.with_events(fresh if fresh is not None else increments_schema(self.spec).empty_table(),
-                                      coverage, replace=reload_all)
-            if reload_all:
-                self._files = set()
-            self._files |= self._pending_files
-            self._run, self._scored_version, self.snapshot, self.point = run, version, snapshot, point
+            if new_run and run is not None:
+                point = point.with_run(run.run_id, boundary, run.cut_epochs, gold)
+            self._run, self.snapshot, self.point, self._refreshed = run, snapshot, point, True
             return snapshot
 
-    def _appends_only(self, scored: Any) -> bool:
-        """Whether every commit since the last refresh only appended files."""
-        if self._scored_version is None:
-            return not self._files
-        history = scored.history(limit=max(1, scored.version() - self._scored_version))
-        return all(h.get("operation") in ("WRITE", "CREATE TABLE") and
-                   (h.get("operationParameters") or {}).get("mode", "Append") in ("Append", "ErrorIfExists")
-                   for h in history if h.get("version", self._scored_version + 1) > self._scored_version)
+    def _raw_changed(self) -> bool:
+        """Whether a raw Delta table has a newer version than the one registered."""
+        from deltalake import DeltaTable
 
-    def _read_scored(self, scored: Any, boundary: Mapping[int, int], *, everything: bool) -> pa.Table:
-        """This group's scored events above the boundary, from files not read yet."""
-        import pyarrow.dataset as ds
-
-        dataset = scored.to_pyarrow_dataset()
-        fragments = [f for f in dataset.get_fragments() if everything or f.path not in self._files]
-        self._pending_files = {f.path for f in fragments}
-        schema = increments_schema(self.spec)
-        if not fragments:
-            return schema.empty_table()
-        columns = [*self.spec.events.field_names, PARTITION, OFFSET]
-        table = ds.FileSystemDataset(fragments, dataset.schema, dataset.format, dataset.filesystem).to_table(
-            columns=columns, filter=pc.field("consumer_group") == self.group)
-        if boundary:
-            lowest = pa.array([boundary.get(p, -1) for p in table.column(PARTITION).to_pylist()], pa.int64())
-            table = table.filter(pc.greater(table.column(OFFSET), lowest))
-        time_field = self.spec.events.time_field
-        ms = pc.divide(table.column(time_field).cast(pa.timestamp("us", tz="UTC")).cast(pa.int64()), 1000)
-        table = table.append_column(EVENT_TIME_MS, ms)
-        return table.select(schema.names).cast(schema)
+        self._raw_at = time.monotonic()
+        for name, path in raw_tables(self.spec, self.lakehouse).items():
+            if DeltaTable.is_deltatable(path) and (name not in self._raw_versions or
+                                                   DeltaTable(path).version() != self._raw_versions[name]):
+                return True
+        return False
 
     def _register_raw(self, db: Any) -> None:
         from deltalake import DeltaTable
@@ -285,7 +252,9 @@ class DuckEngine:
         raw: dict[str, Any] = {}
         for name, path in raw_tables(self.spec, self.lakehouse).items():
             if DeltaTable.is_deltatable(path):
-                raw[name] = DeltaTable(path).to_pyarrow_dataset()
+                table = DeltaTable(path)
+                raw[name] = table.to_pyarrow_dataset()
+                self._raw_versions[name] = table.version()
         for name, dataset in raw.items():
             registered = "raw__" + name.replace(".", "__")
             db.register(registered, dataset)
@@ -333,31 +302,41 @@ class DuckEngine:
 
     def entity_states(self, event: Mapping[str, Any]) -> EntityStates:
         """The states every view holds for an event's entities over the event's windows, as
-        the speed layer computes them (see `serving/point.py`), the entity fields nothing is
-        known about (their features are the monoids' identities), and the snapshot read."""
-        point = self.point  # one immutable snapshot for the whole lookup
-        states, unknown = point.states(event)
-        return EntityStates(states, unknown, point.snapshot())
+        the speed layer computes them (see `serving/point.py`: gold ⊕ one store read), the
+        entity fields nothing is known about (their features are the monoids' identities),
+        and the run and coverage vector read. ServiceError when the store cannot be read."""
+        point = self.point  # one immutable index for the whole lookup
+        states, unknown, coverage = point.states(event)
+        return EntityStates(states, unknown, point.snapshot(coverage))
 
-    def entity_features(self, entity_field: str, entity: Any) -> dict[str, dict[str, Any]]:
+    def entity_features(self, entity_field: str, entity: Any) -> EntityFeatures:
         """merged.<view> rows of one entity, per view that aggregates over `entity_field`
-        ({} for a view that holds nothing for it)."""
+        ({} for a view that holds nothing for it), read now: gold ⊕ one store read, through
+        the merged views' own SQL (`serving/views.py`) over that entity's states alone."""
+        point = self.point
+        views = [view for view in self.spec.views if view.entity == entity_field]
+        found, coverage = point.entity_states([(view.name, entity, 0) for view in views])
         cursor = self._cursor()
+        name = f"_entity_{threading.get_ident()}"
         out: dict[str, dict[str, Any]] = {}
-        cursor.execute("BEGIN TRANSACTION")
-        try:
-            for view in self.spec.views:
-                if view.entity != entity_field:
-                    continue
-                result = cursor.execute(f'SELECT * FROM {view_name(view)} WHERE "{view.entity}" = ?', [entity])
+        for view in views:
+            states = found[(view.name, entity)]
+            if not len(states):
+                out[view.name] = {}
+                continue
+            schema = live_schema(self.spec, view, self._entity_types[view.entity])
+            rows = [{view.entity: e, BUCKET: b, **values} for (e, b), values in states.items()]
+            cursor.register(name, pa.Table.from_pylist(rows, schema=schema))
+            try:
+                result = cursor.execute(f"SELECT * FROM ({view_sql(self.spec, view, DUCKDB, states=name)}) AS v")
                 names = [d[0] for d in result.description]
-                row = result.fetchone()
-                out[view.name] = {} if row is None else {
-                    n: exact_int(v) if n in view.aggregations else v
-                    for n, v in zip(names, row, strict=True) if n != view.entity}
-        finally:
-            cursor.execute("COMMIT")
-        return out
+                row = next(iter(result.fetchall()), None)  # fetched whole: unregister needs no open result
+            finally:
+                cursor.unregister(name)
+            out[view.name] = {} if row is None else {
+                n: exact_int(v) if n in view.aggregations else v
+                for n, v in zip(names, row, strict=True) if n != view.entity}
+        return EntityFeatures(out, {**point.snapshot(coverage), "speed_increments": self.snapshot.increments})
 
     def close(self) -> None:
         """Close the database and remove its temp directory."""

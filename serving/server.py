@@ -13,6 +13,7 @@ import logging
 
 from lakehouse.config import Settings
 from lakehouse.logs import json_logging
+from lakehouse.online import open_store
 from lakehouse.registry import CHALLENGER, CHAMPION
 from lakehouse.serve import app_name, async_score_call, connect, running_apps
 from lakehouse.spec import PlatformSpec
@@ -31,7 +32,8 @@ def build_serving(settings: Settings, spec: PlatformSpec, *, lakehouse: Lakehous
     connect(settings, quiet=True)
     keys, created = load_api_keys(settings.api_keys.get_secret_value(), settings.api_keys_path,
                                   create=create_keys)
-    engine = DuckEngine(spec, lakehouse or Lakehouse(settings.delta_uri), group=settings.speed_group,
+    lakehouse = lakehouse or Lakehouse(settings.delta_uri)
+    engine = DuckEngine(spec, lakehouse, store=open_store(settings, spec, root=lakehouse.root),
                         partitions=settings.kafka_partitions, memory_limit=settings.duckdb_memory_limit)
     rollout = Rollout({CHAMPION: async_score_call(app_name(CHAMPION))}, settings.rollout_challenger_weight,
                       PredictionCache(settings.prediction_cache_size))

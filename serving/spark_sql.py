@@ -2,9 +2,10 @@
 
 The same relations as the DuckDB engine, under the same names, as catalog objects of the
 session: each Delta table is an external table in the hidden database `lake_tables`, and
-`gold.<view>` pins the version the published run wrote (`VERSION AS OF`). `speed.increments`
-filters the scored events of one consumer group by the run's boundary, and the `merged.*`
-views are `serving/views.py`'s SQL, unchanged but for identifier quoting.
+`gold.<view>` pins the version the published run wrote (`VERSION AS OF`). `speed.<view>_states`
+are the online store's live states above the run's cut (`serving/live.py`), written at each
+`register` as managed tables of the hidden database, and the `merged.*` views are
+`serving/views.py`'s SQL, unchanged but for identifier quoting.
 
 User queries are parsed as queries only (`parseQuery`: no DDL, DML, SET or CACHE) and run
 with `spark.sql.runSQLOnFiles=false`, so ``csv.`/path` `` and the like cannot read files, and
@@ -25,12 +26,13 @@ import pyarrow as pa
 from lakehouse.config import setting_default
 from lakehouse.errors import SqlError
 from lakehouse.features import OFFSET, PARTITION
-from lakehouse.scored import coverage as scored_coverage
+from lakehouse.online.base import OnlineStore
 from lakehouse.spec import PlatformSpec
-from lakehouse.tables import BUCKET, EVENT_TIME_MS, Lakehouse, published_runs
-from lakehouse.types import spark_sql_type
+from lakehouse.tables import BUCKET, Lakehouse, published_runs
+from lakehouse.types import arrow_type, spark_sql_type
 from serving.duck import Snapshot
-from serving.views import SCHEMAS, SPARK, merged_views, raw_tables
+from serving.live import LiveSource, adoptable, live_tables
+from serving.views import SCHEMAS, SPARK, live_name, merged_views, raw_tables
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -54,13 +56,12 @@ def _literal(path: str) -> str:
 
 
 class SparkEngine:
-    def __init__(self, spark: SparkSession, spec: PlatformSpec, lakehouse: Lakehouse, *, group: str,
-                 topic: str | None = None, partitions: int = 1) -> None:
+    def __init__(self, spark: SparkSession, spec: PlatformSpec, lakehouse: Lakehouse, *,
+                 store: OnlineStore | None, partitions: int = 1) -> None:
         self.spark = spark
         self.spec = spec
         self.lakehouse = lakehouse
-        self.group = group
-        self.topic = topic or spec.events.topic
+        self.store = store
         self.partitions = partitions
         logging.getLogger("SQLQueryContextLogger").setLevel(logging.CRITICAL)  # errors are raised
 
@@ -85,13 +86,10 @@ class SparkEngine:
             self.spark.conf.set("spark.sql.runSQLOnFiles", previous if previous is not None else "false")
 
     def _register(self) -> Snapshot:
-        from deltalake import DeltaTable
-
-
         spark, spec, lake = self.spark, self.spec, self.lakehouse
         for schema in (HIDDEN, *SCHEMAS):
             spark.sql(f"CREATE DATABASE IF NOT EXISTS {schema}")
-        runs = [r for r in published_runs(lake) if r.spec_fingerprint == spec.fingerprint()]
+        runs = [r for r in published_runs(lake) if adoptable(r, spec, self.store)]
         run = runs[0] if runs else None
         boundary = run.boundary if run else {}
         for view in spec.views:
@@ -108,43 +106,25 @@ class SparkEngine:
         rows = ", ".join(f"({p}, {o})" for p, o in sorted(boundary.items())) or "(-1, -1)"
         spark.sql(f"CREATE OR REPLACE VIEW batch.boundary AS SELECT * FROM VALUES {rows} "
                   f"AS t({_q(PARTITION)}, {_q(OFFSET)}) WHERE {_q(PARTITION)} >= 0")
-        scored = self._table("speed.scored_events", lake.scored_events)
-        fields = ", ".join(f"s.{_q(f)}" for f in spec.events.field_names)
-        time_field = _q(spec.events.time_field)
-        if scored is None:
-            source = ("SELECT * FROM (SELECT " + ", ".join(
-                [f"CAST(NULL AS {t}) AS {_q(f)}" for f, t in self._event_types()]
-                + [f"CAST(NULL AS INT) AS {_q(PARTITION)}", f"CAST(NULL AS BIGINT) AS {_q(OFFSET)}",
-                   f"CAST(NULL AS STRING) AS {_q('consumer_group')}"]) + ") WHERE false")
-        else:
-            version = DeltaTable(lake.scored_events).version()
-            source = f"SELECT * FROM {scored} VERSION AS OF {version}"
-        spark.sql(
-            f"CREATE OR REPLACE VIEW speed.increments AS SELECT {fields}, "
-            f"unix_millis(s.{time_field}) AS {_q(EVENT_TIME_MS)}, s.{_q(PARTITION)}, s.{_q(OFFSET)} "
-            f"FROM ({source}) s LEFT JOIN batch.boundary b ON s.{_q(PARTITION)} = b.{_q(PARTITION)} "
-            f"WHERE s.consumer_group = {_literal(self.group)} AND s.{_q(OFFSET)} > COALESCE(b.{_q(OFFSET)}, -1)")
+        live = live_tables(LiveSource(self.store, self.partitions, run.cut_epochs if run else {}), spec,
+                           {v.entity: arrow_type(next(f for f in spec.events.fields if f.name == v.entity))
+                            for v in spec.views})
+        for view in spec.views:
+            hidden = f"{HIDDEN}.speed__{view.name}_states"
+            frame = spark.createDataFrame(live.tables[view.name])  # Arrow: exact DECIMAL(38,0) states
+            frame.write.mode("overwrite").saveAsTable(hidden)
+            spark.sql(f"CREATE OR REPLACE VIEW {live_name(view)} AS SELECT * FROM {hidden}")
         for name, sql in merged_views(spec, SPARK).items():
             spark.sql(f"CREATE OR REPLACE VIEW {name} AS {sql}")
         for name, path in raw_tables(self.spec, self.lakehouse).items():
-            hidden = self._table(name, path)
-            if hidden is not None:
-                spark.sql(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM {hidden}")
-        coverage, scored_version = dict(boundary), None
-        if scored is not None:
-            table = DeltaTable(lake.scored_events)
-            scored_version = table.version()
-            coverage = scored_coverage(table, boundary, group=self.group, topic=self.topic,
-                                           partitions=self.partitions)
-        increments = spark.sql("SELECT count(*) AS n FROM speed.increments").collect()[0]["n"]
-        return Snapshot(run.run_id if run else None, dict(boundary), scored_version, coverage, int(increments))
+            hidden_raw = self._table(name, path)
+            if hidden_raw is not None:
+                spark.sql(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM {hidden_raw}")
+        return Snapshot(run.run_id if run else None, dict(boundary), {**boundary, **live.coverage}, live.states)
 
     @property
     def _field_types(self) -> dict[str, str]:
         return {f.name: spark_sql_type(f) for f in self.spec.events.fields}
-
-    def _event_types(self) -> list[tuple[str, str]]:
-        return list(self._field_types.items())
 
     def query(self, sql: str, *, row_cap: int = setting_default("sql_row_cap")) -> tuple[pa.Table, bool]:
         """One read-only query; at most `row_cap` rows (and whether more existed)."""

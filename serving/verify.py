@@ -18,6 +18,7 @@ from typing import Any
 
 from lakehouse.config import Settings
 from lakehouse.errors import MergeCheckError, ValidationError
+from lakehouse.online import open_store
 from lakehouse.recompute import states_by_view
 from lakehouse.spec import PlatformSpec
 from lakehouse.streams import kafka_client_config
@@ -58,7 +59,8 @@ def topic_prefix(settings: Settings, topic: str, until: dict[int, int],
 
 def check_exact_merge(settings: Settings, spec: PlatformSpec, *, lakehouse: Lakehouse | None = None,
                       echo: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
-    engine = DuckEngine(spec, lakehouse or Lakehouse(settings.delta_uri), group=settings.speed_group,
+    lakehouse = lakehouse or Lakehouse(settings.delta_uri)
+    engine = DuckEngine(spec, lakehouse, store=open_store(settings, spec, root=lakehouse.root),
                         partitions=settings.kafka_partitions, memory_limit=settings.duckdb_memory_limit)
     snapshot = engine.refresh()
     records = topic_prefix(settings, spec.events.topic, snapshot.coverage, echo)

@@ -2,19 +2,19 @@
 
 Every engine provides the same input relations (see `serving/duck.py`, `serving/spark_sql.py`):
 
-    gold.<view>        the batch view's monoid states per (entity, bucket_start_ms), as the
-                       latest published batch run wrote them (Delta version pinned)
-    batch.boundary     (partition, offset): the highest offset per partition that run includes
-    speed.increments   the speed layer's scored events whose offset lies above the boundary of
-                       their partition: the typed event fields (money in integer cents) plus
-                       event_time_ms, partition, offset
+    gold.<view>          the batch view's monoid states per (entity, bucket_start_ms), as the
+                         latest published batch run wrote them (Delta version pinned)
+    batch.boundary       (partition, offset): the highest offset per partition that run includes
+    speed.<view>_states  the online store's states of the same view and columns for the events
+                         above that boundary (`serving/live.py`: the store's epochs after the
+                         run's cut), summed over partitions
 
 and on top of them the views defined here:
 
-    merged.<view>_states  batch states ⊕ the increments' states per (entity, bucket_start_ms),
-                          added with each aggregation's own SQL plus (SUM, MAX, MIN): exact,
-                          since the boundary splits the events by Kafka offset and the
-                          increments hold exactly the events above it;
+    merged.<view>_states  batch states ⊕ live states per (entity, bucket_start_ms), added with
+                          each aggregation's own SQL plus (SUM, MAX, MIN): exact, since the
+                          run's cut splits the events by Kafka offset and the live states hold
+                          exactly the events above it;
     merged.<view>         one row per entity: the states over the view's window and the
                           features derived from them (mean and std of each summed field,
                           events per minute over a window). Each entity's window ends at its
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 from lakehouse.monoids import Count, Max, Min, Sum, SumOfSquares
 from lakehouse.spec import FeatureView, PlatformSpec
-from lakehouse.tables import BUCKET, EVENT_TIME_MS, Lakehouse
+from lakehouse.tables import BUCKET, Lakehouse
 
 WINDOW_END = "window_end_ms"
 # the SQL schemas every engine creates (and a query may read from)
@@ -59,28 +59,26 @@ def view_name(view: FeatureView) -> str:
     return f"merged.{view.name}"
 
 
-def states_sql(spec: PlatformSpec, view: FeatureView, d: Dialect) -> str:
-    """merged.<view>_states: batch states ⊕ speed increments per (entity, bucket)."""
+def live_name(view: FeatureView) -> str:
+    return f"speed.{view.name}_states"
+
+
+def states_sql(spec: PlatformSpec, view: FeatureView, d: Dialect, *, gold: str | None = None,
+               live: str | None = None) -> str:
+    """merged.<view>_states: batch states ⊕ live states per (entity, bucket), over the
+    relations `gold` and `live` (default gold.<view> and speed.<view>_states)."""
+    del spec
     q = d.quote
     names = list(view.aggregations)
-    if view.bucket_ms:
-        t, width = q(EVENT_TIME_MS), view.bucket_ms
-        bucket = f"{t} - ((({t} % {width}) + {width}) % {width})"
-    else:
-        bucket = "0"
-    lifted = ", ".join(f"{a.sql_lift(q)} AS {q(n)}" for n, a in view.aggregations.items())
     added = ", ".join(
         f"CAST({a.sql_plus}({q(n)}) AS {a.spark_type.upper()}) AS {q(n)}"
         for n, a in view.aggregations.items())
     columns = ", ".join(q(n) for n in names)
     entity = q(view.entity)
-    return (
-        f"SELECT {entity}, {q(BUCKET)}, {added} FROM ("
-        f"SELECT {entity}, CAST({q(BUCKET)} AS BIGINT) AS {q(BUCKET)}, {columns} FROM gold.{view.name} "
-        f"UNION ALL "
-        f"SELECT {entity}, CAST({bucket} AS BIGINT) AS {q(BUCKET)}, {lifted} FROM speed.increments"
-        f") AS states GROUP BY {entity}, {q(BUCKET)}"
-    )
+    parts = " UNION ALL ".join(
+        f"SELECT {entity}, CAST({q(BUCKET)} AS BIGINT) AS {q(BUCKET)}, {columns} FROM {relation}"
+        for relation in (gold or f"gold.{view.name}", live or live_name(view)))
+    return f"SELECT {entity}, {q(BUCKET)}, {added} FROM ({parts}) AS states GROUP BY {entity}, {q(BUCKET)}"
 
 
 def derived_columns(spec: PlatformSpec, view: FeatureView, d: Dialect) -> list[str]:
@@ -113,11 +111,12 @@ def derived_columns(spec: PlatformSpec, view: FeatureView, d: Dialect) -> list[s
     return items
 
 
-def view_sql(spec: PlatformSpec, view: FeatureView, d: Dialect) -> str:
-    """merged.<view>: per entity, the states over its window and the derived features."""
+def view_sql(spec: PlatformSpec, view: FeatureView, d: Dialect, *, states: str | None = None) -> str:
+    """merged.<view>: per entity, the states over its window and the derived features, over
+    the relation `states` (default merged.<view>_states)."""
     q = d.quote
     entity = q(view.entity)
-    states = states_name(view)
+    states = states or states_name(view)
     added = ", ".join(
         f"CAST({a.sql_plus}(s.{q(n)}) AS {a.spark_type.upper()}) AS {q(n)}"
         for n, a in view.aggregations.items())

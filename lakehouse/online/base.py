@@ -38,7 +38,7 @@ from lakehouse.features import ViewStates
 from lakehouse.spec import PlatformSpec, RecordSchema
 
 __all__ = ["NOTHING", "Cut", "Increments", "OnlineStore", "StateKey", "Step", "StoreBehindError", "StoreRead",
-           "decode_key", "encode_key", "event_identity", "increments_of", "merge_into"]
+           "decode_entity", "encode_entity", "event_identity", "increments_of", "merge_into"]
 
 StateKey = tuple[str, Any, int]  # (feature view, entity, bucket start)
 # key → the view's monoid states, in the order of its aggregations
@@ -90,15 +90,15 @@ def event_identity(schema: RecordSchema, record: Mapping[str, Any]) -> str:
     return json.dumps(list(schema.dedup_key(record)), separators=(",", ":"))
 
 
-def encode_key(key: StateKey) -> str:
-    view, entity, bucket = key
-    return f"{view}\x1f{json.dumps(entity, separators=(',', ':'))}\x1f{int(bucket)}"
+def encode_entity(view: str, entity: Any) -> str:
+    """The store field of one (view, entity): it holds the entity's states of every bucket."""
+    return f"{view}\x1f{json.dumps(entity, separators=(',', ':'))}"
 
 
-def decode_key(field: str | bytes) -> StateKey:
+def decode_entity(field: str | bytes) -> tuple[str, Any]:
     text = field.decode() if isinstance(field, bytes) else field
-    view, entity, bucket = text.split("\x1f")
-    return view, json.loads(entity), int(bucket)
+    view, entity = text.split("\x1f")
+    return view, json.loads(entity)
 
 
 def merge_into(spec: PlatformSpec, into: dict[StateKey, list[Any]], key: StateKey,
@@ -180,7 +180,9 @@ class OnlineStore(ABC):
     def read(self, keys: Iterable[StateKey], partitions: Iterable[int],
              after: Mapping[int, int]) -> StoreRead:
         """The states of `keys` summed over `partitions` and their epochs after
-        `after[p]` (0 where absent: every epoch), each partition read atomically."""
+        `after[p]` (0 where absent: every epoch), each partition read atomically. The states
+        of every bucket of the keys' (view, entity) pairs come back, not only the buckets
+        asked: an entity's buckets are stored together."""
 
     @abstractmethod
     def scan(self, partition: int, after: int) -> tuple[int, Iterator[tuple[StateKey, list[Any]]]]:

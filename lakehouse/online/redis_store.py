@@ -7,8 +7,9 @@ lakehouse in the prefix):
     {…}:meta        hash: applied (the highest offset applied), epoch (the open one),
                     cut:<e> (the applied offset at which epoch e was closed), stepped (set
                     by the first step of the speed group)
-    {…}:e<epoch>    hash: "<view>\\x1f<entity as JSON>\\x1f<bucket>" → the view's monoid
-                    states as a JSON list (exact integers, None for an empty max/min)
+    {…}:e<epoch>    hash: "<view>\\x1f<entity as JSON>" → {bucket start: the view's monoid
+                    states as a list} in JSON (exact integers, None for an empty max/min);
+                    one field per entity, so a read of an entity's window is one field
     {…}:outbox      sorted set: scored rows not yet in Delta, scored by Kafka offset
     {…}:seen        set: identities of the partition's valid events (the dedup key as JSON)
 
@@ -44,8 +45,8 @@ from lakehouse.online.base import (
     Step,
     StoreBehindError,
     StoreRead,
-    decode_key,
-    encode_key,
+    decode_entity,
+    encode_entity,
     merge_into,
 )
 from lakehouse.spec import PlatformSpec
@@ -163,19 +164,24 @@ class RedisOnlineStore(OnlineStore):
                     f"this step starts at {from_offset}: offsets {applied + 1}..{from_offset - 1} would "
                     "be lost. Re-derive the store with `lambdalake speed rebuild`")
             above = step_above(applied)
-            increments = above.increments
             data = self._epoch_key(partition, epoch)
-            merged: dict[StateKey, list[Any]] = {}
-            if increments:
-                for key, raw in zip(increments, pipe.hmget(data, [encode_key(k) for k in increments]),
-                                    strict=True):
-                    if raw is not None:
-                        merged[key] = json.loads(raw)
-            for key, states in increments.items():
-                merge_into(self.spec, merged, key, states)
+            by_entity: dict[tuple[str, Any], dict[int, Sequence[Any]]] = {}
+            for (view, entity, bucket), states in above.increments.items():
+                by_entity.setdefault((view, entity), {})[bucket] = states
+            fields = [encode_entity(view, entity) for view, entity in by_entity]
+            merged: dict[str, dict[str, list[Any]]] = {}
+            if fields:
+                for (view, entity), field, raw in zip(by_entity, fields, pipe.hmget(data, fields), strict=True):
+                    buckets: dict[str, list[Any]] = json.loads(raw) if raw is not None else {}
+                    aggregations = list(self.spec.view(view).aggregations.values())
+                    for bucket, states in by_entity[(view, entity)].items():
+                        current = buckets.get(str(bucket))
+                        buckets[str(bucket)] = list(states) if current is None else [
+                            a.plus(c, x) for a, c, x in zip(aggregations, current, states, strict=True)]
+                    merged[field] = buckets
             pipe.multi()
             if merged:
-                pipe.hset(data, mapping={encode_key(k): json.dumps(v) for k, v in merged.items()})
+                pipe.hset(data, mapping={f: json.dumps(v, separators=(",", ":")) for f, v in merged.items()})
             if above.rows:
                 pipe.zadd(self._outbox(partition), {row: offset for offset, row in above.rows.items()})
             if above.seen:
@@ -261,20 +267,21 @@ class RedisOnlineStore(OnlineStore):
 
     def read(self, keys: Iterable[StateKey], partitions: Iterable[int],
              after: Mapping[int, int]) -> StoreRead:
-        wanted = list(dict.fromkeys(keys))
-        fields = [encode_key(k) for k in wanted]
+        wanted = list(dict.fromkeys((view, entity) for view, entity, _ in keys))
+        fields = [encode_entity(view, entity) for view, entity in wanted]
         states: dict[StateKey, list[Any]] = {}
         coverage, epochs = {}, {}
-        if not fields:
-            for p, (applied, epoch, _) in self._read_partitions(list(partitions), after, fields).items():
-                coverage[p], epochs[p] = applied, epoch
-            return StoreRead(states, coverage, epochs)
-        for p, (applied, epoch, per_epoch) in self._read_partitions(list(partitions), after, fields).items():
+        # no field asked: one that never exists, so the script reads the coverage only
+        answers = self._read_partitions(list(partitions), after, fields or ["\x00"])
+        for p, (applied, epoch, per_epoch) in answers.items():
             coverage[p], epochs[p] = applied, epoch
+            if not fields:
+                continue
             for values in per_epoch:
-                for key, raw in zip(wanted, values, strict=True):
+                for (view, entity), raw in zip(wanted, values, strict=True):
                     if raw is not None:
-                        merge_into(self.spec, states, key, json.loads(raw))
+                        for bucket, value in json.loads(raw).items():
+                            merge_into(self.spec, states, (view, entity, int(bucket)), value)
         return StoreRead(states, coverage, epochs)
 
     def scan(self, partition: int, after: int) -> tuple[int, Iterator[tuple[StateKey, list[Any]]]]:
@@ -284,7 +291,9 @@ class RedisOnlineStore(OnlineStore):
             merged: dict[StateKey, list[Any]] = {}
             for flat in per_epoch:
                 for i in range(0, len(flat), 2):
-                    merge_into(self.spec, merged, decode_key(flat[i]), json.loads(flat[i + 1]))
+                    view, entity = decode_entity(flat[i])
+                    for bucket, value in json.loads(flat[i + 1]).items():
+                        merge_into(self.spec, merged, (view, entity, int(bucket)), value)
             yield from merged.items()
 
         return applied, states()

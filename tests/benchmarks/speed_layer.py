@@ -145,13 +145,9 @@ def latency(settings, rate: float, seconds: float) -> None:  # type: ignore[no-u
     shutil.rmtree(lakehouse.root, ignore_errors=True)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--events", type=int, default=50_000)
-    parser.add_argument("--rate", type=float, default=2000.0)
-    parser.add_argument("--seconds", type=float, default=20.0)
-    args = parser.parse_args()
-    settings = load_settings()
+def serve_model(settings) -> None:  # type: ignore[no-untyped-def]
+    """The model service on the platform's Ray: the registry's champion, or a random signed
+    model registered now (throughput does not depend on the weights)."""
     import ray
 
     from speed.model_service import ServiceArgs, serve_on_ray
@@ -164,6 +160,16 @@ def main() -> None:
     ray.init(address=settings.ray_address, log_to_driver=False)
     info = serve_on_ray(settings.ray_address, ServiceArgs.from_settings(settings))
     print(f"model service: {settings.model_name} v{info['version']} on {info['device']}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--events", type=int, default=50_000)
+    parser.add_argument("--rate", type=float, default=2000.0)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    args = parser.parse_args()
+    settings = load_settings()
+    serve_model(settings)
     saturation(settings, args.events)
     latency(settings, args.rate, args.seconds)
 

@@ -26,12 +26,14 @@ from batch.validate import validate_topic
 from batch.views import BatchRun, compute_views
 from lakehouse.config import Settings
 from lakehouse.errors import SqlError, ValidationError
+from lakehouse.online import open_store
+from lakehouse.online.base import OnlineStore
 from lakehouse.spec import format_timestamp_ms
 from serving.duck import DuckEngine
 from tests.fuzzing import every_input_operation_fuzzed, fuzz_operations
 from tests.integration.models import publish, random_model
 from tests.integration.streams import Stream, new_stream, run_in_process, scored, send, serve_champion
-from tests.unit.test_serving_engine import Arrived, recompute
+from tests.integration.test_serving_engine import Arrived, recompute
 
 pytestmark = pytest.mark.integration
 
@@ -55,7 +57,13 @@ def batch_run(spark: Any, stream: Stream) -> BatchRun:
     ingest_topics(spark, stream.lakehouse, bootstrap_servers=stream.settings.kafka_bootstrap_servers,
                   topics=[stream.topic])
     validate_topic(spark, stream.lakehouse, stream.spec.events, gx_dir=Path(stream.lakehouse.root) / "gx")
-    return compute_views(spark, stream.lakehouse, stream.spec)
+    return compute_views(spark, stream.lakehouse, stream.spec, store=store_of(stream),
+                         partitions=stream.settings.kafka_partitions)
+
+
+def store_of(stream: Stream) -> OnlineStore:
+    """The online store of GROUP over the stream's lakehouse (what the API's settings open)."""
+    return open_store(stream.settings, stream.spec, group=GROUP, root=stream.lakehouse.root)
 
 
 @pytest.fixture(scope="module")
@@ -119,13 +127,14 @@ def test_merged_views_equal_a_recomputation_from_kafka_on_both_engines(world: Wo
 
     stream = world.stream
     arrived = from_kafka(stream)
-    duck = DuckEngine(stream.spec, stream.lakehouse, group=GROUP, partitions=world.settings.kafka_partitions)
+    duck = DuckEngine(stream.spec, stream.lakehouse, store=store_of(stream),
+                      partitions=world.settings.kafka_partitions)
     snapshot = duck.refresh()
     ends = {p: max(a.offset for a in arrived if a.partition == p) for p in {a.partition for a in arrived}}
     assert snapshot.run_id == world.run.run_id and snapshot.increments > 0
     assert all(snapshot.coverage[p] >= ends[p] for p in ends)  # the speed layer read everything
     expected = recompute(arrived, snapshot.coverage)
-    sparks = SparkEngine(spark, stream.spec, stream.lakehouse, group=GROUP,
+    sparks = SparkEngine(spark, stream.spec, stream.lakehouse, store=store_of(stream),
                          partitions=world.settings.kafka_partitions)
     assert sparks.register().coverage == snapshot.coverage
     for view in stream.spec.views:
@@ -136,7 +145,7 @@ def test_merged_views_equal_a_recomputation_from_kafka_on_both_engines(world: Wo
         assert_rows_close(duck.query(per_entity, row_cap=10**6).table.to_pylist(),
                           sparks.query(per_entity, row_cap=10**6)[0].to_pylist())
 
-    second = batch_run(spark, stream)  # right after a new boundary: the increments are in it
+    second = batch_run(spark, stream)  # right after a new cut: every increment is in its gold
     snapshot = duck.refresh()
     assert snapshot.run_id == second.run_id and snapshot.increments == 0
     for view in stream.spec.views:

@@ -51,7 +51,7 @@ async def champion(rows: list[list[float]]) -> dict[str, Any]:
 def engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[DuckEngine]:
     # the engine runs where the API process runs: its working directory must not leak
     monkeypatch.chdir(tmp_path)
-    engine = DuckEngine(SPEC, Lakehouse(str(tmp_path / "delta")), group="hardening", partitions=2)
+    engine = DuckEngine(SPEC, Lakehouse(str(tmp_path / "delta")), store=None, partitions=2)
     engine.refresh()
     yield engine
     engine.close()
@@ -467,7 +467,7 @@ def test_catalog_settings_and_file_functions_are_refused(engine: DuckEngine, cli
     "SELECT * FROM range(3)", "SELECT * FROM generate_series(1, 3)", "SELECT * FROM unnest([1, 2, 3])",
     "SELECT count(*) AS n FROM merged.user_all", "SELECT table_schema, table_name FROM information_schema.tables",
     "WITH t AS (SELECT 1 AS a) SELECT * FROM t", "SELECT version() AS v, now() AS t, current_date AS d",
-    "SELECT * FROM speed.increments", "SELECT * FROM serving.snapshot",
+    "SELECT * FROM speed.user_all_states", "SELECT * FROM serving.snapshot",
 ])
 def test_ordinary_queries_still_answer(engine: DuckEngine, query: str) -> None:
     engine.query(query)
@@ -477,7 +477,7 @@ def test_the_temp_directory_is_private_and_removed_on_close(tmp_path: Path, monk
     monkeypatch.chdir(tmp_path)
     (tmp_path / ".tmp").mkdir()
     (tmp_path / ".tmp" / "secret.txt").write_text("a secret\n")
-    engine = DuckEngine(SPEC, Lakehouse(str(tmp_path / "delta")), group="hardening")
+    engine = DuckEngine(SPEC, Lakehouse(str(tmp_path / "delta")), store=None)
     engine.refresh()
     # below the query check: the connection itself, as a query that slipped through would run
     raw = engine._db.cursor()
@@ -518,7 +518,7 @@ def spark(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 def spark_engine(spark: Any, tmp_path: Path) -> Any:
     from serving.spark_sql import SparkEngine
 
-    return SparkEngine(spark, SPEC, Lakehouse(str(tmp_path / "delta")), group="hardening")
+    return SparkEngine(spark, SPEC, Lakehouse(str(tmp_path / "delta")), store=None)
 
 
 SPARK_REFUSED = [
