@@ -423,6 +423,36 @@ def speed_run(
     print(json.dumps(counts))
 
 
+@speed_app.command("rebuild")
+def speed_rebuild(
+    group: Annotated[str | None, typer.Option(
+        help="the consumer group whose store to rebuild [default: LAMBDALAKE_SPEED_GROUP]")] = None,
+    topic: Annotated[str | None, typer.Option(help="events topic (default: the spec's)")] = None,
+    yes: Annotated[bool, typer.Option("--yes", help="wipe the group's store without asking")] = False,
+) -> None:
+    """Wipe the speed group's online store and re-derive it from the lakehouse (the newest
+    published run's cut, the scored events above it, silver's identities). Stop the speed
+    layer first (`lambdalake down --apps`); it resumes where the rebuilt store stands."""
+    from lakehouse.fraud import FRAUD_SPEC
+    from lakehouse.online import open_store
+    from lakehouse.streams import topic_partitions
+    from speed.rebuild import rebuild_store
+
+    config = settings()
+    spec = FRAUD_SPEC
+    if topic:
+        spec = dataclasses.replace(spec, events=dataclasses.replace(spec.events, topic=topic),
+                                   dlq_topic=f"{topic}.dlq")
+    name = group or config.speed_group
+    if not yes:
+        typer.confirm(f"wipe and rebuild the online store of group {name!r} on {spec.events.topic!r}?",
+                      abort=True)
+    store = open_store(config, spec, group=name)
+    partitions = max(config.kafka_partitions, topic_partitions(config, spec.events.topic))
+    rebuilt = rebuild_store(store, spec, _lakehouse(), partitions=partitions, echo=_echo)
+    print(json.dumps(dataclasses.asdict(rebuilt)))
+
+
 @app.command()
 def sql(
     query: Annotated[str, typer.Argument(help="one SELECT over merged.*, gold.*, speed.*, bronze.*, ...")],

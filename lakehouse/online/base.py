@@ -194,5 +194,13 @@ class OnlineStore(ABC):
         """Delete the partition's epochs up to `through` (closed ones only); how many."""
 
     @abstractmethod
+    def restore(self, partition: int, *, epoch: int, applied: int, increments: Increments,
+                seen: Iterable[str]) -> None:
+        """Re-derive a partition the store lost (`lambdalake speed rebuild`): `increments`
+        as its open epoch `epoch` (the one after the published run's cut), `applied` as its
+        applied offset, `seen` as its identities. ServiceError when the partition holds
+        anything (wipe it first)."""
+
+    @abstractmethod
     def wipe(self) -> None:
         """Delete everything of this group (`lambdalake speed rebuild` starts from here)."""

@@ -40,6 +40,7 @@ from lakehouse.online.base import (
     FIRST_EPOCH,
     NOTHING,
     Cut,
+    Increments,
     OnlineStore,
     StateKey,
     Step,
@@ -308,6 +309,31 @@ class RedisOnlineStore(OnlineStore):
         except redis.RedisError as error:
             raise self._unreachable(error) from error
         return len(doomed)
+
+    def restore(self, partition: int, *, epoch: int, applied: int, increments: Increments,
+                seen: Iterable[str]) -> None:
+        identities = list(seen)
+
+        def step(pipe: Any, meta: _Meta) -> None:
+            if meta.stepped or meta.applied != NOTHING or meta.epoch != FIRST_EPOCH:
+                pipe.unwatch()
+                raise ServiceError(f"online store: partition {partition} holds state (applied through "
+                                   f"{meta.applied}, epoch {meta.epoch}); wipe the group first")
+            by_entity: dict[tuple[str, Any], dict[str, Sequence[Any]]] = {}
+            for (view, entity, bucket), states in increments.items():
+                by_entity.setdefault((view, entity), {})[str(bucket)] = list(states)
+            pipe.multi()
+            fields = {encode_entity(v, e): json.dumps(b, separators=(",", ":")) for (v, e), b in by_entity.items()}
+            items = list(fields.items())
+            for start in range(0, len(items), 10_000):
+                pipe.hset(self._epoch_key(partition, epoch), mapping=dict(items[start:start + 10_000]))
+            for start in range(0, len(identities), 10_000):
+                pipe.sadd(self._seen(partition), *identities[start:start + 10_000])
+            pipe.hset(self._meta(partition), mapping={"applied": applied, "epoch": epoch, "stepped": 1})
+            pipe.execute()
+            self._open_epochs[partition] = epoch
+
+        self._step(partition, "restore", step)
 
     def wipe(self) -> None:
         try:

@@ -11,6 +11,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -153,8 +154,8 @@ def test_two_members_of_a_group_share_the_partitions_exactly_once(served: Settin
 def test_a_member_stalled_past_the_session_timeout_is_fenced(served: Settings) -> None:
     """Two members score a backlog; one is SIGSTOPped mid-batch for longer than the session
     timeout, so the other takes its partitions and scores that batch; SIGCONT lets the
-    stalled one finish its batch: its commit writes none of those rows twice (the
-    stale-rows warning says so), and every event is scored exactly once."""
+    stalled one finish its batch: its store step applies none of those records twice, and
+    every event is scored exactly once."""
     stream = new_stream(served, 40_000, seed=45, malformed_fraction=0.0, duplicate_fraction=0.0)
     send(stream, stream.messages)
     members = [speed_process(stream, "fenced", "--idle-exit", "20") for _ in range(2)]
@@ -164,14 +165,24 @@ def test_a_member_stalled_past_the_session_timeout_is_fenced(served: Settings) -
     time.sleep(25.0)  # 10 s session timeout, then the rebalance and the other member's commits
     assert scored_count(stream) > stalled_at  # the other member took over
     members[0].send_signal(signal.SIGCONT)
+    resumed = time.time()
     outputs = []
     for member in members:
         out, err = member.communicate(timeout=600)
         assert member.returncode == 0, err[-3000:]
         outputs.append(err)
     assert_exactly_once(stream)
-    events = [json.loads(line).get("event") for line in outputs[0].splitlines() if line.startswith("{")]
-    assert "stale_rows_skipped" in events, events[-20:]
+    logged = [json.loads(line) for line in outputs[0].splitlines() if line.startswith("{")]
+    events = [e.get("event") for e in logged]
+    # Where the stop caught it mid-batch, its step found the records applied by the other
+    # member (stale rows) or its offset commit was refused; where it caught it polling, it
+    # learnt within seconds of resuming that its partitions were gone (long before either
+    # member's 20 s idle exit). Either way it was fenced, and
+    # nothing was written twice (above).
+    fenced = {"stale_rows_skipped", "offset_commit_refused"} & set(events)
+    revoked_late = [e for e in logged if e.get("event") == "partitions_revoked"
+                    and resumed - 1 <= datetime.fromisoformat(e["ts"]).timestamp() <= resumed + 10]
+    assert fenced or revoked_late, logged[-20:]
 
 
 def test_features_equal_the_batch_layers_across_a_handover(served: Settings, spark) -> None:  # type: ignore[no-untyped-def]
@@ -338,3 +349,49 @@ def test_a_resume_offset_kafka_no_longer_holds_is_an_error_with_the_numbers(serv
     counts = layer.run(threading.Event(), idle_exit_s=4.0)
     assert counts["scored"] == 150
     assert sorted(r["offset"] for r in scored(stream)) == list(range(50, 200))
+
+
+def test_a_wiped_store_is_rebuilt_exactly_and_the_layer_resumes_on_it(served: Settings, spark) -> None:  # type: ignore[no-untyped-def]
+    """A batch run cuts the store mid-stream; the store is wiped; `rebuild_store` re-derives
+    the same applied offsets, live states and seen sets from Delta, and the speed layer goes
+    on scoring each event exactly once on the rebuilt store."""
+    from lakehouse.online.base import event_identity
+    from speed.rebuild import rebuild_store
+
+    stream = new_stream(served, 3000, seed=47)
+    group, partitions = "rebuilt", served.kafka_partitions
+    store = open_store(served, stream.spec, group=group, root=stream.lakehouse.root)
+    third = len(stream.messages) // 3
+    send(stream, stream.messages[:third])
+    run_in_process(stream, group=group)
+    ingest_topics(spark, stream.lakehouse, bootstrap_servers=served.kafka_bootstrap_servers, topics=[stream.topic])
+    validate_topic(spark, stream.lakehouse, stream.spec.events, gx_dir=Path(stream.lakehouse.root) / "gx")
+    run = compute_views(spark, stream.lakehouse, stream.spec, store=store, partitions=partitions)
+    send(stream, stream.messages[third:2 * third])
+    run_in_process(stream, group=group)
+    identities = {p: [] for p in range(partitions)}
+    for r in read_topic(served, stream.topic):
+        try:
+            event = stream.spec.events.parse(r.value)
+        except Exception:  # noqa: BLE001 - invalid records have no identity
+            continue
+        identities[r.partition].append(event_identity(stream.spec.events, event))
+
+    def state() -> tuple[dict[int, int], dict[int, Any], dict[int, set[str]]]:
+        scans = {p: store.scan(p, run.cut_epochs[p]) for p in range(partitions)}
+        return ({p: s[0] for p, s in scans.items()}, {p: dict(s[1]) for p, s in scans.items()},
+                store.seen(identities))
+
+    before = state()
+    assert sum(len(s) for s in before[1].values()) > 0  # live states above the cut
+    store.wipe()
+    assert store.applied(range(partitions)) == {p: -1 for p in range(partitions)}
+    rebuilt = rebuild_store(store, stream.spec, stream.lakehouse, partitions=partitions)
+    assert rebuilt.run_id == run.run_id and rebuilt.applied == before[0]
+    assert state() == before
+    send(stream, stream.messages[2 * third:])
+    run_in_process(stream, group=group)
+    rows = scored(stream)
+    ids = Counter(r["event_id"] for r in rows)
+    assert not [i for i, n in ids.items() if n > 1], "scored twice"
+    assert set(ids) == stream.valid_ids  # the layer stepped before the run: nothing was floored
