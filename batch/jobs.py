@@ -124,7 +124,8 @@ def training_set(settings: Settings, spec: PlatformSpec, echo: Echo = _print, *,
     if run is None:
         raise BatchError("no published batch run: run the lambdalake_batch DAG first")
     return asdict(build_training_set(spark or spark_session(settings), lakehouse, spec, run,
-                                     label_cutoff_ms=label_cutoff_ms, echo=echo))
+                                     label_cutoff_ms=label_cutoff_ms, group=settings.speed_group,
+                                     echo=echo))
 
 
 def run_train(settings: Settings, spec: PlatformSpec, *, spark: SparkSession | None = None,

@@ -227,8 +227,8 @@ def train_model(
         raise BatchError(f"the training set was built from batch run {training_set.batch_run_id}, "
                          f"but the latest published run is {run.run_id}: rebuild it")
     if training_set is None:
-        training_set = build_training_set(spark, lakehouse, spec, run,
-                                          label_cutoff_ms=label_cutoff_ms, echo=echo)
+        training_set = build_training_set(spark, lakehouse, spec, run, label_cutoff_ms=label_cutoff_ms,
+                                          group=settings.speed_group, echo=echo)
     durations["training_set"] = round(time.monotonic() - started, 3)
 
     x_all, y_all, times = read_rows(training_set.path, training_set.version, list(spec.feature_names))

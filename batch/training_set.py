@@ -1,12 +1,22 @@
 """Point-in-time-correct training sets, from the same feature definitions as every layer.
 
 For each event of a published batch run (silver events within the run's boundary, at the
-silver version the run read), the features are the model inputs as of just before it:
-each entity's history is replayed in arrival order inside Spark (`groupBy(entity)
-.applyInArrow`) with `lakehouse.features.replay`, the fold the speed layer runs on live
-events, and the spec's `ModelInput`s derive the vector. Labels join by event id, and only
-labels whose `label_time` is at or before the cut-off count (a label that arrived later was
-not known when training is meant to have happened).
+silver version the run read), the features are the model inputs as of just before it,
+computed inside Spark per entity (`groupBy(entity).applyInArrow`) with the fold every
+layer uses (`lakehouse.features`), and the spec's `ModelInput`s derive the vector:
+
+- an event the speed layer scored is recomputed as of the coverage vector its row records
+  (`speed/scored_events.coverage`): the entity's events of every other partition at or
+  below the vector's offset, and of its own partition before it. That is exactly what the
+  speed layer read, so the features it served and the ones trained on are equal, for every
+  entity, with any number of members (train/serve skew 0);
+- an event never scored (history the batch covered before the speed layer ran) uses the
+  canonical order `FeatureView` defines: the events of its entity that arrived before it,
+  by Kafka offset for the entity that keys the messages, by (event time, partition,
+  offset) for any other (`lakehouse.features.replay`).
+
+Labels join by event id, and only labels whose `label_time` is at or before the cut-off
+count (a label that arrived later was not known when training is meant to have happened).
 
 The result is written over the Delta table `training/<spec>`; its version is lineage for
 the model trained from it.
@@ -26,6 +36,7 @@ from lakehouse.errors import BatchError
 from lakehouse.features import (
     OFFSET,
     PARTITION,
+    ViewStates,
     arrival_order,
     replay,
     state_column,
@@ -46,6 +57,7 @@ if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
 EVENT_ID = "event_id"
+COVERAGE = "coverage"  # speed/scored_events: partition → the highest offset the features include
 LABEL = "label"
 LABEL_TIME_MS = "label_time_ms"
 
@@ -69,14 +81,57 @@ def _state_schema(views: list[FeatureView]) -> list[tuple[str, str]]:
             for v in views for name, aggregation in v.aggregations.items()]
 
 
+def as_of_vectors(views: list[FeatureView], events: list[dict[str, Any]], time_field: str,
+                  ) -> dict[int, dict[str, dict[str, Any]]]:
+    """One entity's states for each event that carries a coverage vector (`COVERAGE`, a
+    partition → offset mapping): index in `events` → view → states over the entity's
+    events of every other partition at or below the vector's offset and of its own
+    partition below its own offset. One sweep per partition, the queries in offset order."""
+    entity_field = views[0].entity
+    by_partition: dict[int, list[dict[str, Any]]] = {}
+    for event in events:
+        by_partition.setdefault(event[PARTITION], []).append(event)
+    asked = [i for i, e in enumerate(events) if e.get(COVERAGE) is not None]
+    out: dict[int, dict[str, dict[str, Any]]] = {
+        i: {v.name: {n: a.zero for n, a in v.aggregations.items()} for v in views} for i in asked}
+    for partition, arrived in by_partition.items():
+        arrived.sort(key=lambda e: e[OFFSET])
+        limits = []
+        for i in asked:
+            event = events[i]
+            limit = event[OFFSET] - 1 if event[PARTITION] == partition else \
+                dict(event[COVERAGE]).get(partition, -1)
+            limits.append((limit, i))
+        limits.sort()
+        tables = [ViewStates(view) for view in views]
+        added = 0
+        for limit, i in limits:
+            while added < len(arrived) and arrived[added][OFFSET] <= limit:
+                for table in tables:
+                    table.add(arrived[added], time_field)
+                added += 1
+            if not added:
+                continue
+            event = events[i]
+            for table in tables:
+                read = table.read(event[entity_field], event[time_field])
+                states = out[i][table.view.name]
+                for name, aggregation in table.view.aggregations.items():
+                    states[name] = aggregation.plus(states[name], read[name])
+    return out
+
+
 def _replay_entity(table: pa.Table, *, views: list[FeatureView], order: tuple[str, ...],
                    id_field: str, time_field: str, columns: list[tuple[str, str]]) -> pa.Table:
-    """One entity's events (any order) → the point-in-time states of each event."""
+    """One entity's events (any order) → the point-in-time states of each event: as of its
+    coverage vector where it has one, else in the view's arrival order."""
     events = table.sort_by([(name, "ascending") for name in order]).to_pylist()
+    vectored = as_of_vectors(views, events, time_field) if COVERAGE in table.column_names else {}
     out: dict[str, list[Any]] = {name: [] for name, _ in columns}
-    for states in replay(views, events, time_field):
+    for i, states in enumerate(replay(views, events, time_field)):
+        chosen = vectored.get(i, states)
         for view in views:
-            for name, value in states[view.name].items():
+            for name, value in chosen[view.name].items():
                 out[state_column(view.name, name)].append(value)
     arrays = [pa.array([e[id_field] for e in events], pa.string())]
     for name, sql_type in columns:
@@ -114,9 +169,12 @@ def _unannotated(function: Callable[[pa.Table], pa.Table]):  # type: ignore[no-u
     return call
 
 
-def point_in_time_features(events: DataFrame, spec: PlatformSpec) -> DataFrame:
+def point_in_time_features(events: DataFrame, spec: PlatformSpec, *,
+                           vectors: DataFrame | None = None) -> DataFrame:
     """Typed silver events → (event id, event time ms, partition, offset, one column per
-    model input), each vector computed from the events that preceded the event."""
+    model input), each vector computed from the events that preceded the event: as of the
+    coverage vector `vectors` gives it ((partition, offset, coverage) rows: the scored
+    events), else in arrival order (see the module docstring)."""
     from pyspark.sql import functions as F
 
     id_field, time_field = spec.events.id_field, spec.events.time_field
@@ -125,7 +183,9 @@ def point_in_time_features(events: DataFrame, spec: PlatformSpec) -> DataFrame:
         F.unix_millis(F.col(time_field)).alias(time_field),
         F.col(PARTITION), F.col(OFFSET),
     )
-    joined = typed.withColumnRenamed(time_field, EVENT_TIME_MS)
+    if vectors is not None:
+        typed = typed.join(vectors.select(PARTITION, OFFSET, COVERAGE), on=[PARTITION, OFFSET], how="left")
+    joined = typed.drop(COVERAGE).withColumnRenamed(time_field, EVENT_TIME_MS)
     decimal_columns: set[str] = set()
     for entity, views in views_by_entity(spec).items():
         columns = _state_schema(views)
@@ -162,9 +222,12 @@ def build_training_set(
     run: BatchRun,
     *,
     label_cutoff_ms: int | None = None,
+    group: str | None = None,
     echo: Callable[[str], None] = lambda line: None,
 ) -> TrainingSet:
-    """Write the training set of a published batch run over `training/<spec>`."""
+    """Write the training set of a published batch run over `training/<spec>`; the events
+    speed group `group` scored are recomputed as of the coverage vectors they were scored
+    with."""
     from pyspark.sql import functions as F
 
     labels_path = lakehouse.silver(spec.labels.name)
@@ -178,9 +241,13 @@ def build_training_set(
         run.boundary,
     )
     labels = spark.read.format("delta").option("versionAsOf", labels_version).load(labels_path)
+    vectors = None
+    if group is not None and table_version(spark, lakehouse.scored_events) is not None:
+        vectors = (spark.read.format("delta").load(lakehouse.scored_events)
+                   .where(F.col("consumer_group") == group).select(PARTITION, OFFSET, COVERAGE))
     echo(f"training set: replaying each entity's history (batch run {run.run_id})")
     rows = (
-        point_in_time_features(events, spec)
+        point_in_time_features(events, spec, vectors=vectors)
         .join(labels_until(labels, spec, label_cutoff_ms), on=EVENT_ID, how="inner")
         .withColumn(BATCH_RUN_ID, F.lit(run.run_id))
     )
