@@ -52,6 +52,21 @@ class ViewStates:
         for i, (_, aggregation) in enumerate(self._aggregations):
             state[i] = aggregation.plus(state[i], aggregation.lift(event))
 
+    def state_of(self, entity: Any, bucket: int) -> list[Any] | None:
+        """The states of one (entity, bucket), in the order of the view's aggregations
+        (None: nothing held); a copy."""
+        state = self._states.get((entity, bucket))
+        return None if state is None else list(state)
+
+    def merge_values(self, entity: Any, bucket: int, values: Sequence[Any]) -> None:
+        """`merge` of states given in the order of the view's aggregations."""
+        current = self._states.get((entity, bucket))
+        if current is None:
+            self._states[(entity, bucket)] = list(values)
+            return
+        for i, (_, aggregation) in enumerate(self._aggregations):
+            current[i] = aggregation.plus(current[i], values[i])
+
     def merge(self, entity: Any, bucket: int, state: Mapping[str, Any]) -> None:
         """Fold a precomputed state (a batch view row) into (entity, bucket)."""
         current = self._states.get((entity, bucket))

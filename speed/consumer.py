@@ -53,6 +53,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
+import msgspec
+
 from lakehouse import scored
 from lakehouse.config import Settings, options_from_settings, setting_field
 from lakehouse.errors import ServiceError, ValidationError
@@ -426,7 +428,7 @@ class SpeedLayer:
         per_partition: dict[int, list[Any]] = {}
         for record in records:
             per_partition.setdefault(record.partition, []).append(record)
-        parsed: dict[int, list[tuple[Any, dict[str, Any] | None, list[str]]]] = {}
+        parsed: dict[int, list[tuple[Any, dict[str, Any] | None, list[str], str]]] = {}
         identities: dict[int, list[str]] = {}
         keys: set[Any] = set()
         for p, recs in per_partition.items():
@@ -437,15 +439,16 @@ class SpeedLayer:
                     event = schema.parse(record.value, key=record.key,
                                          arrival_ms=record.timestamp if record.timestamp >= 0 else None)
                 except ValidationError as invalid:
-                    out.append((record, None, invalid.reasons))
+                    out.append((record, None, invalid.reasons, ""))
                     continue
-                out.append((record, event, []))
-                identities.setdefault(p, []).append(event_identity(schema, event))
+                identity = event_identity(schema, event)
+                out.append((record, event, [], identity))
+                identities.setdefault(p, []).append(identity)
                 keys.update(self.state.keys(event))
         seen = self._with_store("seen", lambda: self.store.seen(identities))
         read = self._with_store("read", lambda: self.store.read(
             keys, range(max(self._partitions, max(per_partition) + 1)), self.state.base.cut_epochs))
-        batch = self.state.micro_batch(read.states)
+        batch = self.state.micro_batch(read.states, keys)
         taken: dict[int, list[_Taken]] = {}
         vectors: list[list[float]] = []
         last: dict[int, int] = {}
@@ -454,7 +457,7 @@ class SpeedLayer:
             applied = read.coverage.get(p, -1)
             known = seen.get(p, set())
             mine = taken[p] = []
-            for record, typed, reasons in items:
+            for record, typed, reasons, identity in items:
                 last[p] = record.offset
                 self.positions[p] = record.offset + 1
                 if record.offset <= applied:  # another member applied it, or a batch run's floor
@@ -465,7 +468,6 @@ class SpeedLayer:
                     dlq += 1
                     continue
                 event = typed
-                identity = event_identity(schema, event)
                 if identity in known:
                     self._to_dlq(record, [f"duplicate:{schema.id_field}"])
                     dlq += 1
@@ -495,10 +497,13 @@ class SpeedLayer:
             first = min(per_partition[p][0].offset, self._gap_from.pop(p, per_partition[p][0].offset))
             chosen: list[_Taken] = []
 
-            def step_above(applied: int, mine: list[_Taken] = mine, chosen: list[_Taken] = chosen) -> Step:
+            def step_above(applied: int, p: int = p, mine: list[_Taken] = mine,
+                           chosen: list[_Taken] = chosen) -> Step:
                 chosen[:] = [t for t in mine if t.offset > applied]
-                return Step(increments_of(self.spec, [t.event for t in chosen]),
-                            {t.offset: encode_row(t.row) for t in chosen}, [t.identity for t in chosen])
+                # all of them (the rule): the batch's own fold is the increment; else refold
+                increments = batch.increments(p) if len(chosen) == len(mine) else \
+                    increments_of(self.spec, [t.event for t in chosen])
+                return Step(increments, {t.offset: encode_row(t.row) for t in chosen}, [t.identity for t in chosen])
 
             stepped = self._with_store("apply", lambda p=p, first=first, step_above=step_above:  # type: ignore[misc]
                                        self.store.apply(p, first, last[p], step_above))
@@ -646,12 +651,16 @@ class SpeedLayer:
 
 
 def encode_row(row: dict[str, Any]) -> bytes:
-    """A scored row for the outbox: JSON, timestamps as epoch microseconds."""
-    return json.dumps({**row, "coverage": {str(p): o for p, o in row["coverage"].items()}},
-                      separators=(",", ":")).encode()
+    """A scored row for the outbox: JSON (msgspec: floats round-trip exactly), timestamps as
+    epoch microseconds."""
+    return _ENCODE({**row, "coverage": {str(p): o for p, o in row["coverage"].items()}})
 
 
 def decode_row(raw: bytes) -> dict[str, Any]:
-    row: dict[str, Any] = json.loads(raw)
+    row: dict[str, Any] = _DECODE(raw)
     row["coverage"] = sorted((int(p), o) for p, o in row["coverage"].items())
     return row
+
+
+_ENCODE = msgspec.json.Encoder().encode
+_DECODE = msgspec.json.Decoder().decode

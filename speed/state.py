@@ -62,9 +62,10 @@ class SpeedState:
         return [(view.name, event[view.entity], bucket)
                 for view in self.spec.views for bucket in view.window_buckets_of(time_ms)]
 
-    def micro_batch(self, stored: Mapping[StateKey, list[Any]]) -> MicroBatch:
-        """The view of one micro-batch: the base ⊕ the states `stored` (one store read)."""
-        return MicroBatch(self, stored)
+    def micro_batch(self, stored: Mapping[StateKey, list[Any]], keys: Iterable[StateKey]) -> MicroBatch:
+        """The view of one micro-batch: the base ⊕ the states `stored` (one store read), for
+        the `keys` its events read."""
+        return MicroBatch(self, stored, keys)
 
     # ------------------------------------------------------------------ handover
     def prepare(self, run_id: str, boundary: Mapping[int, int], cut_epochs: Mapping[int, int],
@@ -81,15 +82,22 @@ class SpeedState:
 
 
 class MicroBatch:
-    """Features of one micro-batch's events: base ⊕ one store read ⊕, per partition, the
-    batch's own events added so far (`add`, in offset order)."""
+    """Features of one micro-batch's events: base ⊕ one store read, summed once per key the
+    batch reads, ⊕, per partition, the batch's own events added so far (`add`, in offset
+    order), which are also that partition's step increments (`increments`)."""
 
-    def __init__(self, state: SpeedState, stored: Mapping[StateKey, list[Any]]) -> None:
+    def __init__(self, state: SpeedState, stored: Mapping[StateKey, list[Any]], keys: Iterable[StateKey]) -> None:
         self.state = state
-        self.read = state._empty()
-        for (view, entity, bucket), values in stored.items():
-            table = self.read[view]
-            table.merge(entity, bucket, dict(zip(table.view.aggregations, values, strict=True)))
+        self.before = state._empty()  # base ⊕ stored, for the keys asked
+        for key in set(keys):
+            view, entity, bucket = key
+            values = state.base_tables[view].state_of(entity, bucket)
+            read = stored.get(key)
+            table = self.before[view]
+            if values is not None:
+                table.merge_values(entity, bucket, values)
+            if read is not None:
+                table.merge_values(entity, bucket, read)
         self.local: dict[int, dict[str, ViewStates]] = {}
 
     def states(self, event: Mapping[str, Any], partition: int) -> dict[str, dict[str, Any]]:
@@ -97,13 +105,14 @@ class MicroBatch:
         out = {}
         time_ms = event[self.state.time_field]
         local = self.local.get(partition)
-        for name, base in self.state.base_tables.items():
-            entity = event[base.view.entity]
-            parts = [base.read(entity, time_ms), self.read[name].read(entity, time_ms)]
+        for name, before in self.before.items():
+            entity = event[before.view.entity]
+            states = before.read(entity, time_ms)
             if local is not None:
-                parts.append(local[name].read(entity, time_ms))
-            out[name] = {agg: _plus_all(aggregation, [p[agg] for p in parts])
-                         for agg, aggregation in base.view.aggregations.items()}
+                added = local[name].read(entity, time_ms)
+                states = {agg: aggregation.plus(states[agg], added[agg])
+                          for agg, aggregation in before.view.aggregations.items()}
+            out[name] = states
         return out
 
     def features(self, event: Mapping[str, Any], partition: int) -> list[float]:
@@ -117,9 +126,8 @@ class MicroBatch:
         for table in local.values():
             table.add(event, self.state.time_field)
 
-
-def _plus_all(aggregation: Any, states: list[Any]) -> Any:
-    total = states[0]
-    for state in states[1:]:
-        total = aggregation.plus(total, state)
-    return total
+    def increments(self, partition: int) -> dict[StateKey, list[Any]]:
+        """The monoid states of the events added for `partition`: its step's increments."""
+        return {(name, entity, bucket): [values[a] for a in table.view.aggregations]
+                for name, table in self.local.get(partition, {}).items()
+                for (entity, bucket), values in table.items()}

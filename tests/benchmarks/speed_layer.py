@@ -1,10 +1,12 @@
 """Speed layer benchmark, on a running platform (`lambdalake up`) with a model service.
 
 1. Saturation: N generated events already in a topic; the speed layer (Kafka → validation →
-   features → Ray Serve → Delta commit) against a bare kafka-python consume + JSON decode
-   loop over the same topic, run one after the other; events/s and the ratio.
+   features → Ray Serve → the online store; Delta every second) against a bare kafka-python
+   consume + JSON decode loop over the same topic, run one after the other; events/s and
+   the ratio.
 2. Latency: events produced at a fixed rate (default 2,000/s) while the speed layer runs;
-   p50/p99/max from the producer's record timestamp to the Delta commit that holds the event.
+   p50/p99/max from the producer's record timestamp to the online-store step that holds
+   the event (from then on serving reads it).
 
 If the registry has no champion for LAMBDALAKE_MODEL_NAME, a random signed model is
 registered (throughput does not depend on the weights). Run:
@@ -140,7 +142,7 @@ def latency(settings, rate: float, seconds: float) -> None:  # type: ignore[no-u
         return f"{value:.0f} ms" if np.isfinite(value) else f"> {wait_s:.0f} s (not committed)"
 
     print(f"latency at {rate:,.0f} events/s for {seconds:.0f}s ({sent.messages:,} sent, {valid:,} valid, "
-          f"{len(delays):,} committed, {missing:,} missing at the deadline): produce → Delta commit "
+          f"{len(delays):,} committed, {missing:,} missing at the deadline): produce → online-store step "
           f"p50 {shown(50)}, p99 {shown(99)}, max {shown(100)}", flush=True)
     shutil.rmtree(lakehouse.root, ignore_errors=True)
 

@@ -60,10 +60,12 @@ def test_each_event_sees_exactly_its_coverage_vector() -> None:
     gold = [e for p, events in parts.items() for e in events[:cut[p] + 1]]
     state.install(state.prepare("run-1", cut, {0: 1, 1: 1, 2: 1}, gold_of(gold)))
     stored = stored_of([e for p, events in parts.items() for e in events[cut[p] + 1:covered[p] + 1]])
-    batch = state.micro_batch(stored)
+    in_batch = {p: range(covered[p] + 1, min(len(events), covered[p] + 40)) for p, events in parts.items()}
+    keys = [k for p, offsets in in_batch.items() for o in offsets for k in state.keys(parts[p][o])]
+    batch = state.micro_batch(stored, keys)
     checked = 0
     for p, events in parts.items():
-        for offset in range(covered[p] + 1, min(len(events), covered[p] + 40)):
+        for offset in in_batch[p]:
             event = events[offset]
             vector = {**covered, p: offset - 1}
             included = [e for q, es in parts.items() for e in es[:vector[q] + 1]]
@@ -71,14 +73,16 @@ def test_each_event_sees_exactly_its_coverage_vector() -> None:
             batch.add(event, p)
             checked += 1
     assert checked > 60
+    for p, offsets in in_batch.items():  # a partition's own fold is its step's increments
+        assert batch.increments(p) == stored_of([parts[p][o] for o in offsets])
 
 
 def test_without_a_run_the_store_alone_is_the_history() -> None:
     parts = stream(200, seed=3)
     state = SpeedState(FRAUD_SPEC)
     history = [e for events in parts.values() for e in events[:50]]
-    batch = state.micro_batch(stored_of(history))
     event = parts[1][50]
+    batch = state.micro_batch(stored_of(history), state.keys(event))
     assert batch.states(event, 1) == expected(history, event)
     assert batch.features(event, 1) == FRAUD_SPEC.features(expected(history, event), event)
 
