@@ -17,6 +17,7 @@ from lakehouse.online import open_store
 from lakehouse.registry import CHALLENGER, CHAMPION
 from lakehouse.serve import app_name, async_score_call, connect, running_apps
 from lakehouse.spec import PlatformSpec
+from lakehouse.streams import topic_partitions
 from lakehouse.tables import Lakehouse
 from serving.api import Serving, ServingConfig, create_app
 from serving.auth import load_api_keys
@@ -34,7 +35,8 @@ def build_serving(settings: Settings, spec: PlatformSpec, *, lakehouse: Lakehous
                                   create=create_keys)
     lakehouse = lakehouse or Lakehouse(settings.delta_uri)
     engine = DuckEngine(spec, lakehouse, store=open_store(settings, spec, root=lakehouse.root),
-                        partitions=settings.kafka_partitions, memory_limit=settings.duckdb_memory_limit)
+                        partitions=max(settings.kafka_partitions, topic_partitions(settings, spec.events.topic)),
+                        memory_limit=settings.duckdb_memory_limit)
     rollout = Rollout({CHAMPION: async_score_call(app_name(CHAMPION))}, settings.rollout_challenger_weight,
                       PredictionCache(settings.prediction_cache_size))
 

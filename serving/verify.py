@@ -21,7 +21,7 @@ from lakehouse.errors import MergeCheckError, ValidationError
 from lakehouse.online import open_store
 from lakehouse.recompute import states_by_view
 from lakehouse.spec import PlatformSpec
-from lakehouse.streams import kafka_client_config
+from lakehouse.streams import kafka_client_config, topic_partitions
 from lakehouse.tables import BUCKET, Lakehouse
 from serving.duck import DuckEngine
 
@@ -61,7 +61,8 @@ def check_exact_merge(settings: Settings, spec: PlatformSpec, *, lakehouse: Lake
                       echo: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
     lakehouse = lakehouse or Lakehouse(settings.delta_uri)
     engine = DuckEngine(spec, lakehouse, store=open_store(settings, spec, root=lakehouse.root),
-                        partitions=settings.kafka_partitions, memory_limit=settings.duckdb_memory_limit)
+                        partitions=max(settings.kafka_partitions, topic_partitions(settings, spec.events.topic)),
+                        memory_limit=settings.duckdb_memory_limit)
     snapshot = engine.refresh()
     records = topic_prefix(settings, spec.events.topic, snapshot.coverage, echo)
     records.sort(key=lambda r: (r[0], r[1]))
