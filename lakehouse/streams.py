@@ -86,18 +86,23 @@ def _servers(kafka: Settings | str) -> str:
     return kafka.kafka_bootstrap_servers if isinstance(kafka, Settings) else kafka
 
 
-def ensure_topics(kafka: Settings | str, topics: Iterable[str], *, partitions: int,
-                  replication_factor: int = 1) -> list[str]:
-    """Create the topics that do not exist yet; return the names created. Idempotent.
-    `kafka`: the settings (their bootstrap list and security), or a PLAINTEXT bootstrap list."""
+def _admin(kafka: Settings | str) -> KafkaAdminClient:
+    """An admin client, or ServiceError saying Kafka cannot be reached."""
     config = {**_connection(kafka), "client_id": "lambdalake-admin", "request_timeout_ms": 15000}
     try:
-        admin = KafkaAdminClient(**config)
+        return KafkaAdminClient(**config)
     except (KafkaError, OSError) as exc:
         raise ServiceError(
             f"cannot reach Kafka at {_servers(kafka)} ({exc}): is the platform up? "
             "(`lambdalake up`)"
         ) from None
+
+
+def ensure_topics(kafka: Settings | str, topics: Iterable[str], *, partitions: int,
+                  replication_factor: int = 1) -> list[str]:
+    """Create the topics that do not exist yet; return the names created. Idempotent.
+    `kafka`: the settings (their bootstrap list and security), or a PLAINTEXT bootstrap list."""
+    admin = _admin(kafka)
     try:
         existing = set(admin.list_topics())
         missing = [t for t in topics if t not in existing]
@@ -117,14 +122,7 @@ def ensure_topics(kafka: Settings | str, topics: Iterable[str], *, partitions: i
 def topic_partitions(kafka: Settings | str, topic: str) -> int:
     """How many partitions `topic` has; 0 where it does not exist. `kafka`: the settings, or
     a PLAINTEXT bootstrap list (as for `ensure_topics`)."""
-    config = {**_connection(kafka), "client_id": "lambdalake-admin", "request_timeout_ms": 15000}
-    try:
-        admin = KafkaAdminClient(**config)
-    except (KafkaError, OSError) as exc:
-        raise ServiceError(
-            f"cannot reach Kafka at {_servers(kafka)} ({exc}): is the platform up? "
-            "(`lambdalake up`)"
-        ) from None
+    admin = _admin(kafka)
     try:
         if topic not in set(admin.list_topics()):
             return 0

@@ -5,21 +5,18 @@ and the merge of gold ⊕ the epochs after a cut against a plain recomputation."
 from __future__ import annotations
 
 import random
-import socket
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from infra.redis import RedisService
-from lakehouse.config import load_settings
 from lakehouse.errors import ServiceError
 from lakehouse.fraud import FRAUD_SPEC
 from lakehouse.online.base import StateKey, Step, StoreBehindError, merge_into
 from lakehouse.online.base import increments_of as production_increments
 from lakehouse.online.redis_store import RedisOnlineStore, redis_location
 from lakehouse.recompute import states_by_view
+from tests.integration.conftest import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -27,22 +24,6 @@ SPEC = FRAUD_SPEC
 TIME = SPEC.events.time_field
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A redis-server of its own, started and stopped by the platform's service (infra.redis)."""
-    service = RedisService(load_settings(state_dir=tmp_path_factory.mktemp("state"), redis_port=_free_port()))
-    service.start()
-    try:
-        service.wait_ready()
-        yield service.url
-    finally:
-        service.stop()
 
 
 @pytest.fixture
@@ -240,7 +221,7 @@ def test_a_floored_cut_remembers_the_identities_it_passes_over(store: RedisOnlin
 
 
 def test_an_unreachable_store_is_a_service_error_without_the_password() -> None:
-    port = _free_port()
+    port = free_port()
     down = RedisOnlineStore(SPEC, "g", f"redis://:s3cret@127.0.0.1:{port}/0")
     with pytest.raises(ServiceError, match=f"127.0.0.1:{port}") as failure:
         down.ping()

@@ -9,7 +9,6 @@ not its steps; SQL is read-only and bounded."""
 from __future__ import annotations
 
 import dataclasses
-import socket
 import uuid
 import zlib
 from collections import defaultdict
@@ -21,8 +20,6 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from infra.redis import RedisService
-from lakehouse.config import load_settings
 from lakehouse.errors import SqlError, SqlTimeout
 from lakehouse.fraud import FRAUD_SPEC
 from lakehouse.generator import GeneratorOptions, generate
@@ -81,24 +78,6 @@ def merged_states(engine: DuckEngine) -> dict[str, dict[tuple[Any, int], dict[st
         rows = engine.query(f"SELECT * FROM merged.{view.name}_states", row_cap=10**6).table.to_pylist()
         out[view.name] = {(r[view.entity], r[BUCKET]): {n: int(r[n]) for n in view.aggregations} for r in rows}
     return out
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A redis-server of its own, started and stopped by the platform's service (infra.redis)."""
-    service = RedisService(load_settings(state_dir=tmp_path_factory.mktemp("state"), redis_port=_free_port()))
-    service.start()
-    try:
-        service.wait_ready()
-        yield service.url
-    finally:
-        service.stop()
 
 
 def step_above(batch: list[Arrived]) -> Callable[[int], Step]:
