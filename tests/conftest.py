@@ -20,24 +20,31 @@ import pytest
 from lakehouse.config import Settings, load_settings
 
 REPO = Path(__file__).resolve().parent.parent
-TEST_STATE = REPO / "var" / "test"
 
-# Ports of the test platform: the defaults plus 10000.
+# LAMBDALAKE_TEST_SLOT=N (default 0) lets N+1 integration runs share a machine: slot N has
+# its own state dir and its ports are the defaults plus 10000 × (N + 1).
+SLOT = int(os.environ.get("LAMBDALAKE_TEST_SLOT", "0") or 0)
+TEST_STATE = REPO / "var" / ("test" if SLOT == 0 else f"test-{SLOT}")
+_SHIFT = 10000 * (SLOT + 1)
+
+# Ports of the test platform: the defaults plus 10000 (slot 0).
 TEST_ENV = {
     "LAMBDALAKE_STATE_DIR": str(TEST_STATE),
-    "LAMBDALAKE_KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:19092",
-    "LAMBDALAKE_MLFLOW_PORT": "15000",
-    "LAMBDALAKE_REDIS_PORT": "16390",
-    "LAMBDALAKE_RAY_ADDRESS": "127.0.0.1:16379",
-    "LAMBDALAKE_SERVE_HTTP_PORT": "18000",
-    "LAMBDALAKE_API_PORT": "18001",
-    "LAMBDALAKE_SPEED_METRICS_PORT": "19108",
+    "LAMBDALAKE_KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{9092 + _SHIFT}",
+    "LAMBDALAKE_MLFLOW_PORT": str(5000 + _SHIFT),
+    "LAMBDALAKE_REDIS_PORT": str(6390 + _SHIFT),
+    "LAMBDALAKE_RAY_ADDRESS": f"127.0.0.1:{6379 + _SHIFT}",
+    "LAMBDALAKE_SERVE_HTTP_PORT": str(8000 + _SHIFT),
+    "LAMBDALAKE_API_PORT": str(8001 + _SHIFT),
+    "LAMBDALAKE_SPEED_METRICS_PORT": str(9108 + _SHIFT),
     # the DAGs' schedules would run the pipelines against the test platform mid-suite
     "LAMBDALAKE_AIRFLOW_PAUSE_NEW_DAGS": "true",
-    "LAMBDALAKE_AIRFLOW_PORT": "18080",
+    "LAMBDALAKE_AIRFLOW_PORT": str(8080 + _SHIFT),
     "LAMBDALAKE_RAY_OBJECT_STORE_MEMORY_MB": "256",
     "LAMBDALAKE_SPARK_DRIVER_MEMORY": "1g",
 }
+if SLOT >= 6:
+    raise ValueError(f"LAMBDALAKE_TEST_SLOT={SLOT}: use 0 to 5 (ports above 65535 otherwise)")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
