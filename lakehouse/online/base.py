@@ -17,6 +17,12 @@ dropped (`drop_epochs`).
 Every read says what it reflects: per partition, the applied offset its states include
 (the coverage vector), read in the same atomic step as the states.
 
+A reader that keeps the live states (the SQL engines' `speed.<view>_states`) need not read
+them all again: every step (and `restore`) also records, per partition, which (view,
+entity) it changed and at which applied offset, in the same atomic step, so `changes` gives
+exactly the (view, entity) pairs changed above the offset a reader last read, with their
+states, and a refresh costs the changes since the last one, not the uptime.
+
 A step carries two more things of its records above the applied offset, so that the store
 is the speed layer's one sink of record: the scored rows, kept in the partition's outbox
 until they are in Delta (`pending`, `flushed`: `speed/scored_events` follows the store, at
@@ -37,12 +43,15 @@ from lakehouse.errors import ServiceError
 from lakehouse.features import ViewStates
 from lakehouse.spec import PlatformSpec, RecordSchema
 
-__all__ = ["NOTHING", "Cut", "Increments", "OnlineStore", "StateKey", "Step", "StoreBehindError", "StoreRead",
-           "decode_entity", "encode_entity", "event_identity", "increments_of", "merge_into"]
+__all__ = ["NOTHING", "Changes", "Cut", "EntityStates", "Increments", "OnlineStore", "StateKey", "Step",
+           "StoreBehindError", "StoreRead", "decode_entity", "encode_entity", "event_identity", "increments_of",
+           "merge_into"]
 
 StateKey = tuple[str, Any, int]  # (feature view, entity, bucket start)
 # key → the view's monoid states, in the order of its aggregations
 Increments = Mapping[StateKey, Sequence[Any]]
+# (view, entity) → bucket start → the view's monoid states: every bucket of one entity
+EntityStates = dict[tuple[str, Any], dict[int, list[Any]]]
 
 FIRST_EPOCH = 1
 NOTHING = -1  # the applied offset of a partition never applied
@@ -82,6 +91,17 @@ class StoreRead:
     states: dict[StateKey, list[Any]]
     coverage: dict[int, int]  # partition → the applied offset the states include
     epochs: dict[int, int]  # partition → the epoch open when it was read
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What changed in one partition above an applied offset: every (view, entity) a step
+    changed at a later offset, with all its buckets' states summed over the epochs read
+    ({} where those epochs hold none of it), read atomically with `applied`."""
+
+    applied: int  # the applied offset the states include
+    epoch: int  # the epoch open when it was read
+    entities: EntityStates
 
 
 def event_identity(schema: RecordSchema, record: Mapping[str, Any]) -> str:
@@ -190,15 +210,28 @@ class OnlineStore(ABC):
         one atomic read."""
 
     @abstractmethod
+    def changes(self, since: Mapping[int, int], after: Mapping[int, int]) -> dict[int, Changes]:
+        """Per partition of `since`: the (view, entity) pairs changed at offsets above
+        `since[p]`, each with its states summed over the epochs after `after[p]` (0 where
+        absent: every epoch), and the applied offset, each partition read atomically (one
+        round trip in all). Exact for any `since[p]` at or above the cut of the newest
+        dropped epoch: a reader of a run that read the partition at `since[p]` (a `scan`
+        or an earlier `changes`) holds, with these, exactly what a new `scan` would return.
+        Costs the changed pairs, not the live states."""
+
+    @abstractmethod
     def drop_epochs(self, partition: int, through: int) -> int:
-        """Delete the partition's epochs up to `through` (closed ones only); how many."""
+        """Delete the partition's epochs up to `through` (closed ones only), and the record
+        of the pairs last changed at or below the last dropped epoch's cut (they live in
+        no epoch after it); how many epochs."""
 
     @abstractmethod
     def restore(self, partition: int, *, epoch: int, applied: int, increments: Increments,
                 seen: Iterable[str]) -> None:
         """Re-derive a partition the store lost (`lambdalake speed rebuild`): `increments`
         as its open epoch `epoch` (the one after the published run's cut), `applied` as its
-        applied offset, `seen` as its identities. ServiceError when the partition holds
+        applied offset (every pair changed at it, for `changes`), `seen` as its identities.
+        ServiceError when the partition holds
         anything (wipe it first)."""
 
     @abstractmethod

@@ -10,6 +10,10 @@ lakehouse in the prefix):
     {…}:e<epoch>    hash: "<view>\\x1f<entity as JSON>" → {bucket start: the view's monoid
                     states as a list} in JSON (exact integers, None for an empty max/min);
                     one field per entity, so a read of an entity's window is one field
+    {…}:changed     sorted set: the epoch hashes' fields ("<view>\x1f<entity as JSON>"),
+                    scored by the applied offset of the last step (or restore) that changed
+                    them; trimmed by `drop_epochs` to the fields an epoch after the dropped
+                    cut may hold
     {…}:outbox      sorted set: scored rows not yet in Delta, scored by Kafka offset
     {…}:seen        set: identities of the partition's valid events (the dedup key as JSON)
 
@@ -17,14 +21,21 @@ lakehouse in the prefix):
 increments of the events above it, merges them into the open epoch's states with the spec's
 monoids (in Python: sums of squares outgrow 64-bit integers, which Redis' HINCRBY and
 Lua's numbers cannot hold), and writes the states and the new applied offset in one
-MULTI/EXEC. Any other apply, cut or wipe of the partition in between changes the meta hash,
-so EXEC refuses and the step starts over from what is applied then.
+MULTI/EXEC, together with the changed fields' new score in `{…}:changed` (ZADD overwrites:
+a field's score is the last offset that changed it). Any other apply, cut or wipe of the
+partition in between changes the meta hash, so EXEC refuses and the step starts over from
+what is applied then.
 
 `read` and `scan` run one Lua script per partition, which returns the applied offset and
 the states of the epochs asked for in one atomic step; the partitions of one read go out
 in one pipeline (one round trip). The script is told the epoch keys to read (scripts name
 their keys, as Redis Cluster needs): the epochs after the run's cut up to the open epoch
 last seen, and says so when a cut has opened a newer one since, which is read again.
+`changes` is the same kind of script: the fields scored above the reader's offset in
+`{…}:changed` (ZRANGEBYSCORE) and those fields of the epochs asked for, with the applied
+offset, atomically, so its cost is the fields changed, not the partition's states.
+`drop_epochs` deletes the epoch hashes and the changed fields scored at or below the last
+dropped epoch's cut in one MULTI/EXEC (a later change scores above the cut: never lost).
 """
 
 from __future__ import annotations
@@ -39,7 +50,9 @@ from lakehouse.errors import ServiceError
 from lakehouse.online.base import (
     FIRST_EPOCH,
     NOTHING,
+    Changes,
     Cut,
+    EntityStates,
     Increments,
     OnlineStore,
     StateKey,
@@ -74,7 +87,33 @@ end
 return out
 """
 
+# KEYS: meta, changed, then the epoch hashes after+1, after+2, …; ARGV: after, since.
+# Returns {applied, open epoch, stale?, the fields changed above since, per epoch key: their
+# values}.
+_CHANGES = """
+local applied = redis.call('HGET', KEYS[1], 'applied') or '-1'
+local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '1')
+local after = tonumber(ARGV[1])
+if after + #KEYS - 2 < epoch then
+  return {applied, epoch, 1}
+end
+local fields = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. ARGV[2], '+inf')
+local out = {applied, epoch, 0, fields}
+for i = 3, #KEYS do
+  local values = {}
+  for first = 1, #fields, 1000 do
+    local chunk = redis.call('HMGET', KEYS[i], unpack(fields, first, math.min(first + 999, #fields)))
+    for j = 1, #chunk do
+      values[#values + 1] = chunk[j]
+    end
+  end
+  out[#out + 1] = values
+end
+return out
+"""
+
 _ATTEMPTS = 100
+_CHUNK = 10_000  # the most arguments one command of a step or restore carries
 _T = TypeVar("_T")
 
 
@@ -92,6 +131,7 @@ class RedisOnlineStore(OnlineStore):
         self.prefix = prefix
         self.client: redis.Redis = client or redis.Redis.from_url(url, password=password, socket_timeout=10)
         self._read_script = self.client.register_script(_READ)
+        self._changes_script = self.client.register_script(_CHANGES)
         self._open_epochs: dict[int, int] = {}  # partition → open epoch last seen
 
     # ------------------------------------------------------------------ keys
@@ -103,6 +143,9 @@ class RedisOnlineStore(OnlineStore):
 
     def _seen(self, partition: int) -> str:
         return f"{self._tag(partition)}:seen"
+
+    def _changed(self, partition: int) -> str:
+        return f"{self._tag(partition)}:changed"
 
     def _meta(self, partition: int) -> str:
         return f"{self._tag(partition)}:meta"
@@ -183,6 +226,7 @@ class RedisOnlineStore(OnlineStore):
             pipe.multi()
             if merged:
                 pipe.hset(data, mapping={f: json.dumps(v, separators=(",", ":")) for f, v in merged.items()})
+                pipe.zadd(self._changed(partition), dict.fromkeys(merged, last_offset))
             if above.rows:
                 pipe.zadd(self._outbox(partition), {row: offset for offset, row in above.rows.items()})
             if above.seen:
@@ -240,6 +284,15 @@ class RedisOnlineStore(OnlineStore):
     def _read_partitions(self, partitions: list[int], after: Mapping[int, int],
                          fields: list[str]) -> dict[int, tuple[int, int, list[Any]]]:
         """Per partition: (applied, open epoch, per epoch after `after[p]`: the script's values)."""
+        return self._run_script(partitions, after, lambda p: ([], [after.get(p, 0), *fields]), self._read_script)
+
+    def _run_script(self, partitions: list[int], after: Mapping[int, int],
+                    extra: Callable[[int], tuple[list[str], list[Any]]],
+                    script: Any) -> dict[int, tuple[int, int, list[Any]]]:
+        """Run `script` once per partition, pipelined, with KEYS = meta, `extra(p)`'s keys, then
+        the epoch hashes after `after[p]` through the open epoch last seen, and ARGV =
+        `extra(p)`'s arguments; partitions whose script found a newer open epoch are read
+        again. Per partition: (applied, open epoch, the rest of the script's answer)."""
         pending = list(partitions)
         out: dict[int, tuple[int, int, list[Any]]] = {}
         for _ in range(_ATTEMPTS):
@@ -248,8 +301,9 @@ class RedisOnlineStore(OnlineStore):
                     for p in pending:
                         first = after.get(p, 0) + 1
                         last = max(first, self._open_epochs.get(p, FIRST_EPOCH))
-                        keys = [self._meta(p), *(self._epoch_key(p, e) for e in range(first, last + 1))]
-                        self._read_script(keys=keys, args=[after.get(p, 0), *fields], client=pipe)
+                        keys, args = extra(p)
+                        epochs = [self._epoch_key(p, e) for e in range(first, last + 1)]
+                        script(keys=[self._meta(p), *keys, *epochs], args=args, client=pipe)
                     answers = pipe.execute()
             except redis.RedisError as error:
                 raise self._unreachable(error) from error
@@ -299,13 +353,43 @@ class RedisOnlineStore(OnlineStore):
 
         return applied, states()
 
+    def changes(self, since: Mapping[int, int], after: Mapping[int, int]) -> dict[int, Changes]:
+        answers = self._run_script(
+            list(since), after, lambda p: ([self._changed(p)], [after.get(p, 0), since[p]]), self._changes_script)
+        aggregations = {view.name: list(view.aggregations.values()) for view in self.spec.views}
+        out = {}
+        for p, (applied, epoch, rest) in answers.items():
+            fields, per_epoch = rest[0], rest[1:]
+            entities: EntityStates = {}
+            for i, field in enumerate(fields):
+                view, entity = decode_entity(field)
+                buckets: dict[int, list[Any]] = {}
+                for values in per_epoch:
+                    if values[i] is None:
+                        continue
+                    for key, states in json.loads(values[i]).items():
+                        bucket = int(key)
+                        current = buckets.get(bucket)
+                        buckets[bucket] = states if current is None else [
+                            a.plus(c, x) for a, c, x in zip(aggregations[view], current, states, strict=True)]
+                entities[(view, entity)] = buckets
+            out[p] = Changes(applied, epoch, entities)
+        return out
+
     def drop_epochs(self, partition: int, through: int) -> int:
+        meta = self._meta(partition)
         try:
-            epoch_raw = self.client.hget(self._meta(partition), "epoch")
+            epoch_raw = self.client.hget(meta, "epoch")
             open_epoch = FIRST_EPOCH if epoch_raw is None else int(epoch_raw)
-            doomed = [self._epoch_key(partition, e) for e in range(FIRST_EPOCH, min(through, open_epoch - 1) + 1)]
+            last = min(through, open_epoch - 1)
+            doomed = [self._epoch_key(partition, e) for e in range(FIRST_EPOCH, last + 1)]
             if doomed:
-                self.client.unlink(*doomed)
+                cut = self.client.hget(meta, f"cut:{last}")  # written once, by the cut of epoch `last`
+                with self.client.pipeline(transaction=True) as pipe:
+                    pipe.unlink(*doomed)
+                    if cut is not None:  # a restored partition has no cut of the epochs before it
+                        pipe.zremrangebyscore(self._changed(partition), "-inf", int(cut))
+                    pipe.execute()
         except redis.RedisError as error:
             raise self._unreachable(error) from error
         return len(doomed)
@@ -325,8 +409,10 @@ class RedisOnlineStore(OnlineStore):
             pipe.multi()
             fields = {encode_entity(v, e): json.dumps(b, separators=(",", ":")) for (v, e), b in by_entity.items()}
             items = list(fields.items())
-            for start in range(0, len(items), 10_000):
-                pipe.hset(self._epoch_key(partition, epoch), mapping=dict(items[start:start + 10_000]))
+            for start in range(0, len(items), _CHUNK):
+                chunk = dict(items[start:start + _CHUNK])
+                pipe.hset(self._epoch_key(partition, epoch), mapping=chunk)
+                pipe.zadd(self._changed(partition), dict.fromkeys(chunk, applied))
             for start in range(0, len(identities), 10_000):
                 pipe.sadd(self._seen(partition), *identities[start:start + 10_000])
             pipe.hset(self._meta(partition), mapping={"applied": applied, "epoch": epoch, "stepped": 1})

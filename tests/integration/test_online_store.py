@@ -12,7 +12,7 @@ import pytest
 
 from lakehouse.errors import ServiceError
 from lakehouse.fraud import FRAUD_SPEC
-from lakehouse.online.base import StateKey, Step, StoreBehindError, merge_into
+from lakehouse.online.base import NOTHING, Changes, StateKey, Step, StoreBehindError, merge_into
 from lakehouse.online.base import increments_of as production_increments
 from lakehouse.online.redis_store import RedisOnlineStore, redis_location
 from lakehouse.recompute import states_by_view
@@ -227,3 +227,86 @@ def test_an_unreachable_store_is_a_service_error_without_the_password() -> None:
         down.ping()
     assert "s3cret" not in str(failure.value)
     assert redis_location("redis://user:pw@host:1/0") == "redis://host:1/0"
+
+
+def by_entity(states: dict[StateKey, list[Any]]) -> dict[tuple[str, Any], dict[int, list[Any]]]:
+    """{StateKey: states} grouped as `changes` returns them: per (view, entity), every bucket."""
+    out: dict[tuple[str, Any], dict[int, list[Any]]] = {}
+    for (view, entity, bucket), values in states.items():
+        out.setdefault((view, entity), {})[bucket] = values
+    return out
+
+
+def test_changes_are_exactly_the_fields_changed_since_an_offset(store: RedisOnlineStore) -> None:
+    """Across steps, a cut and an epoch drop: the (view, entity) pairs a step touched above
+    the offset asked, each with all its buckets' states over the epochs after the cut (as a
+    scan reads them), and nothing else."""
+    events = batches(9, 1, 400)[0]
+    step(store, 0, events[:100])
+    everything = store.changes({0: NOTHING}, {})[0]
+    assert everything.applied == 99
+    assert everything.entities == by_entity(increments_of([e for _, e in events[:100]]))
+    step(store, 0, events[100:150])
+    step(store, 0, events[150:160])
+    touched = {(v, e) for v, e, _ in increments_of([e for _, e in events[100:160]])}
+    since = store.changes({0: 99}, {})[0]
+    assert since.applied == 159 and set(since.entities) == touched
+    # each changed pair with all its buckets, summed over every epoch read (not only the step's)
+    whole = by_entity(increments_of([e for _, e in events[:160]]))
+    assert since.entities == {pair: whole[pair] for pair in touched}
+    assert store.changes({0: 159}, {})[0].entities == {}
+    assert set(store.changes({0: 149}, {})[0].entities) == \
+        {(v, e) for v, e, _ in increments_of([e for _, e in events[150:160]])}
+
+    cut = store.cut(0)
+    assert store.changes({0: 159}, {0: cut.epoch})[0].entities == {}  # a cut changes no state
+    step(store, 0, events[160:250])
+    above = by_entity(increments_of([e for _, e in events[160:250]]))
+    after_cut = store.changes({0: 159}, {0: cut.epoch})[0]
+    assert after_cut.applied == 249 and after_cut.entities == above  # the epochs after the cut only
+    # a pair changed before the cut, read over the epochs after it: nothing of it there ({})
+    before = store.changes({0: 99}, {0: cut.epoch})[0].entities
+    assert {pair: b for pair, b in before.items() if pair not in above} == \
+        dict.fromkeys(touched - set(above), {})
+    # the reader's held states ⊕ the changes equal a new scan
+    assert by_entity(dict(store.scan(0, cut.epoch)[1])) == after_cut.entities
+
+    second = store.cut(0)
+    step(store, 0, events[250:400])
+    assert store.drop_epochs(0, cut.epoch) == 1
+    # fields last changed at or below the dropped cut are gone from the record, later ones stay
+    members: list[tuple[bytes, float]] = store.client.zrange(store._changed(0), 0, -1, withscores=True)  # type: ignore[assignment]
+    assert min(score for _, score in members) > cut.offset
+    assert len(members) == len(by_entity(increments_of([e for _, e in events[160:400]])))
+    held = by_entity(dict(store.scan(0, second.epoch)[1]))
+    assert held == by_entity(increments_of([e for _, e in events[250:400]]))
+    assert store.changes({0: second.offset}, {0: second.epoch})[0].entities == held
+    store.wipe()
+    assert not store.client.exists(store._changed(0))
+    assert store.changes({0: NOTHING}, {})[0] == Changes(-1, 1, {})
+
+
+def test_changes_of_several_partitions_in_one_read_and_after_a_restore(store: RedisOnlineStore) -> None:
+    parts = batches(10, 3, 600)
+    for p, events in parts.items():
+        step(store, p, events[:len(events) // 2])
+    half = {p: len(events) // 2 - 1 for p, events in parts.items()}
+    for p, events in parts.items():
+        step(store, p, events[len(events) // 2:])
+    read = store.changes(half, {})
+    assert set(read) == set(parts)
+    for p, events in parts.items():
+        whole = by_entity(increments_of([e for _, e in events]))
+        touched = {(v, e) for v, e, _ in increments_of([e for o, e in events if o > half[p]])}
+        assert read[p].applied == len(events) - 1
+        assert read[p].entities == {pair: whole[pair] for pair in touched}
+    # a restored partition: every pair it holds changed at its applied offset
+    restored = RedisOnlineStore(SPEC, store.group + "-restored", store.url)
+    restored.wipe()
+    increments = increments_of([e for _, e in parts[0]])
+    restored.restore(0, epoch=3, applied=len(parts[0]) - 1, increments=increments, seen=[])
+    assert restored.changes({0: len(parts[0]) - 2}, {0: 2})[0].entities == by_entity(increments)
+    assert restored.changes({0: len(parts[0]) - 1}, {0: 2})[0].entities == {}
+    assert restored.drop_epochs(0, 2) == 2  # no cut recorded before the restored epoch: nothing trimmed
+    assert restored.changes({0: len(parts[0]) - 2}, {0: 2})[0].entities == by_entity(increments)
+    restored.wipe()
