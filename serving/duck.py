@@ -7,8 +7,15 @@ DuckDB database, in one transaction, so a reader sees either the old or the new 
   cut the online store), copied in, sorted by entity so that point lookups skip most of the
   table;
 - `speed.<view>_states`: the online store's states above that run's cut (`serving/live.py`),
-  read again at each refresh in which the store moved: a refresh costs the increments since
-  the run, not the history (no Delta file is listed);
+  native tables of the database. A refresh that adopts a new run loads them whole (the
+  live states after its cut, few right after a handover); every other refresh asks the
+  store for the (view, entity) pairs changed since the applied offsets it last read
+  (`LiveMirror.catch_up`: one round trip) and deletes and inserts only the rows whose
+  states changed, so it costs the changes since the last refresh, not the live states
+  (which grow with the uptime since the run). The delete is one semi-join of the changed
+  keys (a vectorised scan of the table's two key columns, about a millisecond per hundred
+  thousand rows): DuckDB turns an upsert (`INSERT OR REPLACE`) into the same join, and an
+  index only adds its upkeep. No Delta file is listed;
 - `merged.*`: the views of `serving/views.py`, the same SQL Spark runs;
 - the raw tables (bronze, silver, quarantine, batch runs, scored events, training set) as
   Arrow datasets at the snapshot's Delta versions, read only when a query touches them;
@@ -53,7 +60,7 @@ from lakehouse.online.base import OnlineStore
 from lakehouse.spec import FeatureView, PlatformSpec
 from lakehouse.tables import BATCH_RUN_ID, BUCKET, Lakehouse, published_runs
 from lakehouse.types import arrow_type, state_arrow_type
-from serving.live import LiveSource, adoptable, live_schema, live_tables
+from serving.live import LiveMirror, LiveSource, adoptable, live_schema
 from serving.point import PointIndex, exact_int
 from serving.views import DUCKDB, SCHEMAS, live_name, merged_views, raw_tables, view_sql
 
@@ -154,6 +161,7 @@ class DuckEngine:
         self._raw_versions: dict[str, int] = {}
         self._generation = 0
         self._run: Any = None
+        self._mirror: LiveMirror | None = None  # the live states the speed tables hold
         self._refreshed = False
         self._raw_at = 0.0  # when the raw tables' versions were last looked at
         self.snapshot = Snapshot(None, {}, {}, 0, refreshed_at=0.0)
@@ -199,11 +207,25 @@ class DuckEngine:
             point = self.point
             live = LiveSource(self.store, self.partitions, run.cut_epochs) if new_run and run is not None \
                 else point.live
-            moved = self.store is not None and {**boundary, **live.coverage()} != self.snapshot.coverage
             raw_due = time.monotonic() - self._raw_at >= RAW_REFRESH_S and self._raw_changed()
+            mirror = self._mirror if not new_run else None
+            self._mirror = None  # until the speed tables hold what the mirror does (set below)
+            loaded: dict[str, pa.Table] | None = None  # whole speed tables to load (None: changes only)
+            changes = None
+            if self.store is None:
+                coverage, increments = {}, 0
+                loaded = {} if not self._refreshed else None
+            elif mirror is None or (changes := mirror.catch_up()) is None:  # a new run, or the store went back
+                mirror = LiveMirror(self.spec, live, self._entity_types)
+                full = mirror.load()
+                loaded, coverage, increments = full.tables, full.coverage, full.states
+            else:
+                coverage, increments = changes.coverage, changes.states
+            moved = loaded is not None or (changes is not None and (
+                not changes.empty or {**boundary, **coverage} != self.snapshot.coverage))
             if not new_run and not moved and self._refreshed and not raw_due:
+                self._mirror = mirror  # nothing changed: it still matches the tables
                 return self.snapshot
-            current = live_tables(live, self.spec, self._entity_types)
             gold: dict[str, pa.Table] = {}
             db = self._db
             db.execute("BEGIN TRANSACTION")
@@ -218,9 +240,12 @@ class DuckEngine:
                     if boundary:
                         db.executemany("INSERT INTO batch.boundary VALUES (?, ?)", sorted(boundary.items()))
                 for view in self.spec.views:
-                    self._replace_table(db, live_name(view), current.tables[view.name])
-                coverage = {**boundary, **current.coverage}
-                snapshot = Snapshot(run.run_id if run else None, dict(boundary), coverage, current.states)
+                    if loaded is not None and view.name in loaded:
+                        self._replace_table(db, live_name(view), loaded[view.name])
+                    elif changes is not None:
+                        self._change_rows(db, view, changes.gone[view.name], changes.rows[view.name])
+                snapshot = Snapshot(run.run_id if run else None, dict(boundary), {**boundary, **coverage},
+                                    increments)
                 db.execute("DELETE FROM serving.snapshot")
                 db.execute("INSERT INTO serving.snapshot VALUES (?, ?, ?, ?, now())",
                            [snapshot.run_id, json.dumps(snapshot.to_json()["boundary"]),
@@ -233,7 +258,26 @@ class DuckEngine:
             if new_run and run is not None:
                 point = point.with_run(run.run_id, boundary, run.cut_epochs, gold)
             self._run, self.snapshot, self.point, self._refreshed = run, snapshot, point, True
+            self._mirror = mirror
             return snapshot
+
+    def _change_rows(self, db: Any, view: FeatureView, gone: pa.Table, rows: pa.Table) -> None:
+        """Delete the rows of `gone`'s (entity, bucket) keys from speed.<view>_states and insert
+        `rows` (see the module docstring)."""
+        entity, bucket = (f'"{name}"' for name in (view.entity, BUCKET))
+        if gone.num_rows:
+            db.register("_gone", gone)
+            try:
+                db.execute(f"DELETE FROM {live_name(view)} WHERE ({entity}, {bucket}) IN "
+                           f"(SELECT {entity}, {bucket} FROM _gone)")
+            finally:
+                db.unregister("_gone")
+        if rows.num_rows:
+            db.register("_load", rows)
+            try:
+                db.execute(f"INSERT INTO {live_name(view)} SELECT * FROM _load")
+            finally:
+                db.unregister("_load")
 
     def _raw_changed(self) -> bool:
         """Whether a raw Delta table has a newer version than the one registered."""

@@ -8,25 +8,36 @@ the increments since the run, never the platform's history.
 
 - `live_tables`: every partition's live states (one atomic scan per partition), summed over
   partitions, as one Arrow table per view with gold's columns: what the SQL engines load as
-  `speed.<view>_states`.
+  `speed.<view>_states` (Spark at each `register`, DuckDB when it adopts a run).
+- `LiveMirror`: serving's copy of those states, kept per partition with the applied offset
+  each was read at, and brought up to date from the store's `changes` since those offsets
+  (one pipelined round trip): only the (view, entity) pairs a step changed since are read,
+  their states replaced in their partitions, and their sum over partitions recomputed (max
+  and min cannot be subtracted, so the partitions' states are kept and summed again, never
+  the difference applied). `catch_up` says which rows of `speed.<view>_states` change, so
+  the DuckDB engine rewrites those rows only: a refresh costs the changes since the last
+  one, not the live states (which grow with uptime between batch runs). The mirror holds
+  the live states in memory once (per partition; the sum is `speed.<view>_states` itself).
 - `LiveSource`: the store, the partitions and the run's cut epochs, for point reads
   (`/v1/predict`, `/v1/entities`: one pipelined round trip per request).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 
-from lakehouse.online.base import OnlineStore, StateKey, StoreRead, merge_into
+from lakehouse.online.base import EntityStates, OnlineStore, StateKey, StoreRead, merge_into
 from lakehouse.spec import FeatureView, PlatformSpec
 from lakehouse.tables import BUCKET, BatchRun
 from lakehouse.types import state_arrow_type
 
-__all__ = ["LiveSource", "LiveTables", "adoptable", "live_schema", "live_tables"]
+__all__ = ["LiveChanges", "LiveMirror", "LiveSource", "LiveTables", "adoptable", "live_schema", "live_tables"]
+
+Row = tuple[Any, int, Sequence[Any]]  # (entity, bucket start, the view's states)
 
 
 def live_schema(spec: PlatformSpec, view: FeatureView, entity_type: pa.DataType) -> pa.Schema:
@@ -77,9 +88,15 @@ def live_tables(source: LiveSource, spec: PlatformSpec, entity_types: dict[str, 
             coverage[p] = applied
             for key, values in states:
                 merge_into(spec, merged, key, values)
-    rows: dict[str, list[tuple[Any, int, list[Any]]]] = {view.name: [] for view in spec.views}
+    rows: dict[str, list[Row]] = {view.name: [] for view in spec.views}
     for (view_name, entity, bucket), values in merged.items():
         rows[view_name].append((entity, bucket, values))
+    return LiveTables(_tables(spec, entity_types, rows), coverage, len(merged))
+
+
+def _tables(spec: PlatformSpec, entity_types: dict[str, pa.DataType],
+            rows: dict[str, list[Row]]) -> dict[str, pa.Table]:
+    """Per view, its rows as an Arrow table of `live_schema`."""
     tables = {}
     for view in spec.views:
         schema = live_schema(spec, view, entity_types[view.entity])
@@ -88,4 +105,110 @@ def live_tables(source: LiveSource, spec: PlatformSpec, entity_types: dict[str, 
                    *[[r[2][i] for r in found] for i in range(len(view.aggregations))]]
         tables[view.name] = pa.Table.from_arrays(
             [pa.array(c, type=f.type) for c, f in zip(columns, schema, strict=True)], schema=schema)
-    return LiveTables(tables, coverage, len(merged))
+    return tables
+
+
+@dataclass(frozen=True)
+class LiveChanges:
+    """How `speed.<view>_states` changes at a catch-up: per view, the (entity, bucket) keys
+    whose rows go (changed or emptied) and the rows that then come in (changed or new)."""
+
+    gone: dict[str, pa.Table]  # view → (entity, bucket start) of the rows to delete
+    rows: dict[str, pa.Table]  # view → rows of `live_schema` to insert
+    coverage: dict[int, int]  # partition → the applied offset the states now include
+    states: int  # live (view, entity, bucket) states in all, after the changes
+
+    @property
+    def empty(self) -> bool:
+        return not any(t.num_rows for t in (*self.gone.values(), *self.rows.values()))
+
+
+class LiveMirror:
+    """The live states of one run (`source.cut_epochs`), per partition, as of the applied
+    offsets last read (see the module docstring). Not thread-safe: one refresh at a time."""
+
+    def __init__(self, spec: PlatformSpec, source: LiveSource, entity_types: dict[str, pa.DataType]) -> None:
+        assert source.store is not None, "a mirror of a store"
+        self.spec = spec
+        self.source = source
+        self.store: OnlineStore = source.store
+        self._entity_types = entity_types
+        self._aggregations = {view.name: list(view.aggregations.values()) for view in spec.views}
+        self._held: dict[int, EntityStates] = {}  # partition → (view, entity) → bucket → states
+        self._applied: dict[int, int] = {}  # partition → the applied offset its states include
+        self.states = 0  # (view, entity, bucket) states of the sum over partitions
+
+    @property
+    def coverage(self) -> dict[int, int]:
+        return dict(self._applied)
+
+    def load(self) -> LiveTables:
+        """Read every live state again (one atomic scan per partition): the full tables."""
+        self._held, self._applied = {}, {}
+        for p in range(self.source.partitions):
+            applied, states = self.store.scan(p, self.source.cut_epochs.get(p, 0))
+            held: EntityStates = {}
+            for (view, entity, bucket), values in states:
+                held.setdefault((view, entity), {})[bucket] = values
+            self._held[p], self._applied[p] = held, applied
+        rows: dict[str, list[Row]] = {view.name: [] for view in self.spec.views}
+        pairs = {pair for held in self._held.values() for pair in held}
+        for pair in pairs:
+            name, entity = pair
+            rows[name].extend((entity, bucket, values) for bucket, values in self._summed(pair).items())
+        self.states = sum(len(found) for found in rows.values())
+        return LiveTables(_tables(self.spec, self._entity_types, rows), self.coverage, self.states)
+
+    def catch_up(self) -> LiveChanges | None:
+        """Read the changes since the offsets held (one round trip) and apply them: the rows of
+        `speed.<view>_states` that change. None when a partition's applied offset went back
+        (the store was wiped or rebuilt): the mirror no longer matches it, `load` again."""
+        read = self.store.changes(self._applied, self.source.cut_epochs)
+        if any(read[p].applied < applied for p, applied in self._applied.items()):
+            return None
+        pairs = {pair for changes in read.values() for pair in changes.entities}
+        before = {pair: self._summed(pair) for pair in pairs}
+        for p, changes in read.items():
+            held = self._held[p]
+            for pair, buckets in changes.entities.items():
+                if buckets:
+                    held[pair] = buckets
+                else:
+                    held.pop(pair, None)
+            self._applied[p] = changes.applied
+        gone: dict[str, list[tuple[Any, int]]] = {view.name: [] for view in self.spec.views}
+        rows: dict[str, list[Row]] = {view.name: [] for view in self.spec.views}
+        for pair in pairs:
+            name, entity = pair
+            old, new = before[pair], self._summed(pair)
+            for bucket in old.keys() | new.keys():
+                value, earlier = new.get(bucket), old.get(bucket)
+                if value == earlier:
+                    continue
+                if earlier is not None:
+                    gone[name].append((entity, bucket))
+                if value is not None:
+                    rows[name].append((entity, bucket, value))
+                self.states += (value is not None) - (earlier is not None)
+        keys = {}
+        for view in self.spec.views:
+            schema = live_schema(self.spec, view, self._entity_types[view.entity])
+            found = gone[view.name]
+            keys[view.name] = pa.Table.from_arrays(
+                [pa.array([k[0] for k in found], type=schema.field(0).type),
+                 pa.array([k[1] for k in found], type=pa.int64())], schema=pa.schema(list(schema)[:2]))
+        return LiveChanges(keys, _tables(self.spec, self._entity_types, rows), self.coverage, self.states)
+
+    def _summed(self, pair: tuple[str, Any]) -> dict[int, list[Any]]:
+        """Every bucket of one (view, entity), summed over the partitions held."""
+        found = [held[pair] for held in self._held.values() if pair in held]
+        if len(found) == 1:
+            return found[0]
+        aggregations = self._aggregations[pair[0]]
+        out: dict[int, list[Any]] = {}
+        for buckets in found:
+            for bucket, values in buckets.items():
+                current = out.get(bucket)
+                out[bucket] = list(values) if current is None else [
+                    a.plus(c, x) for a, c, x in zip(aggregations, current, values, strict=True)]
+        return out

@@ -19,6 +19,9 @@ from typing import Any
 
 import pyarrow as pa
 import pytest
+from hypothesis import HealthCheck, example, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from lakehouse.errors import SqlError, SqlTimeout
 from lakehouse.fraud import FRAUD_SPEC
@@ -26,7 +29,9 @@ from lakehouse.generator import GeneratorOptions, generate
 from lakehouse.online.base import NOTHING, Cut, Step, increments_of
 from lakehouse.online.redis_store import RedisOnlineStore
 from lakehouse.tables import BUCKET, BatchRun, Lakehouse, publish_run
-from serving.duck import DuckEngine, gold_schema
+from serving.duck import DuckEngine, entity_types, gold_schema
+from serving.live import LiveSource, live_tables
+from serving.point import exact_int
 from tests.oracle import states_by_view, window_states
 
 pytestmark = pytest.mark.integration
@@ -502,3 +507,155 @@ def test_row_cap_and_timeout(setup: tuple[Layers, DuckEngine, list[Arrived]]) ->
     with pytest.raises(SqlTimeout):
         engine.query("SELECT count(*) FROM range(100000000) a, range(100000000) b", timeout_s=0.5)
     assert engine.query("SELECT 1 AS one").table.to_pylist() == [{"one": 1}]
+
+
+def speed_rows(engine: DuckEngine) -> dict[str, dict[tuple[Any, int], list[Any]]]:
+    """speed.<view>_states as the engine holds them, per view: (entity, bucket) → states."""
+    out = {}
+    for view in SPEC.views:
+        rows = engine.query(f"SELECT * FROM speed.{view.name}_states", row_cap=10**6).table.to_pylist()
+        keyed = {(r[view.entity], r[BUCKET]): [exact_int(r[n]) for n in view.aggregations] for r in rows}
+        assert len(keyed) == len(rows), "one row per (entity, bucket)"
+        out[view.name] = keyed
+    return out
+
+
+def reloaded_rows(written: Layers, cut_epochs: dict[int, int]) -> tuple[dict[str, dict[tuple[Any, int], list[Any]]],
+                                                                     dict[int, int]]:
+    """What a full reload (`live_tables`) reads from the store now, in the same form."""
+    full = live_tables(LiveSource(written.store, PARTITIONS, cut_epochs), SPEC, entity_types(SPEC))
+    out = {}
+    for view in SPEC.views:
+        out[view.name] = {(r[view.entity], r[BUCKET]): [exact_int(r[n]) for n in view.aggregations]
+                          for r in full.tables[view.name].to_pylist()}
+    return out, full.coverage
+
+
+def gold_plus(gold: dict[str, dict[tuple[Any, int], dict[str, int]]],
+              live: dict[str, dict[tuple[Any, int], list[Any]]]) -> dict[str, dict[tuple[Any, int], dict[str, int]]]:
+    """The oracle's gold states ⊕ live rows, per view, with the views' monoids."""
+    out = {}
+    for view in SPEC.views:
+        states = {key: dict(values) for key, values in gold[view.name].items()}
+        for key, values in live[view.name].items():
+            current = states.setdefault(key, {})
+            for (name, aggregation), value in zip(view.aggregations.items(), values, strict=True):
+                current[name] = value if name not in current else aggregation.plus(current[name], value)
+        out[view.name] = states
+    return out
+
+
+_STREAM: list[Arrived] = []
+
+operations = st.one_of(
+    st.tuples(st.just("step"), st.integers(0, PARTITIONS - 1), st.integers(1, 30), st.integers(0, 5)),
+    st.tuples(st.just("refresh")),
+    st.tuples(st.just("cut"), st.integers(-1, 40)),
+    st.tuples(st.just("publish")),
+)
+
+
+@hypothesis_settings(max_examples=12, deadline=None, database=None,
+                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(program=st.lists(operations, min_size=3, max_size=45))
+@example(program=[("step", 0, 30, 0), ("step", 1, 20, 0), ("refresh",), ("step", 0, 25, 5), ("step", 2, 10, 0),
+                  ("refresh",), ("cut", 30), ("step", 1, 30, 0), ("refresh",), ("publish",), ("refresh",),
+                  ("step", 3, 30, 0), ("step", 0, 30, 0), ("refresh",), ("step", 3, 5, 2), ("publish",),
+                  ("step", 1, 20, 0), ("refresh",), ("step", 2, 30, 0), ("step", 0, 3, 0), ("refresh",)])
+def test_an_incremental_refresh_equals_a_full_reload(redis_url: str, program: list[tuple[Any, ...]]) -> None:
+    """Random micro-batches over four partitions (some replayed in part), refreshes, cuts
+    (with floors where a partition was never stepped), publications and the epoch drops that
+    follow them, in any order: after every refresh, the speed tables one long-lived engine
+    keeps up to date from the store's changes equal a full reload of the store's live states,
+    its merged views equal the oracle as of its coverage vector, and at the end they equal
+    those of a new engine (which loads everything)."""
+    import tempfile
+
+    if not _STREAM:
+        _STREAM.extend(stream(events=1200, seed=11))
+    arrived = _STREAM
+    mine: dict[int, list[Arrived]] = defaultdict(list)
+    for a in arrived:
+        mine[a.partition].append(a)
+    with tempfile.TemporaryDirectory() as root:
+        written = Layers(Path(root), redis_url)
+        engine = written.engine()
+        position = dict.fromkeys(range(PARTITIONS), 0)  # the next offset each member consumes
+        floored = False
+        pending: dict[int, Cut] | None = None  # a run's cut, not published yet
+        published: list[BatchRun] = []
+        try:
+            for operation in [*program, ("refresh",)]:
+                kind = operation[0]
+                if kind == "step":
+                    _, p, count, replayed = operation
+                    start = max(0, position[p] - replayed)  # a member resuming behind the store
+                    batch = mine[p][start:position[p] + count]
+                    if batch:
+                        written.score(batch)
+                        position[p] = max(position[p], batch[-1].offset + 1)
+                elif kind == "cut" and pending is None:
+                    pending = written.cut(dict.fromkeys(range(PARTITIONS), operation[1]))
+                    # a floor above what the speed layer applied: until the run is published,
+                    # the coverage includes offsets neither the store nor the views hold
+                    floored = any(pending[p].offset >= o for p, o in position.items())
+                    position = {p: max(o, pending[p].offset + 1) for p, o in position.items()}
+                elif kind == "publish":
+                    cuts = pending if pending is not None else written.cut({})
+                    pending, floored = None, False
+                    run = written.publish(arrived, cuts)
+                    if published:  # as the views job does: the epochs only the previous run's readers read
+                        for p, epoch in published[-1].cut_epochs.items():
+                            written.store.drop_epochs(p, min(epoch, run.cut_epochs[p]))
+                    published.append(run)
+                elif kind == "refresh":
+                    before = (engine.snapshot.run_id, engine._mirror)
+                    snapshot = engine.refresh()
+                    if before[1] is not None and snapshot.run_id == before[0]:
+                        assert engine._mirror is before[1], "the same run: caught up, not reloaded"
+                    cut_epochs = published[-1].cut_epochs if published else {}
+                    assert snapshot.run_id == (published[-1].run_id if published else None)
+                    reloaded, coverage = reloaded_rows(written, cut_epochs)
+                    assert snapshot.coverage == {**snapshot.boundary, **coverage}
+                    assert speed_rows(engine) == reloaded
+                    assert snapshot.increments == sum(len(rows) for rows in reloaded.values())
+                    merged = merged_states(engine)
+                    assert merged == gold_plus(recompute(arrived, snapshot.boundary), reloaded)
+                    if not floored:
+                        assert merged == recompute(arrived, snapshot.coverage)
+            fresh = written.engine()
+            try:
+                assert fresh.refresh().coverage == engine.snapshot.coverage
+                assert speed_rows(fresh) == speed_rows(engine)
+                assert merged_states(fresh) == merged_states(engine)
+            finally:
+                fresh.close()
+        finally:
+            engine.close()
+
+
+def test_a_refresh_after_the_store_was_wiped_and_rebuilt(setup: tuple[Layers, DuckEngine, list[Arrived]]) -> None:
+    """`lambdalake speed rebuild`: the store wiped (its applied offsets go back: the engine
+    loads everything again, which is nothing) and restored from the lakehouse (the restored pairs are
+    changes at the restored offset); the views are exact at each refresh."""
+    written, engine, arrived = setup
+    b = positions(arrived, 0.4)
+    run = written.publish_run(arrived, b)
+    ends = positions(arrived, 0.8)
+    written.score(between(arrived, b, ends))
+    assert engine.refresh().coverage == every(ends)
+    written.store.wipe()
+    assert engine.refresh().increments == 0  # the run alone: nothing above its boundary
+    assert merged_states(engine) == recompute(arrived, b)
+    restored = positions(arrived, 0.6)  # what Delta recorded as scored: less than the store held
+    for p in range(PARTITIONS):
+        events = [a.event for a in between(arrived, b, restored) if a.partition == p]
+        written.store.restore(p, epoch=run.cut_epochs[p] + 1, applied=restored[p],
+                              increments=increments_of(SPEC, events), seen={})
+    snapshot = engine.refresh()
+    assert snapshot.coverage == every(restored)
+    assert merged_states(engine) == recompute(arrived, restored)
+    assert speed_rows(engine) == reloaded_rows(written, run.cut_epochs)[0]
+    written.score(between(arrived, restored, positions(arrived, 1.0)))
+    assert engine.refresh().coverage == every(positions(arrived, 1.0))
+    assert merged_states(engine) == recompute(arrived, positions(arrived, 1.0))
