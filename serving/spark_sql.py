@@ -3,9 +3,12 @@
 The same relations as the DuckDB engine, under the same names, as catalog objects of the
 session: each Delta table is an external table in the hidden database `lake_tables`, and
 `gold.<view>` pins the version the published run wrote (`VERSION AS OF`). `speed.<view>_states`
-are the online store's live states above the run's cut (`serving/live.py`), written at each
-`register` as managed tables of the hidden database, and the `merged.*` views are
-`serving/views.py`'s SQL, unchanged but for identifier quoting.
+are the online store's live states above the run's cut (`serving/live.py`), reloaded whole
+at each `register` (`live_tables`: every live state, however few changed since) and written
+as managed tables of the hidden database; unlike the DuckDB engine, which catches up from
+the store's changes, this engine's `register` costs the live states, which grow with the
+uptime since the run. The `merged.*` views are `serving/views.py`'s SQL, unchanged but for
+identifier quoting.
 
 User queries are parsed as queries only (`parseQuery`: no DDL, DML, SET or CACHE) and run
 with `spark.sql.runSQLOnFiles=false`, so ``csv.`/path` `` and the like cannot read files, and
