@@ -148,3 +148,130 @@ def wait_for(condition: Any, timeout: float = 300.0, every_s: float = 1.0) -> No
         time.sleep(every_s)
 
 
+# ------------------------------------------------------------------ the oracle, from the topic
+Located = tuple[int, int, dict[str, Any]]  # (partition, offset, typed event)
+
+
+def last_offsets(settings: Settings, topic: str) -> dict[int, int]:
+    """Per partition of a topic, the highest offset Kafka holds (-1: none)."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers)
+    try:
+        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        return {tp.partition: end - 1 for tp, end in consumer.end_offsets(partitions).items()}
+    finally:
+        consumer.close()
+
+
+def arrivals(stream: Stream) -> list[Located]:
+    """Every event of the stream's topic as the layers take it, read from Kafka itself: the
+    records the spec's validation routine accepts (given their Kafka key and timestamp, as
+    every layer calls it), a later copy of an event (same key entity and id: one partition)
+    left out, in offset order per partition. (Every copy of these tests' streams arrives
+    within seconds of the first, so any deduplication horizon of minutes agrees.)"""
+    from lakehouse.errors import ValidationError
+
+    schema = stream.spec.events
+    seen: set[tuple[Any, Any]] = set()
+    out: list[Located] = []
+    for r in sorted(read_topic(stream.settings, stream.topic), key=lambda r: (r.partition, r.offset)):
+        try:
+            event = schema.parse(r.value, key=r.key, arrival_ms=r.timestamp if r.timestamp >= 0 else None)
+        except ValidationError:
+            continue
+        identity = (event[schema.key_field], event[schema.id_field])
+        if identity not in seen:
+            seen.add(identity)
+            out.append((r.partition, r.offset, event))
+    return out
+
+
+def oracle_states(spec: Any, arrived: list[Located], coverage: dict[int, int]) -> dict[str, Any]:
+    """Every view's states per (entity, bucket) over the events at or below `coverage` (the
+    plain recomputation of tests/oracle.py)."""
+    from tests.oracle import states_by_view
+
+    return states_by_view(spec.views, [e for p, o, e in arrived if o <= coverage.get(p, -1)],
+                          spec.events.time_field)
+
+
+def oracle_row(view: Any, table: dict[tuple[Any, int], dict[str, Any]], entity: Any) -> dict[str, Any] | None:
+    """merged.<view>'s states of one entity by the oracle: over the window that ends at the
+    entity's own newest bucket (every bucket, for a view without a window); None when no
+    event of the table has the entity."""
+    from tests.oracle import window_states
+
+    buckets = [b for (e, b) in table if e == entity]
+    return window_states(view, table, entity, max(buckets)) if buckets else None
+
+
+def oracle_features(spec: Any, tables: dict[str, Any], event: dict[str, Any]) -> dict[str, float]:
+    """The fraud model's inputs of a typed event by the oracle, from the states of `tables`
+    over the event's windows (what /v1/predict answers for an event it does not record)."""
+    from tests.oracle import fraud_model_inputs, window_states
+
+    time_ms = event[spec.events.time_field]
+    return fraud_model_inputs({v.name: window_states(v, tables[v.name], event[v.entity], time_ms)
+                               for v in spec.views}, event)
+
+
+def as_coverage(reported: dict[str, int]) -> dict[int, int]:
+    """A coverage vector (or boundary) as the API reports it ({"0": offset, ...}) → {0: offset}."""
+    return {int(p): int(o) for p, o in reported.items()}
+
+
+# ------------------------------------------------------------------ a member in this process
+class LiveLayer:
+    """A speed-layer member running in a thread of this process until `stop()` (also as a
+    context manager); `check()` raises what stopped it early."""
+
+    def __init__(self, stream: Stream, group: str, **options: Any) -> None:
+        from lakehouse.serve import serve_scorer
+        from speed.consumer import SpeedLayer, SpeedOptions
+
+        chosen = {"max_batch": 200, "run_check_s": 0.5, "flush_s": 0.5, **options}
+        self.layer = SpeedLayer(stream.settings, stream.spec, serve_scorer(), lakehouse=stream.lakehouse,
+                                options=SpeedOptions(group_id=group, **chosen))
+        self._stop = threading.Event()
+        self._errors: list[BaseException] = []
+        self.counts: dict[str, int] = {}
+        self._thread = threading.Thread(target=self._run, name=f"speed-{group}", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self.counts = self.layer.run(self._stop)
+        except BaseException as error:  # noqa: BLE001 - raised by check() and stop()
+            self._errors.append(error)
+
+    def start(self) -> LiveLayer:
+        self._thread.start()
+        return self
+
+    def check(self) -> None:
+        if self._errors:
+            raise AssertionError(f"the speed layer stopped: {self._errors[0]!r}") from self._errors[0]
+        assert self._thread.is_alive(), "the speed layer stopped"
+
+    def stop(self) -> dict[str, int]:
+        self._stop.set()
+        self._thread.join(timeout=120)
+        assert not self._thread.is_alive(), "the speed layer did not stop within 120 s"
+        if self._errors:
+            raise AssertionError(f"the speed layer stopped: {self._errors[0]!r}") from self._errors[0]
+        return self.counts
+
+    def __enter__(self) -> LiveLayer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            self.stop()
+        else:  # the test failed already: stop, and let its error through
+            self._stop.set()
+            self._thread.join(timeout=120)
+
+
+def caught_up(store: Any, ends: dict[int, int]) -> bool:
+    """Whether the store applied every partition through `ends` and its outbox is in Delta."""
+    return store.applied(sorted(ends)) == ends and all(not store.pending(p)[1] for p in ends)
