@@ -5,12 +5,13 @@ Every bronze record is checked with the spec's single validation routine
 `mapInArrow`; the Great Expectations suite derived from the same spec runs on the slice and
 keeps the Data Docs. A record lands in exactly one place:
 - silver/<schema>: the typed record (money in integer cents, timestamps as UTC timestamps)
-  with its Kafka partition and offset, once per (key entity, id) (`RecordSchema.dedup_scope`,
-  the scope the speed layer applies too): the first arrival (lowest offset) wins, and a
-  record is a duplicate only of another record (partition, offset), never of itself;
+  with its Kafka partition, offset and `arrival_clock`, once per (key entity, id) within the
+  schema's dedup horizon (`lakehouse.dedup`, the rule the speed layer applies too): the
+  first arrival (lowest offset) wins, and a record is a duplicate only of another record
+  (partition, offset), never of itself;
 - quarantine/<schema>: the raw record (key, value bytes, topic, partition, offset) with the
   list of reasons it was rejected (`<rule>:<field>`, or `duplicate:<id field>` for a later
-  arrival of an id silver already has).
+  arrival, within the horizon, of an id silver already has).
 So bronze row count = silver + quarantine, always: nothing is dropped silently.
 
 New slices are found by reading bronze as a Delta stream with `trigger(availableNow=True)`;
@@ -38,6 +39,7 @@ from batch.expectations import (
     duplicate_expectation,
     expectation_for,
 )
+from lakehouse.dedup import CLOCK, NO_CLOCK, Dedup
 from lakehouse.errors import BatchError, DataQualityError
 from lakehouse.spec import RecordSchema
 from lakehouse.tables import Lakehouse, appended_since, table_version
@@ -159,17 +161,13 @@ def validate_topic(
     before = {path: table_version(spark, path) for path in (silver_path, quarantine_path)}
     inspect = inspect_batches(schema)
     id_field = schema.id_field
-    dedup_columns = [schema.key_field, id_field]  # RecordSchema.dedup_key
-    typed_columns = [*schema.field_names, *LINEAGE]
+    typed_columns = [*schema.field_names, *LINEAGE, CLOCK]
     by_reason: dict[str, int] = {}  # rules of this run's rejections (micro-batches run here)
     expectations: dict[str, int] = {}
     report = DataQualityReport(gx_dir, schema)
     blocked: list[DataQualityError] = []
 
     def route(batch: DataFrame, batch_id: int) -> None:
-        from delta.tables import DeltaTable
-        from pyspark.sql import Window
-
         parsed = batch.mapInArrow(inspect, spark_schema).cache()
         if max_failure_rate is not None:
             try:
@@ -181,24 +179,7 @@ def validate_topic(
         for name, count in report.validate(parsed).items():
             expectations[name] = expectations.get(name, 0) + count
         valid = parsed.where(F.size(REASONS) == 0)
-        first = Window.partitionBy(*dedup_columns).orderBy("partition", "offset")
-        ranked = valid.withColumn("_rank", F.row_number().over(first))
-        candidates = ranked.where("_rank = 1").drop("_rank")
-        repeated = ranked.where("_rank > 1").drop("_rank")
-        if DeltaTable.isDeltaTable(spark, silver_path):
-            # An id silver holds from another record is a duplicate; silver holding this very
-            # record (same partition and offset) means this batch's silver write already
-            # happened: on a replay after a crash, or when Spark re-evaluates this plan after
-            # the silver append below. Either way it is not a duplicate of itself.
-            known = spark.read.format("delta").load(silver_path).select(
-                *dedup_columns, F.col("partition").alias("_kp"), F.col("offset").alias("_ko"))
-            matched = candidates.join(known, dedup_columns, "left")
-            itself = (F.col("_kp") == F.col("partition")) & (F.col("_ko") == F.col("offset"))
-            fresh = matched.where(F.col("_kp").isNull() | itself).drop("_kp", "_ko")
-            repeated = repeated.unionByName(
-                matched.where(F.col("_kp").isNotNull() & ~itself).drop("_kp", "_ko"))
-        else:
-            fresh = candidates
+        fresh, repeated = _deduplicate(spark, valid, silver_path, schema)
         rejected = parsed.where(F.size(REASONS) > 0).unionByName(
             repeated.withColumn(REASONS, F.array(F.lit(f"duplicate:{id_field}")))
             .withColumn(FAILED_EXPECTATIONS, F.array(F.lit(duplicate_expectation(schema))))
@@ -214,6 +195,7 @@ def validate_topic(
         for frame, path in ((fresh.select(*typed_columns), silver_path), (quarantine, quarantine_path)):
             (frame.write.format("delta").mode("append")
              .option("txnAppId", app_id).option("txnVersion", batch_id)
+             .option("mergeSchema", "true")  # silver of an older version lacks arrival_clock
              .save(path))
         parsed.unpersist()
 
@@ -253,6 +235,93 @@ def validate_topic(
     echo(f"validate {schema.name}: {summary.bronze_rows} records → {silver_rows} silver, "
          f"{quarantined} quarantined {by_reason}")
     return summary
+
+
+def _deduplicate(spark: SparkSession, valid: DataFrame, silver_path: str,
+                 schema: RecordSchema) -> tuple[DataFrame, DataFrame]:
+    """(events, duplicates) of a slice's valid records, by the rule of `lakehouse.dedup`,
+    continuing from what silver holds.
+
+    Silver is read only within the horizon of the slice's oldest Kafka timestamp: an event
+    taken before that can have no copy in the slice (the clock never goes back), and the
+    partition's clock is the latest silver clock there, or the slice's own timestamps when
+    silver has none there. `arrival_clock` is appended in time order, so Delta's file
+    statistics skip the rest: the read costs one horizon of events, not the history. Rows
+    silver already holds from this very slice (a replay after a crash, or Spark evaluating
+    the plan again after the silver write) are left out of what was judged before."""
+    from delta.tables import DeltaTable
+    from pyspark.sql import functions as F
+
+    key_columns = [schema.key_field, schema.id_field]  # RecordSchema.dedup_key
+    starts = {int(r["partition"]): (int(r["first"]), r["oldest"]) for r in valid.groupBy("partition").agg(
+        F.min("offset").alias("first"), F.unix_micros(F.min("kafka_timestamp")).alias("oldest")).collect()}
+    if not starts:
+        return valid.withColumn(CLOCK, F.col("kafka_timestamp")), valid
+    judged = valid.withColumn(_KNOWN, F.lit(None).cast("timestamp"))
+    clocks: dict[int, int] = {}
+    if DeltaTable.isDeltaTable(spark, silver_path):
+        first = F.create_map(*[F.lit(x) for p, (o, _) in sorted(starts.items()) for x in (p, o)])
+        before = spark.read.format("delta").load(silver_path)
+        if CLOCK not in before.columns:  # silver written before arrival clocks
+            before = before.withColumn(CLOCK, F.col("kafka_timestamp"))
+        before = before.where(F.col("offset") < F.coalesce(first[F.col("partition")], F.lit(2**62)))
+        oldest = [o for _, o in starts.values() if o is not None]
+        if schema.dedup_horizon_ms is not None and oldest:
+            since_us = min(oldest) - schema.dedup_horizon_ms * 1000
+            # a literal timestamp, so that Delta skips the files whose clocks all lie below
+            before = before.where(F.col(CLOCK) >= F.timestamp_micros(F.lit(since_us)))
+        clocks = {int(r["partition"]): int(r["clock"]) // 1000 for r in before.groupBy("partition")
+                  .agg(F.unix_micros(F.max(CLOCK)).alias("clock")).collect() if r["clock"] is not None}
+        latest = before.groupBy(*key_columns).agg(F.max(CLOCK).alias(_KNOWN))
+        judged = valid.join(latest, key_columns, "left")
+    out_schema = judged.schema.add(CLOCK, "timestamp").add(_TAKEN, "boolean")
+    judged = (judged.repartition("partition").sortWithinPartitions("partition", "offset")
+              .mapInArrow(_judge_batches(schema, clocks), out_schema))
+    events = judged.where(F.col(_TAKEN)).drop(_KNOWN, _TAKEN)
+    duplicates = judged.where(~F.col(_TAKEN)).drop(_KNOWN, _TAKEN, CLOCK)
+    return events, duplicates
+
+
+_KNOWN, _TAKEN = "_known_clock", "_taken"
+
+
+def _judge_batches(schema: RecordSchema, clocks: dict[int, int]
+                   ) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    """A mapInArrow function over valid records sorted by (partition, offset), each with the
+    clock of silver's latest copy of its identity within the horizon (`_known_clock`): the
+    rule (`lakehouse.dedup.Dedup`) applied in offset order, per partition from its clock in
+    silver (`clocks`); adds each record's clock and whether it is taken."""
+    def judge(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        rules: dict[int, Dedup] = {}
+        judged = 0
+        for batch in batches:
+            data = batch.to_pydict()
+            taken, at = [], []
+            for p, key, event_id, kafka_us, known_us in zip(
+                    data["partition"], data[schema.key_field], data[schema.id_field],
+                    _micros(batch, "kafka_timestamp"), _micros(batch, _KNOWN), strict=True):
+                rule = rules.get(p)
+                if rule is None:
+                    rule = rules[p] = Dedup(schema.dedup_horizon_ms, clock=clocks.get(p, NO_CLOCK))
+                identity = (key, event_id)
+                if known_us is not None and identity not in rule.taken:
+                    rule.taken[identity] = known_us // 1000
+                clock = rule.judge(identity, None if kafka_us is None else kafka_us // 1000)
+                taken.append(clock is not None)
+                at.append(rule.clock * 1000 if clock is None else clock * 1000)
+                judged += 1
+                if judged % 50_000 == 0:  # a big slice: keep one horizon of identities
+                    for each in rules.values():
+                        each.forget_expired()
+            yield batch.append_column(CLOCK, pa.array(at, pa.int64()).cast(pa.timestamp("us", tz="UTC"))) \
+                .append_column(_TAKEN, pa.array(taken, pa.bool_()))
+    return judge
+
+
+def _micros(batch: pa.RecordBatch, column: str) -> list[int | None]:
+    """A timestamp column as epoch microseconds."""
+    values: list[int | None] = batch.column(column).cast(pa.timestamp("us", tz="UTC")).cast(pa.int64()).to_pylist()
+    return values
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from lakehouse.dedup import CLOCK, NO_CLOCK, forgettable_below
 from lakehouse.errors import BatchError
 from lakehouse.online.base import NOTHING, Cut, OnlineStore, event_identity
 from lakehouse.spec import FeatureView, PlatformSpec, RecordSchema
@@ -134,18 +135,22 @@ def _pin(spark: SparkSession, lakehouse: Lakehouse, spec: PlatformSpec) -> _Pinn
 
 
 def _remember(spark: SparkSession, lakehouse: Lakehouse, schema: RecordSchema, silver_version: int,
-              partition: int, floor: int) -> Callable[[int], list[str]]:
-    """`remember` of a cut over a floor: the identities of the partition's silver events (at
-    the pinned version) with offsets above the store's previous applied offset through `floor`."""
-    def identities(previous: int) -> list[str]:
+              partition: int, floor: int) -> Callable[[int], list[tuple[str, int]]]:
+    """`remember` of a cut over a floor: (identity, clock) of the partition's silver events
+    (at the pinned version) with offsets above the store's previous applied offset through
+    `floor`, those within the dedup horizon of the latest clock among them (`lakehouse.dedup`:
+    older ones can have no duplicates any more)."""
+    def identities(previous: int) -> list[tuple[str, int]]:
         from pyspark.sql import functions as F
 
         rows = (spark.read.format("delta").option("versionAsOf", silver_version)
                 .load(lakehouse.silver(schema.name))
                 .where((F.col("partition") == partition) & (F.col("offset") > previous)
-                       & (F.col("offset") <= floor))
-                .select(schema.key_field, schema.id_field).collect())
-        return [event_identity(schema, row.asDict()) for row in rows]
+                       & (F.col("offset") <= floor)))
+        clocked = [(event_identity(schema, row.asDict()), int(row["clock"]) // 1000) for row in rows.select(
+            schema.key_field, schema.id_field, F.unix_micros(F.col(CLOCK)).alias("clock")).collect()]
+        below = forgettable_below(max((c for _, c in clocked), default=NO_CLOCK), schema.dedup_horizon_ms)
+        return clocked if below is None else [(i, c) for i, c in clocked if c >= below]
 
     return identities
 

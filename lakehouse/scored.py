@@ -15,6 +15,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from lakehouse.dedup import CLOCK
 from lakehouse.features import OFFSET, PARTITION
 from lakehouse.spec import PlatformSpec
 from lakehouse.tables import BATCH_RUN_ID, Lakehouse
@@ -61,6 +62,7 @@ def scored_schema(spec: PlatformSpec) -> pa.Schema:
         pa.field(PARTITION, pa.int32(), nullable=False),
         pa.field(OFFSET, pa.int64(), nullable=False),
         pa.field("kafka_timestamp", pa.timestamp("us", tz="UTC")),
+        pa.field(CLOCK, pa.timestamp("us", tz="UTC")),  # the event's clock (lakehouse.dedup)
         pa.field("features", pa.list_(pa.float64()), nullable=False),
         # per partition, the highest offset the features include (the event's own: the one before it)
         pa.field("coverage", pa.map_(pa.int32(), pa.int64())),

@@ -96,8 +96,15 @@ class RecordSchema:
     # partitioned speed layer can enforce exactly, each member seeing every event of the
     # entities it owns; a global scope would need a shared id index, so none is offered.
     dedup_scope: DedupScope = "entity"
+    # A later copy is a duplicate while it arrives within this many milliseconds (Kafka time)
+    # of the copy taken (`lakehouse.dedup`); None: forever, which costs every layer memory
+    # or reads that grow with the topic's history.
+    dedup_horizon_ms: int | None = None
 
     def __post_init__(self) -> None:
+        if self.dedup_horizon_ms is not None and self.dedup_horizon_ms <= 0:
+            raise SpecError(f"schema {self.name}: dedup_horizon_ms must be positive (or None: "
+                            f"forever), not {self.dedup_horizon_ms}")
         names = {f.name for f in self.fields}
         for required in (self.key_field, self.id_field, self.time_field):
             if required not in names:
@@ -422,6 +429,8 @@ class PlatformSpec:
         described: list[Any] = [self.name, self.label_field]
         for schema in (self.events, self.labels):
             described.append([schema.topic, schema.key_field, schema.id_field, repr(schema.fields)])
+            if schema.dedup_horizon_ms is not None:
+                described.append(["dedup_horizon_ms", schema.dedup_horizon_ms])
         for view in self.views:
             described.append(
                 [view.name, view.entity, view.bucket_ms, view.window_buckets,

@@ -2,12 +2,12 @@
 
 Reads the events topic itself from the beginning up to the merged views' coverage, keeps
 the valid, first-seen events (the spec's validation with each record's Kafka key and
-timestamp, deduplicated by (key entity, id) in arrival order, as the batch and speed layers
-do), recomputes their states per (entity, bucket) in plain Python (`lakehouse.recompute`,
-not the monoids' fold that the layers share, so a bug in that fold cannot hide itself here),
-and compares every state with `merged.<view>_states` of a fresh DuckDB snapshot. Any
-difference is reported; there should be none, whatever the boundary, the speed layer's lag
-or the crashes before.
+timestamp, deduplicated by (key entity, id) in arrival order within the dedup horizon,
+`lakehouse.dedup`, as the batch and speed layers do), recomputes their states per (entity,
+bucket) in plain Python (`lakehouse.recompute`, not the monoids' fold that the layers share,
+so a bug in that fold cannot hide itself here), and compares every state with
+`merged.<view>_states` of a fresh DuckDB snapshot. Any difference is reported; there should
+be none, whatever the boundary, the speed layer's lag or the crashes before.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lakehouse.config import Settings
+from lakehouse.dedup import Dedup
 from lakehouse.errors import MergeCheckError, ValidationError
 from lakehouse.online import open_store
 from lakehouse.recompute import states_by_view
@@ -66,18 +67,17 @@ def check_exact_merge(settings: Settings, spec: PlatformSpec, *, lakehouse: Lake
     snapshot = engine.refresh()
     records = topic_prefix(settings, spec.events.topic, snapshot.coverage, echo)
     records.sort(key=lambda r: (r[0], r[1]))
-    seen: set[tuple[Any, Any]] = set()
+    rules: dict[int, Dedup] = {}
     events: list[dict[str, Any]] = []
-    for _, _, record in records:
+    for partition, _, record in records:
         try:
             event = spec.events.parse(record.value, key=record.key,
                                       arrival_ms=record.timestamp if record.timestamp >= 0 else None)
         except ValidationError:
             continue
-        if spec.events.dedup_key(event) in seen:
-            continue
-        seen.add(spec.events.dedup_key(event))
-        events.append(event)
+        rule = rules.setdefault(partition, Dedup(spec.events.dedup_horizon_ms))
+        if rule.judge(spec.events.dedup_key(event), record.timestamp) is not None:
+            events.append(event)
     valid = len(events)
     recomputed = states_by_view(spec.views, events, spec.events.time_field)
     views: dict[str, Any] = {}

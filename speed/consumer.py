@@ -8,7 +8,9 @@ micro-batch (bounded by `max_batch` records and `max_wait_ms`):
    Kafka key and timestamp; an invalid record, or a later copy of an event already taken
    (same key entity and id, `RecordSchema.dedup_scope`, as the batch layer deduplicates:
    the store's seen set, plus the micro-batch's own), goes to the DLQ topic with its reason,
-   original key and bytes, and source topic/partition/offset in the headers. A value
+   original key and bytes, and source topic/partition/offset in the headers. Duplicates
+   are judged by the rule of `lakehouse.dedup` (within the schema's horizon, from the
+   partition's clock and the identities the store's seen set holds with their clocks). A value
    larger than `dlq_max_value_bytes` is stored truncated, its original size and SHA-256 in
    the headers (bronze keeps it whole). Every DLQ delivery is acknowledged before anything
    of the batch is committed: a failed one stops the layer (ServiceError) with nothing
@@ -57,6 +59,7 @@ import msgspec
 
 from lakehouse import scored
 from lakehouse.config import Settings, options_from_settings, setting_field
+from lakehouse.dedup import CLOCK, NO_CLOCK, Dedup
 from lakehouse.errors import ServiceError, ValidationError
 from lakehouse.online import open_store
 from lakehouse.online.base import OnlineStore, Step, StoreBehindError, event_identity, increments_of
@@ -102,6 +105,7 @@ class _Taken:
     offset: int
     event: dict[str, Any]
     identity: str
+    clock: int  # its clock (`lakehouse.dedup`), epoch ms
     row: dict[str, Any] = field(default_factory=dict)
 
 
@@ -445,7 +449,7 @@ class SpeedLayer:
                 out.append((record, event, [], identity))
                 identities.setdefault(p, []).append(identity)
                 keys.update(self.state.keys(event))
-        seen = self._with_store("seen", lambda: self.store.seen(identities))
+        seen = self._with_store("seen", lambda: self.store.seen(identities))  # identity → clock, per partition
         read = self._with_store("read", lambda: self.store.read(
             keys, range(max(self._partitions, max(per_partition) + 1)), self.state.base.cut_epochs))
         batch = self.state.micro_batch(read.states, keys)
@@ -455,7 +459,8 @@ class SpeedLayer:
         dlq = stale = 0
         for p, items in parsed.items():
             applied = read.coverage.get(p, -1)
-            known = seen.get(p, set())
+            clock, known = seen.get(p, (NO_CLOCK, {}))
+            rule = Dedup(schema.dedup_horizon_ms, clock=clock, taken=known)
             mine = taken[p] = []
             for record, typed, reasons, identity in items:
                 last[p] = record.offset
@@ -468,17 +473,17 @@ class SpeedLayer:
                     dlq += 1
                     continue
                 event = typed
-                if identity in known:
+                event_clock = rule.judge(identity, record.timestamp)
+                if event_clock is None:
                     self._to_dlq(record, [f"duplicate:{schema.id_field}"])
                     dlq += 1
                     continue
-                known.add(identity)
                 vectors.append(batch.features(event, p))
                 batch.add(event, p)
-                mine.append(_Taken(record.offset, event, identity, {
+                mine.append(_Taken(record.offset, event, identity, event_clock, {
                     "partition": p, "offset": record.offset,
                     "kafka_timestamp": record.timestamp * 1000 if record.timestamp >= 0 else None,
-                    "coverage": {**read.coverage, p: record.offset - 1}}))
+                    CLOCK: event_clock * 1000, "coverage": {**read.coverage, p: record.offset - 1}}))
         feature_ms = (time.perf_counter() - started) * 1000
         scores, version, model_ms = self._score(vectors)
         scored_at = int(time.time() * 1_000_000)
@@ -503,7 +508,8 @@ class SpeedLayer:
                 # all of them (the rule): the batch's own fold is the increment; else refold
                 increments = batch.increments(p) if len(chosen) == len(mine) else \
                     increments_of(self.spec, [t.event for t in chosen])
-                return Step(increments, {t.offset: encode_row(t.row) for t in chosen}, [t.identity for t in chosen])
+                return Step(increments, {t.offset: encode_row(t.row) for t in chosen},
+                            {t.identity: t.clock for t in chosen})
 
             stepped = self._with_store("apply", lambda p=p, first=first, step_above=step_above:  # type: ignore[misc]
                                        self.store.apply(p, first, last[p], step_above))

@@ -80,6 +80,7 @@ def append_through(snapshot: Any, schema: pa.Schema, rows: list[dict[str, Any]],
     if not transactions:
         return 0
     write_deltalake(snapshot, pa.Table.from_pylist(fresh, schema=schema), mode="append",
+                    schema_mode="merge",  # a table of an older version lacks newer columns
                     commit_properties=CommitProperties(app_transactions=transactions,
                                                        max_commit_retries=20))
     return len(fresh)

@@ -7,8 +7,8 @@ Per partition of the events topic, with the newest published run (its cut and cu
   transaction), or the run's cut where that is higher (a floored partition);
 - the open epoch, the one after the run's cut, holds the monoid states of the scored rows
   above the cut through that offset (the rows hold the typed events);
-- the seen set holds the identities of silver's events at or below the cut and of those
-  rows.
+- the seen set holds the identities, with their clocks, of silver's events at or below the
+  cut and of those rows, within the dedup horizon of the latest clock (`lakehouse.dedup`).
 
 Scored rows the lost store had not yet flushed to Delta are not restored: their records lie
 above the restored applied offset, so the speed layer consumes and scores them again when it
@@ -20,11 +20,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from lakehouse.dedup import CLOCK, NO_CLOCK, forgettable_below
 from lakehouse.features import OFFSET, PARTITION
 from lakehouse.online.base import OnlineStore, event_identity, increments_of
 from lakehouse.scored import app_id
@@ -62,17 +64,26 @@ def rebuild_store(store: OnlineStore, spec: PlatformSpec, lakehouse: Lakehouse, 
         recorded = scored.transaction_version(app_id(store.group, store.topic, p)) if scored is not None else None
         high = max(low, -1 if recorded is None else recorded)
         rows = _scored_events(scored, spec, store.group, p, low, high) if scored is not None else []
-        seen = [event_identity(spec.events, row) for row in rows]
+        clocked = [(event_identity(spec.events, row), _ms(row.pop(CLOCK))) for row in rows]
         if silver is not None and low >= 0:
-            history = silver.to_pyarrow_table(columns=[spec.events.key_field, spec.events.id_field],
+            history = silver.to_pyarrow_table(columns=[spec.events.key_field, spec.events.id_field, CLOCK],
                                               filters=[(PARTITION, "=", p), (OFFSET, "<=", low)])
-            seen += [event_identity(spec.events, row) for row in history.to_pylist()]
+            clocked += [(event_identity(spec.events, row), _ms(row[CLOCK])) for row in history.to_pylist()]
+        below = forgettable_below(max((c for _, c in clocked), default=NO_CLOCK), spec.events.dedup_horizon_ms)
+        seen = dict(clocked if below is None else [(i, c) for i, c in clocked if c >= below])
         store.restore(p, epoch=cut_epochs.get(p, 0) + 1, applied=high, increments=increments_of(spec, rows),
                       seen=seen)
         applied[p], events, identities = high, events + len(rows), identities + len(seen)
         echo(f"partition {p}: applied through {high}; {len(rows)} scored events above the cut {low}, "
              f"{len(seen)} identities")
     return Rebuilt(run.run_id if run is not None else None, applied, events, identities)
+
+
+def _ms(value: datetime | None) -> int:
+    return NO_CLOCK if value is None else (value - _EPOCH) // timedelta(milliseconds=1)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _scored_events(table: Any, spec: PlatformSpec, group: str, partition: int, low: int,
@@ -82,12 +93,12 @@ def _scored_events(table: Any, spec: PlatformSpec, group: str, partition: int, l
     if high <= low:
         return []
     data = table.to_pyarrow_table(
-        columns=list(spec.events.field_names),
+        columns=[*spec.events.field_names, CLOCK],
         filters=[(PARTITION, "=", partition), (OFFSET, ">", low), (OFFSET, "<=", high),
                  ("consumer_group", "=", group)])
     time_field = spec.events.time_field
     index = data.schema.get_field_index(time_field)
     micros = data.column(time_field).cast(pa.timestamp("us", tz="UTC")).cast(pa.int64())
     data = data.set_column(index, time_field, pc.divide(micros, 1000))  # exact ms
-    rows: list[dict[str, Any]] = data.to_pylist()
+    rows: list[dict[str, Any]] = data.to_pylist()  # with the event's clock (a datetime)
     return rows

@@ -26,9 +26,11 @@ states, and a refresh costs the changes since the last one, not the uptime.
 A step carries two more things of its records above the applied offset, so that the store
 is the speed layer's one sink of record: the scored rows, kept in the partition's outbox
 until they are in Delta (`pending`, `flushed`: `speed/scored_events` follows the store, at
-most about once a second), and the identities (`RecordSchema.dedup_key`) of its valid
-events, so that a later copy of an event is recognised by whichever member consumes it
-(`seen`).
+most about once a second), and the identities (`RecordSchema.dedup_key`) of the events it
+took, with their clocks (`lakehouse.dedup`), so that a later copy of an event is recognised
+by whichever member consumes it (`seen`). The partition's clock moves with them, and an
+identity more than the schema's dedup horizon behind it is forgotten in the same step: the
+seen set holds one horizon of events, whatever the uptime.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from lakehouse.errors import ServiceError
 from lakehouse.features import ViewStates
 from lakehouse.spec import PlatformSpec, RecordSchema
 
-__all__ = ["NOTHING", "Changes", "Cut", "EntityStates", "Increments", "OnlineStore", "StateKey", "Step",
+__all__ = ["NOTHING", "Changes", "Cut", "EntityStates", "Increments", "OnlineStore", "Seen", "StateKey", "Step",
            "StoreBehindError", "StoreRead", "decode_entity", "encode_entity", "event_identity", "increments_of",
            "merge_into"]
 
@@ -77,11 +79,15 @@ class Cut:
 class Step:
     """What one step adds for the records above the applied offset: their monoid-state
     increments, their scored rows (offset → encoded row, for the outbox) and the identities
-    of their valid events."""
+    of the events taken, with their clocks (epoch ms, `lakehouse.dedup`)."""
 
     increments: Increments
     rows: Mapping[int, bytes]
-    seen: Sequence[str]
+    seen: Mapping[str, int]
+
+
+# per partition: (its clock, identity → clock of the event taken) of the identities asked
+Seen = dict[int, tuple[int, dict[str, int]]]
 
 
 @dataclass(frozen=True)
@@ -167,25 +173,27 @@ class OnlineStore(ABC):
         """One atomic step for the records a member consumed from `from_offset` through
         `last_offset`: of those above the partition's applied offset (`step_above(applied)`),
         the increments merged into its open epoch, the rows added to its outbox and the
-        identities to its seen set, and `last_offset` recorded as applied. False (nothing
+        identities to its seen set (the partition's clock moved to the latest of theirs, and
+        identities beyond the dedup horizon forgotten), and `last_offset` recorded as applied. False (nothing
         changed) when `last_offset` is already applied; StoreBehindError when `from_offset`
         lies above the applied offset + 1 (the records in between would be lost: the store
         lost state)."""
 
     @abstractmethod
-    def seen(self, identities: Mapping[int, Sequence[str]]) -> dict[int, set[str]]:
-        """Per partition, those of the given event identities a step (or a cut's floor)
-        already recorded."""
+    def seen(self, identities: Mapping[int, Sequence[str]]) -> Seen:
+        """Per partition, its clock and, of the given event identities, those a step (or a
+        cut's floor) recorded and not yet forgot, with their clocks."""
 
     @abstractmethod
     def cut(self, partition: int, *, floor: int = NOTHING,
-            remember: Callable[[int], Iterable[str]] | None = None) -> Cut:
+            remember: Callable[[int], Iterable[tuple[str, int]]] | None = None) -> Cut:
         """Close the partition's open epoch at its applied offset and open the next. Where
         the speed group never applied a step, the cut is at `floor` if that is higher (the
         offsets the batch run validated: it covers them, and the group resumes after them);
-        the identities of the valid events the floor passes over (`remember(previous
-        applied)`, those at offsets above it through `floor`) join the seen set in the same
-        step, so a later copy of one is still recognised."""
+        the identities, with their clocks, of the events the floor passes over
+        (`remember(previous applied)`, those at offsets above it through `floor`, within the
+        dedup horizon) join the seen set in the same step, so a later copy of one is still
+        recognised."""
 
     @abstractmethod
     def pending(self, partition: int) -> tuple[int, list[bytes]]:
@@ -227,10 +235,11 @@ class OnlineStore(ABC):
 
     @abstractmethod
     def restore(self, partition: int, *, epoch: int, applied: int, increments: Increments,
-                seen: Iterable[str]) -> None:
+                seen: Mapping[str, int]) -> None:
         """Re-derive a partition the store lost (`lambdalake speed rebuild`): `increments`
         as its open epoch `epoch` (the one after the published run's cut), `applied` as its
-        applied offset (every pair changed at it, for `changes`), `seen` as its identities.
+        applied offset (every pair changed at it, for `changes`), `seen` as its identities
+        (with their clocks; the partition's clock is the latest).
         ServiceError when the partition holds
         anything (wipe it first)."""
 

@@ -6,7 +6,8 @@ lakehouse in the prefix):
 
     {…}:meta        hash: applied (the highest offset applied), epoch (the open one),
                     cut:<e> (the applied offset at which epoch e was closed), stepped (set
-                    by the first step of the speed group)
+                    by the first step of the speed group), clock (the partition's clock,
+                    `lakehouse.dedup`)
     {…}:e<epoch>    hash: "<view>\\x1f<entity as JSON>" → {bucket start: the view's monoid
                     states as a list} in JSON (exact integers, None for an empty max/min);
                     one field per entity, so a read of an entity's window is one field
@@ -15,7 +16,9 @@ lakehouse in the prefix):
                     them; trimmed by `drop_epochs` to the fields an epoch after the dropped
                     cut may hold
     {…}:outbox      sorted set: scored rows not yet in Delta, scored by Kafka offset
-    {…}:seen        set: identities of the partition's valid events (the dedup key as JSON)
+    {…}:seen        sorted set: identities of the events taken (the dedup key as JSON),
+                    scored by their clocks; those more than the dedup horizon behind the
+                    partition's clock are removed by the step that moves it
 
 `apply` is optimistic: it WATCHes the meta hash, reads the applied offset, asks for the
 increments of the events above it, merges them into the open epoch's states with the spec's
@@ -46,6 +49,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import redis
 
+from lakehouse.dedup import NO_CLOCK, forgettable_below
 from lakehouse.errors import ServiceError
 from lakehouse.online.base import (
     FIRST_EPOCH,
@@ -55,6 +59,7 @@ from lakehouse.online.base import (
     EntityStates,
     Increments,
     OnlineStore,
+    Seen,
     StateKey,
     Step,
     StoreBehindError,
@@ -121,6 +126,7 @@ class _Meta(NamedTuple):
     applied: int  # the highest offset applied, or recorded by a cut's floor (-1: none)
     epoch: int  # the open epoch
     stepped: bool  # whether the speed group ever applied a step to the partition
+    clock: int  # the partition's clock (lakehouse.dedup)
 
 
 class RedisOnlineStore(OnlineStore):
@@ -184,9 +190,10 @@ class RedisOnlineStore(OnlineStore):
                 for _ in range(_ATTEMPTS):
                     try:
                         pipe.watch(meta)  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
-                        applied, epoch, stepped = pipe.hmget(meta, ["applied", "epoch", "stepped"])
+                        applied, epoch, stepped, clock = pipe.hmget(meta, ["applied", "epoch", "stepped", "clock"])
                         return body(pipe, _Meta(NOTHING if applied is None else int(applied),
-                                                FIRST_EPOCH if epoch is None else int(epoch), stepped is not None))
+                                                FIRST_EPOCH if epoch is None else int(epoch), stepped is not None,
+                                                NO_CLOCK if clock is None else int(clock)))
                     except redis.WatchError:
                         continue  # another step changed the partition: start over from it
         except redis.RedisError as error:
@@ -229,36 +236,54 @@ class RedisOnlineStore(OnlineStore):
                 pipe.zadd(self._changed(partition), dict.fromkeys(merged, last_offset))
             if above.rows:
                 pipe.zadd(self._outbox(partition), {row: offset for offset, row in above.rows.items()})
-            if above.seen:
-                pipe.sadd(self._seen(partition), *above.seen)
-            pipe.hset(self._meta(partition), mapping={"applied": last_offset, "epoch": epoch, "stepped": 1})
+            clock = self._remember(pipe, partition, meta.clock, above.seen.items())
+            pipe.hset(self._meta(partition), mapping={"applied": last_offset, "epoch": epoch, "stepped": 1,
+                                                      "clock": clock})
             pipe.execute()
             return True
 
         return self._step(partition, "apply", step)
 
-    def seen(self, identities: Mapping[int, Sequence[str]]) -> dict[int, set[str]]:
+    def _remember(self, pipe: Any, partition: int, clock: int, taken: Iterable[tuple[str, int]]) -> int:
+        """Queue adding `taken` (identity, clock) to the seen set and forgetting what falls
+        behind the horizon of the partition's new clock; return that clock."""
+        items = list(taken)
+        for start in range(0, len(items), 10_000):
+            pipe.zadd(self._seen(partition), dict(items[start:start + 10_000]))
+        clock = max([clock, *(c for _, c in items)])
+        below = forgettable_below(clock, self.spec.events.dedup_horizon_ms)
+        if items and below is not None:
+            pipe.zremrangebyscore(self._seen(partition), "-inf", f"({below}")
+        return clock
+
+    def seen(self, identities: Mapping[int, Sequence[str]]) -> Seen:
         asked = [(p, list(ids)) for p, ids in identities.items() if ids]
         try:
-            with self.client.pipeline(transaction=False) as pipe:
+            with self.client.pipeline(transaction=True) as pipe:  # clock and scores of one moment
                 for p, ids in asked:
-                    pipe.smismember(self._seen(p), ids)
+                    pipe.hget(self._meta(p), "clock")
+                    pipe.zmscore(self._seen(p), ids)
                 answers = pipe.execute()
         except redis.RedisError as error:
             raise self._unreachable(error) from error
-        return {p: {i for i, known in zip(ids, answer, strict=True) if known}
-                for (p, ids), answer in zip(asked, answers, strict=True)}
+        out: Seen = {}
+        for i, (p, ids) in enumerate(asked):
+            clock, scores = answers[2 * i], answers[2 * i + 1]
+            out[p] = (NO_CLOCK if clock is None else int(clock),
+                      {identity: int(score) for identity, score in zip(ids, scores, strict=True)
+                       if score is not None})
+        return out
 
     def cut(self, partition: int, *, floor: int = NOTHING,
-            remember: Callable[[int], Iterable[str]] | None = None) -> Cut:
+            remember: Callable[[int], Iterable[tuple[str, int]]] | None = None) -> Cut:
         def step(pipe: Any, meta: _Meta) -> Cut:
             epoch = meta.epoch
             at = max(floor, meta.applied) if not meta.stepped else meta.applied
             passed = list(remember(meta.applied)) if remember is not None and at > meta.applied else []
             pipe.multi()
-            for start in range(0, len(passed), 10_000):
-                pipe.sadd(self._seen(partition), *passed[start:start + 10_000])
-            pipe.hset(self._meta(partition), mapping={"applied": at, "epoch": epoch + 1, f"cut:{epoch}": at})
+            clock = self._remember(pipe, partition, meta.clock, passed)
+            pipe.hset(self._meta(partition), mapping={"applied": at, "epoch": epoch + 1, f"cut:{epoch}": at,
+                                                      "clock": clock})
             pipe.execute()
             self._open_epochs[partition] = epoch + 1
             return Cut(partition, epoch, at)
@@ -395,8 +420,7 @@ class RedisOnlineStore(OnlineStore):
         return len(doomed)
 
     def restore(self, partition: int, *, epoch: int, applied: int, increments: Increments,
-                seen: Iterable[str]) -> None:
-        identities = list(seen)
+                seen: Mapping[str, int]) -> None:
 
         def step(pipe: Any, meta: _Meta) -> None:
             if meta.stepped or meta.applied != NOTHING or meta.epoch != FIRST_EPOCH:
@@ -413,9 +437,9 @@ class RedisOnlineStore(OnlineStore):
                 chunk = dict(items[start:start + _CHUNK])
                 pipe.hset(self._epoch_key(partition, epoch), mapping=chunk)
                 pipe.zadd(self._changed(partition), dict.fromkeys(chunk, applied))
-            for start in range(0, len(identities), 10_000):
-                pipe.sadd(self._seen(partition), *identities[start:start + 10_000])
-            pipe.hset(self._meta(partition), mapping={"applied": applied, "epoch": epoch, "stepped": 1})
+            clock = self._remember(pipe, partition, NO_CLOCK, seen.items())
+            pipe.hset(self._meta(partition), mapping={"applied": applied, "epoch": epoch, "stepped": 1,
+                                                      "clock": clock})
             pipe.execute()
             self._open_epochs[partition] = epoch
 

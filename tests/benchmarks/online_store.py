@@ -88,7 +88,7 @@ def _store(url: str, group: str, batches: list[list[dict[str, Any]]]) -> tuple[f
         first, last = offset, offset + len(batch) - 1
         offset += len(batch)
         store.apply(0, first, last, lambda applied, batch=batch, first=first: Step(increments_of(
-            SPEC, [e for i, e in enumerate(batch) if first + i > applied]), {}, []))
+            SPEC, [e for i, e in enumerate(batch) if first + i > applied]), {}, {}))
     per_step = (time.perf_counter() - started) / len(batches)
     states = sum(1 for _ in store.scan(0, 0)[1])
     scan = _timed(lambda: list(store.scan(0, 0)[1]))

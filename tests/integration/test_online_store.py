@@ -62,7 +62,7 @@ def step(store: RedisOnlineStore, partition: int, events: list[tuple[int, dict[s
     def above(applied: int) -> Step:
         fresh = [(o, e) for o, e in events if o > applied]
         return Step(production_increments(SPEC, [e for _, e in fresh]),
-                    {o: f"row {o}".encode() for o, _ in fresh}, [e["event_id"] for _, e in fresh])
+                    {o: f"row {o}".encode() for o, _ in fresh}, {e["event_id"]: o for o, e in fresh})
 
     return store.apply(partition, events[0][0], events[-1][0], above)
 
@@ -203,21 +203,21 @@ def test_the_outbox_and_the_seen_set_take_each_record_once(store: RedisOnlineSto
     store.flushed(0, 59)
     assert store.pending(0) == (99, [f"row {o}".encode() for o in range(60, 100)])
     asked = [e["event_id"] for _, e in events]
-    assert store.seen({0: asked}) == {0: set(asked[:100])}
+    assert store.seen({0: asked}) == {0: (99, {i: o for o, i in enumerate(asked[:100])})}
     assert store.seen({0: []}) == {}
 
 
 def test_a_floored_cut_remembers_the_identities_it_passes_over(store: RedisOnlineStore) -> None:
     asked: list[int] = []
 
-    def remember(previous: int) -> list[str]:
+    def remember(previous: int) -> list[tuple[str, int]]:
         asked.append(previous)
-        return [f"e{o}" for o in range(previous + 1, 21)]
+        return [(f"e{o}", 1000 + o) for o in range(previous + 1, 21)]
 
     store.cut(3, floor=20, remember=remember)
     store.cut(3, floor=20, remember=remember)  # nothing new passed over: not asked again
     assert asked == [-1]
-    assert store.seen({3: ["e0", "e20", "e21"]}) == {3: {"e0", "e20"}}
+    assert store.seen({3: ["e0", "e20", "e21"]}) == {3: (1020, {"e0": 1000, "e20": 1020})}
 
 
 def test_an_unreachable_store_is_a_service_error_without_the_password() -> None:
@@ -304,7 +304,7 @@ def test_changes_of_several_partitions_in_one_read_and_after_a_restore(store: Re
     restored = RedisOnlineStore(SPEC, store.group + "-restored", store.url)
     restored.wipe()
     increments = increments_of([e for _, e in parts[0]])
-    restored.restore(0, epoch=3, applied=len(parts[0]) - 1, increments=increments, seen=[])
+    restored.restore(0, epoch=3, applied=len(parts[0]) - 1, increments=increments, seen={})
     assert restored.changes({0: len(parts[0]) - 2}, {0: 2})[0].entities == by_entity(increments)
     assert restored.changes({0: len(parts[0]) - 1}, {0: 2})[0].entities == {}
     assert restored.drop_epochs(0, 2) == 2  # no cut recorded before the restored epoch: nothing trimmed

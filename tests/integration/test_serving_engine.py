@@ -89,7 +89,7 @@ def step_above(batch: list[Arrived]) -> Callable[[int], Step]:
     """What the speed layer's step of one partition's micro-batch adds: the increments of
     its events above the store's applied offset."""
     def above(applied: int) -> Step:
-        return Step(increments_of(SPEC, [a.event for a in batch if a.offset > applied]), {}, [])
+        return Step(increments_of(SPEC, [a.event for a in batch if a.offset > applied]), {}, {})
 
     return above
 

@@ -23,6 +23,7 @@ from batch.views import compute_views
 from lakehouse.config import Settings
 from lakehouse.fraud import FRAUD_SPEC
 from lakehouse.online import open_store
+from lakehouse.online.base import Seen
 from lakehouse.streams import producer
 from tests.integration.streams import (
     Stream,
@@ -360,7 +361,7 @@ def test_a_wiped_store_is_rebuilt_exactly_and_the_layer_resumes_on_it(served: Se
     run = compute_views(spark, stream.lakehouse, stream.spec, store=store, partitions=partitions)
     send(stream, stream.messages[third:2 * third])
     run_in_process(stream, group=group)
-    identities = {p: [] for p in range(partitions)}
+    identities: dict[int, list[str]] = {p: [] for p in range(partitions)}
     for r in read_topic(served, stream.topic):
         try:
             event = stream.spec.events.parse(r.value)
@@ -368,7 +369,7 @@ def test_a_wiped_store_is_rebuilt_exactly_and_the_layer_resumes_on_it(served: Se
             continue
         identities[r.partition].append(event_identity(stream.spec.events, event))
 
-    def state() -> tuple[dict[int, int], dict[int, Any], dict[int, set[str]]]:
+    def state() -> tuple[dict[int, int], dict[int, Any], Seen]:
         scans = {p: store.scan(p, run.cut_epochs[p]) for p in range(partitions)}
         return ({p: s[0] for p, s in scans.items()}, {p: dict(s[1]) for p, s in scans.items()},
                 store.seen(identities))
@@ -386,3 +387,85 @@ def test_a_wiped_store_is_rebuilt_exactly_and_the_layer_resumes_on_it(served: Se
     ids = Counter(r["event_id"] for r in rows)
     assert not [i for i, n in ids.items() if n > 1], "scored twice"
     assert set(ids) == stream.valid_ids  # the layer stepped before the run: nothing was floored
+
+
+def test_copies_within_the_dedup_horizon_are_duplicates_in_both_layers_and_later_ones_events(
+        served: Settings, spark) -> None:  # type: ignore[no-untyped-def]
+    """Copies of events sent with Kafka timestamps inside and beyond a 2-second horizon, some
+    carrying an old timestamp: validation (two slices) and the speed layer take exactly the
+    records the rule's plain definition takes, per partition in offset order, and the store's
+    seen set keeps only the identities within one horizon of the partition's clock."""
+    import dataclasses
+
+    horizon = 2000
+    stream = new_stream(served, 400, seed=71, malformed_fraction=0.0, duplicate_fraction=0.0, late_fraction=0.0)
+    stream = dataclasses.replace(stream, spec=dataclasses.replace(
+        stream.spec, events=dataclasses.replace(stream.spec.events, dedup_horizon_ms=horizon)))
+    originals = stream.messages[:300]
+    base = int(time.time() * 1000) - 3_600_000
+    timed = [(base + i * 100, m) for i, m in enumerate(originals)]
+    timed += [(base + j * 100 + (1500 if j % 2 else 2600), originals[j]) for j in range(0, 300, 5)]
+    late = [(base + j * 100, originals[j]) for j in range(3, 300, 25)]  # an old timestamp, sent last
+    timed.sort(key=lambda t: t[0])
+    kafka = producer(served.kafka_bootstrap_servers)
+    halves = (timed[:len(timed) // 2], timed[len(timed) // 2:] + late)
+    for number, half in enumerate(halves):
+        for timestamp, m in half:
+            kafka.send(stream.topic, key=m.key, value=m.value, timestamp_ms=timestamp)
+        kafka.flush()
+        ingest_topics(spark, stream.lakehouse, bootstrap_servers=served.kafka_bootstrap_servers,
+                      topics=[stream.topic])
+        validate_topic(spark, stream.lakehouse, stream.spec.events, gx_dir=Path(stream.lakehouse.root) / "gx")
+        if number == 0:  # the speed layer's store carries the clock and the seen set over a restart
+            scored_first = scored(stream) if run_in_process(stream, group="horizon")["scored"] else []
+    kafka.close()
+
+    # the rule, written out plainly, over the topic as Kafka holds it
+    expected: set[tuple[int, int]] = set()
+    clocks: dict[tuple[int, int], int] = {}
+    final: dict[int, int] = {}
+    per_partition: dict[int, list[Any]] = {}
+    for r in sorted(read_topic(served, stream.topic), key=lambda r: (r.partition, r.offset)):
+        per_partition.setdefault(r.partition, []).append(r)
+    for p, records in per_partition.items():
+        clock, taken = -1, []
+        for r in records:
+            event = stream.spec.events.parse(r.value)
+            identity = (event["user_id"], event["event_id"])
+            mine = max(clock, r.timestamp)
+            if not any(i == identity and c >= mine - horizon for i, c in taken):
+                taken.append((identity, mine))
+                clock = mine
+                expected.add((p, r.offset))
+                clocks[(p, r.offset)] = mine
+        final[p] = clock
+    total = sum(len(v) for v in per_partition.values())
+    assert 0 < total - len(expected) < len(timed) - len(originals) + len(late)  # some copies are events
+
+    silver = spark.read.format("delta").load(stream.lakehouse.silver("transaction")).collect()
+    assert {(r["partition"], r["offset"]) for r in silver} == expected
+    assert all(int(r["arrival_clock"].timestamp() * 1000) == clocks[(r["partition"], r["offset"])] for r in silver)
+    quarantine = spark.read.format("delta").load(stream.lakehouse.quarantine("transaction")).collect()
+    assert len(quarantine) == total - len(expected)
+    assert all(list(r["reasons"]) == ["duplicate:event_id"] for r in quarantine)
+
+    counts = run_in_process(stream, group="horizon")
+    rows = scored(stream)
+    assert {(r["partition"], r["offset"]) for r in rows} == expected
+    assert counts["scored"] == len(expected) - len(scored_first)
+    assert len(read_dlq(stream)) == total - len(expected)
+
+    from lakehouse.online.base import event_identity
+
+    store = open_store(served, stream.spec, group="horizon", root=stream.lakehouse.root)
+    identities: dict[int, list[str]] = {}
+    within: dict[int, dict[str, int]] = {}
+    for p, records in per_partition.items():
+        for r in records:
+            identity = event_identity(stream.spec.events, stream.spec.events.parse(r.value))
+            identities.setdefault(p, []).append(identity)
+            clock = clocks.get((p, r.offset))
+            if clock is not None and clock >= final[p] - horizon:
+                within.setdefault(p, {})[identity] = clock
+    assert {p: seen for p, (_, seen) in store.seen(identities).items() if seen} == within
+    assert {p: clock for p, (clock, _) in store.seen(identities).items()} == final
