@@ -26,28 +26,40 @@ PARTITION, OFFSET = "partition", "offset"
 
 
 class ViewStates:
-    """Monoid states of one feature view per (entity, bucket start)."""
+    """Monoid states of one feature view per (entity, bucket start).
+
+    Held per entity ({entity: {bucket: states}}), so a window read costs the buckets the
+    entity has, not the window's width."""
 
     def __init__(self, view: FeatureView) -> None:
         self.view = view
         self._aggregations = tuple(view.aggregations.items())
-        self._states: dict[tuple[Any, int], list[Any]] = {}
+        self._plus = tuple(a.plus for _, a in self._aggregations)
+        self._names = tuple(name for name, _ in self._aggregations)
+        self._zeros = tuple(a.zero for _, a in self._aggregations)
+        self._window = (view.bucket_ms, view.window_buckets)
+        self._states: dict[Any, dict[int, list[Any]]] = {}
 
     def __len__(self) -> int:
-        return len(self._states)
+        return sum(len(buckets) for buckets in self._states.values())
 
     def items(self) -> Iterator[tuple[tuple[Any, int], dict[str, Any]]]:
         """((entity, bucket start), states by aggregation name) of every state held."""
-        names = [name for name, _ in self._aggregations]
-        for key, values in self._states.items():
-            yield key, dict(zip(names, values, strict=True))
+        names = self._names
+        for entity, buckets in self._states.items():
+            for bucket, values in buckets.items():
+                yield (entity, bucket), dict(zip(names, values, strict=True))
 
     def add(self, event: Mapping[str, Any], time_field: str) -> None:
         """Fold one event into its (entity, bucket) state."""
-        key = (event[self.view.entity], self.view.bucket_of(event[time_field]))
-        state = self._states.get(key)
+        entity = event[self.view.entity]
+        bucket = self.view.bucket_of(event[time_field])
+        buckets = self._states.get(entity)
+        if buckets is None:
+            buckets = self._states[entity] = {}
+        state = buckets.get(bucket)
         if state is None:
-            self._states[key] = [a.lift(event) for _, a in self._aggregations]
+            buckets[bucket] = [a.lift(event) for _, a in self._aggregations]
             return
         for i, (_, aggregation) in enumerate(self._aggregations):
             state[i] = aggregation.plus(state[i], aggregation.lift(event))
@@ -55,38 +67,49 @@ class ViewStates:
     def state_of(self, entity: Any, bucket: int) -> list[Any] | None:
         """The states of one (entity, bucket), in the order of the view's aggregations
         (None: nothing held); a copy."""
-        state = self._states.get((entity, bucket))
+        state = self._states.get(entity, {}).get(bucket)
         return None if state is None else list(state)
 
     def merge_values(self, entity: Any, bucket: int, values: Sequence[Any]) -> None:
         """`merge` of states given in the order of the view's aggregations."""
-        current = self._states.get((entity, bucket))
+        buckets = self._states.get(entity)
+        if buckets is None:
+            buckets = self._states[entity] = {}
+        current = buckets.get(bucket)
         if current is None:
-            self._states[(entity, bucket)] = list(values)
+            buckets[bucket] = list(values)
             return
-        for i, (_, aggregation) in enumerate(self._aggregations):
-            current[i] = aggregation.plus(current[i], values[i])
+        for i, plus in enumerate(self._plus):
+            current[i] = plus(current[i], values[i])
 
     def merge(self, entity: Any, bucket: int, state: Mapping[str, Any]) -> None:
         """Fold a precomputed state (a batch view row) into (entity, bucket)."""
-        current = self._states.get((entity, bucket))
-        values = [state[name] for name, _ in self._aggregations]
-        if current is None:
-            self._states[(entity, bucket)] = values
-            return
-        for i, (_, aggregation) in enumerate(self._aggregations):
-            current[i] = aggregation.plus(current[i], values[i])
+        self.merge_values(entity, bucket, [state[name] for name in self._names])
+
+    def read_values(self, entity: Any, event_time_ms: int) -> list[Any]:
+        """The states of an entity over the window an event at `event_time_ms` sees, in
+        the order of the view's aggregations."""
+        totals = list(self._zeros)
+        buckets = self._states.get(entity)
+        if not buckets:
+            return totals
+        bucket_ms, width = self._window
+        if bucket_ms is None or width is None:
+            chosen: Iterable[list[Any]] = buckets.values()
+        else:
+            last = event_time_ms - event_time_ms % bucket_ms
+            first = last - (width - 1) * bucket_ms
+            chosen = [v for b, v in buckets.items() if first <= b <= last] if len(buckets) < width \
+                else [v for b in range(first, last + 1, bucket_ms) if (v := buckets.get(b)) is not None]
+        plus = self._plus
+        for state in chosen:
+            for i, add in enumerate(plus):
+                totals[i] = add(totals[i], state[i])
+        return totals
 
     def read(self, entity: Any, event_time_ms: int) -> dict[str, Any]:
         """The states of an entity over the window an event at `event_time_ms` sees."""
-        totals = [a.zero for _, a in self._aggregations]
-        for bucket in self.view.window_buckets_of(event_time_ms):
-            state = self._states.get((entity, bucket))
-            if state is None:
-                continue
-            for i, (_, aggregation) in enumerate(self._aggregations):
-                totals[i] = aggregation.plus(totals[i], state[i])
-        return {name: total for (name, _), total in zip(self._aggregations, totals, strict=True)}
+        return dict(zip(self._names, self.read_values(entity, event_time_ms), strict=True))
 
 
 def replay(views: Sequence[FeatureView], events: Iterable[Mapping[str, Any]],

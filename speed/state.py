@@ -107,12 +107,12 @@ class MicroBatch:
         local = self.local.get(partition)
         for name, before in self.before.items():
             entity = event[before.view.entity]
-            states = before.read(entity, time_ms)
+            values = before.read_values(entity, time_ms)
             if local is not None:
-                added = local[name].read(entity, time_ms)
-                states = {agg: aggregation.plus(states[agg], added[agg])
-                          for agg, aggregation in before.view.aggregations.items()}
-            out[name] = states
+                added = local[name].read_values(entity, time_ms)
+                values = [aggregation.plus(v, a) for aggregation, v, a in
+                          zip(before.view.aggregations.values(), values, added, strict=True)]
+            out[name] = dict(zip(before.view.aggregations, values, strict=True))
         return out
 
     def features(self, event: Mapping[str, Any], partition: int) -> list[float]:
