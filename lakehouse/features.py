@@ -86,6 +86,28 @@ class ViewStates:
         """Fold a precomputed state (a batch view row) into (entity, bucket)."""
         self.merge_values(entity, bucket, [state[name] for name in self._names])
 
+    def window_of(self, event_time_ms: int) -> tuple[int, int]:
+        """(first, last) bucket start of the window an event at `event_time_ms` sees."""
+        bucket_ms, width = self._window
+        if bucket_ms is None or width is None:
+            return 0, 0
+        last = event_time_ms - event_time_ms % bucket_ms
+        return last - (width - 1) * bucket_ms, last
+
+    def copy_between(self, entity: Any, first: int, last: int, into: ViewStates) -> None:
+        """Merge this table's states of `entity` with bucket starts in [first, last] into
+        `into` (a table of the same view)."""
+        buckets = self._states.get(entity)
+        if not buckets:
+            return
+        bucket_ms = self._window[0] or 1
+        if (last - first) // bucket_ms + 1 < len(buckets):
+            chosen = [(b, v) for b in range(first, last + 1, bucket_ms) if (v := buckets.get(b)) is not None]
+        else:
+            chosen = [(b, v) for b, v in buckets.items() if first <= b <= last]
+        for bucket, values in chosen:
+            into.merge_values(entity, bucket, values)
+
     def read_values(self, entity: Any, event_time_ms: int) -> list[Any]:
         """The states of an entity over the window an event at `event_time_ms` sees, in
         the order of the view's aggregations."""

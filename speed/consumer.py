@@ -31,10 +31,11 @@ micro-batch (bounded by `max_batch` records and `max_wait_ms`):
    they are scored: a replay after a crash, or a fenced member, counts nothing twice. Then
    the Kafka offsets are committed (their metadata is all the layer reads back).
 
-Every `flush_s` (and when it takes partitions over) a member appends the rows the store's
-outbox holds for its partitions to Delta `speed/scored_events`, one commit with one app
-transaction per (group, topic, partition) = the store's applied offset, and then drops
-them from the outbox: Delta follows the store, off the hot path, each row once.
+Every `flush_s` (and when it takes partitions over) a member's flusher thread appends the
+rows the store's outbox holds for its partitions to Delta `speed/scored_events`, one commit
+with one app transaction per (group, topic, partition) = the store's applied offset, and
+then drops them from the outbox: Delta follows the store, off the hot path (the scoring loop
+never waits for it), each row once.
 
 On (re)assignment a member seeks each partition to the store's applied offset + 1: a
 restart costs what the new records cost, not the history. A newer published batch run is
@@ -46,6 +47,7 @@ what this member consumed) stops the layer with StoreBehindError.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -134,7 +136,8 @@ class SpeedLayer:
         self._dlq_done: dict[int, set[int]] = {}  # source partition → offsets already in the DLQ
         self._dlq_pending: dict[int, int] = {}  # assigned partitions whose DLQ is not read yet → resume
         self._flush_due: set[int] = set()  # partitions whose outbox must go to Delta now
-        self._last_flush = time.monotonic()
+        self._flush_wake = threading.Event()  # set: the flusher runs now (a partition is due, or stop)
+        self._flush_failed: BaseException | None = None
         self._pending_run: tuple[BatchRun, PreparedBase] | None = None
         self._loading = False
         self._last_run_check = 0.0
@@ -168,6 +171,7 @@ class SpeedLayer:
         scored.ensure_scored_table(self.lakehouse, self.schema)
         self._with_store("connect", self.store.ping)
         self._adopt_newest()
+        _spare_the_collector()
         self._consumer = KafkaConsumer(
             **kafka_client_config(self.settings),
             group_id=self.options.group_id,
@@ -310,6 +314,7 @@ class SpeedLayer:
             self.positions[p] = resume
             self._dlq_pending[p] = resume
             self._flush_due.add(p)
+        self._flush_wake.set()
         metrics.OWNED_PARTITIONS.set(len(self.owned))
         log.info(json.dumps({"event": "partitions_assigned", "partitions": sorted(partitions),
                              "resume": {str(p): applied[p] + 1 for p in sorted(partitions)},
@@ -338,6 +343,7 @@ class SpeedLayer:
             run, prepared = self._pending_run
             self.state.install(prepared)
             self._pending_run = None
+            _spare_the_collector()
             metrics.BATCH_RUN.info({"run_id": run.run_id})
             log.info(json.dumps({"event": "batch_run_adopted", "run_id": run.run_id,
                                  "boundary": {str(p): o for p, o in run.boundary.items()},
@@ -377,8 +383,13 @@ class SpeedLayer:
         self._connect()
         self._idle_since = time.monotonic()
         handled = 0
+        done = threading.Event()
+        flusher = threading.Thread(target=self._flush_loop, args=(done,), name="outbox-flusher", daemon=True)
+        flusher.start()
         try:
             while not stop.is_set():
+                if self._flush_failed is not None:
+                    raise self._flush_failed
                 polled = self._poll()
                 if self._dlq_pending:
                     pending, self._dlq_pending = self._dlq_pending, {}
@@ -389,14 +400,18 @@ class SpeedLayer:
                     self._idle_since = time.monotonic()
                     self._process(records)
                     handled += len(records)
-                self._flush_if_due()
                 self._report_lag()
                 if max_events is not None and handled >= max_events:
                     break
                 if not records and idle_exit_s is not None and self._idle(idle_exit_s):
                     break
+            done.set()
+            self._flush_wake.set()
+            flusher.join()
             self._flush(self.owned)
         finally:
+            done.set()
+            self._flush_wake.set()
             self.close()
         return dict(self.counts)
 
@@ -434,7 +449,7 @@ class SpeedLayer:
             per_partition.setdefault(record.partition, []).append(record)
         parsed: dict[int, list[tuple[Any, dict[str, Any] | None, list[str], str]]] = {}
         identities: dict[int, list[str]] = {}
-        keys: set[Any] = set()
+        valid: list[dict[str, Any]] = []
         for p, recs in per_partition.items():
             recs.sort(key=lambda r: r.offset)
             out = parsed[p] = []
@@ -448,11 +463,13 @@ class SpeedLayer:
                 identity = event_identity(schema, event)
                 out.append((record, event, [], identity))
                 identities.setdefault(p, []).append(identity)
-                keys.update(self.state.keys(event))
+                valid.append(event)
         seen = self._with_store("seen", lambda: self.store.seen(identities))  # identity → clock, per partition
+        windows = self.state.windows(valid)
         read = self._with_store("read", lambda: self.store.read(
-            keys, range(max(self._partitions, max(per_partition) + 1)), self.state.base.cut_epochs))
-        batch = self.state.micro_batch(read.states, keys)
+            self.state.keys(windows), range(max(self._partitions, max(per_partition) + 1)),
+            self.state.base.cut_epochs))
+        batch = self.state.micro_batch(read.states, windows)
         taken: dict[int, list[_Taken]] = {}
         vectors: list[list[float]] = []
         last: dict[int, int] = {}
@@ -547,18 +564,25 @@ class SpeedLayer:
         self.counts["batches"] += 1
 
     # -------------------------------------------------------------- the outbox → Delta
-    def _flush_if_due(self) -> None:
-        if self._flush_due:
-            due, self._flush_due = self._flush_due & self.owned, set()
-            self._flush(due)
-        if time.monotonic() - self._last_flush >= self.options.flush_s:
-            self._flush(self.owned)
+    def _flush_loop(self, done: threading.Event) -> None:
+        """The outbox → Delta, off the scoring loop (its own thread): every `flush_s` the
+        partitions owned, at once those just assigned. A failure stops the layer (the loop
+        raises it) with nothing lost: the rows stay in the outbox."""
+        try:
+            while not done.is_set():
+                self._flush_wake.wait(self.options.flush_s)
+                self._flush_wake.clear()
+                if done.is_set():
+                    return
+                due, self._flush_due = self._flush_due, set()
+                self._flush(set(self.owned) if not due else due & set(self.owned))
+        except BaseException as exc:  # noqa: BLE001 - handed to the scoring loop, which raises it
+            self._flush_failed = exc
 
     def _flush(self, partitions: set[int]) -> None:
         """Append the outbox rows of `partitions` to scored_events in one commit, whose app
         transactions record the store's applied offsets; then drop them from the outbox.
         Rows Delta already holds (a flush that died before its outbox trim) are left out."""
-        self._last_flush = time.monotonic()
         rows: list[dict[str, Any]] = []
         through: dict[int, int] = {}
         for p in sorted(partitions):
@@ -654,6 +678,16 @@ class SpeedLayer:
             self._producer.flush()
             self._producer.close()
             self._producer = None
+
+
+def _spare_the_collector() -> None:
+    """Keep Python's cyclic garbage collector off the long-lived objects (the adopted run's
+    gold states, the clients): move them to the permanent generation, so that the full
+    collections a micro-batch's allocations trigger scan what the micro-batch made, not the
+    views. The states of a run replaced later are then freed by reference counting only
+    (they hold no cycles)."""
+    gc.collect()
+    gc.freeze()
 
 
 def encode_row(row: dict[str, Any]) -> bytes:

@@ -29,6 +29,8 @@ from lakehouse.spec import PlatformSpec
 
 # (view name, entity, bucket start, {aggregation: state}) rows of the batch views
 GoldRow = tuple[str, Any, int, Mapping[str, Any]]
+# (view name, entity) → (first, last) bucket start its events' windows read
+Windows = dict[tuple[str, Any], tuple[int, int]]
 
 
 @dataclass
@@ -56,16 +58,33 @@ class SpeedState:
     def _empty(self) -> dict[str, ViewStates]:
         return {view.name: ViewStates(view) for view in self.spec.views}
 
-    def keys(self, event: Mapping[str, Any]) -> list[StateKey]:
-        """The store keys an event's features read: each view's entity and window buckets."""
-        time_ms = event[self.time_field]
-        return [(view.name, event[view.entity], bucket)
-                for view in self.spec.views for bucket in view.window_buckets_of(time_ms)]
+    def windows(self, events: Iterable[Mapping[str, Any]]) -> Windows:
+        """What events' features read: per (view, entity), the first and last bucket start
+        of their windows."""
+        out: Windows = {}
+        tables = list(self.base_tables.values())
+        for event in events:
+            time_ms = event[self.time_field]
+            for table in tables:
+                key = (table.view.name, event[table.view.entity])
+                first, last = table.window_of(time_ms)
+                known = out.get(key)
+                if known is None:
+                    out[key] = (first, last)
+                elif first < known[0] or last > known[1]:
+                    out[key] = (min(first, known[0]), max(last, known[1]))
+        return out
 
-    def micro_batch(self, stored: Mapping[StateKey, list[Any]], keys: Iterable[StateKey]) -> MicroBatch:
+    @staticmethod
+    def keys(windows: Windows) -> list[StateKey]:
+        """The store keys of `windows`: one per (view, entity) (the store returns every
+        bucket of an entity)."""
+        return [(view, entity, last) for (view, entity), (_, last) in windows.items()]
+
+    def micro_batch(self, stored: Mapping[StateKey, list[Any]], windows: Windows) -> MicroBatch:
         """The view of one micro-batch: the base ⊕ the states `stored` (one store read), for
-        the `keys` its events read."""
-        return MicroBatch(self, stored, keys)
+        the `windows` its events read."""
+        return MicroBatch(self, stored, windows)
 
     # ------------------------------------------------------------------ handover
     def prepare(self, run_id: str, boundary: Mapping[int, int], cut_epochs: Mapping[int, int],
@@ -86,18 +105,13 @@ class MicroBatch:
     batch reads, ⊕, per partition, the batch's own events added so far (`add`, in offset
     order), which are also that partition's step increments (`increments`)."""
 
-    def __init__(self, state: SpeedState, stored: Mapping[StateKey, list[Any]], keys: Iterable[StateKey]) -> None:
+    def __init__(self, state: SpeedState, stored: Mapping[StateKey, list[Any]], windows: Windows) -> None:
         self.state = state
-        self.before = state._empty()  # base ⊕ stored, for the keys asked
-        for key in set(keys):
-            view, entity, bucket = key
-            values = state.base_tables[view].state_of(entity, bucket)
-            read = stored.get(key)
-            table = self.before[view]
-            if values is not None:
-                table.merge_values(entity, bucket, values)
-            if read is not None:
-                table.merge_values(entity, bucket, read)
+        self.before = state._empty()  # base ⊕ stored, for the windows asked
+        for (view, entity), (first, last) in windows.items():
+            state.base_tables[view].copy_between(entity, first, last, self.before[view])
+        for (view, entity, bucket), values in stored.items():
+            self.before[view].merge_values(entity, bucket, values)
         self.local: dict[int, dict[str, ViewStates]] = {}
 
     def states(self, event: Mapping[str, Any], partition: int) -> dict[str, dict[str, Any]]:

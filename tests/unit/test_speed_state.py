@@ -61,8 +61,8 @@ def test_each_event_sees_exactly_its_coverage_vector() -> None:
     state.install(state.prepare("run-1", cut, {0: 1, 1: 1, 2: 1}, gold_of(gold)))
     stored = stored_of([e for p, events in parts.items() for e in events[cut[p] + 1:covered[p] + 1]])
     in_batch = {p: range(covered[p] + 1, min(len(events), covered[p] + 40)) for p, events in parts.items()}
-    keys = [k for p, offsets in in_batch.items() for o in offsets for k in state.keys(parts[p][o])]
-    batch = state.micro_batch(stored, keys)
+    windows = state.windows([parts[p][o] for p, offsets in in_batch.items() for o in offsets])
+    batch = state.micro_batch(stored, windows)
     checked = 0
     for p, events in parts.items():
         for offset in in_batch[p]:
@@ -82,14 +82,17 @@ def test_without_a_run_the_store_alone_is_the_history() -> None:
     state = SpeedState(FRAUD_SPEC)
     history = [e for events in parts.values() for e in events[:50]]
     event = parts[1][50]
-    batch = state.micro_batch(stored_of(history), state.keys(event))
+    batch = state.micro_batch(stored_of(history), state.windows([event]))
     assert batch.states(event, 1) == expected(history, event)
     assert batch.features(event, 1) == FRAUD_SPEC.features(expected(history, event), event)
 
 
-def test_the_keys_of_an_event_are_its_window_buckets_in_every_view() -> None:
-    event = stream(1, seed=4)
-    event_ = next(e for events in event.values() for e in events)
-    keys = SpeedState(FRAUD_SPEC).keys(event_)
-    assert len(keys) == sum(len(view.window_buckets_of(event_["event_time"])) for view in VIEWS)
-    assert {k[0] for k in keys} == {v.name for v in VIEWS}
+def test_the_windows_of_events_span_their_window_buckets_in_every_view() -> None:
+    events = [e for es in stream(40, seed=4).values() for e in es]
+    state = SpeedState(FRAUD_SPEC)
+    windows = state.windows(events)
+    for view in VIEWS:
+        for entity in {e[view.entity] for e in events}:
+            buckets = [b for e in events if e[view.entity] == entity for b in view.window_buckets_of(e["event_time"])]
+            assert windows[(view.name, entity)] == (min(buckets), max(buckets))
+    assert len(state.keys(windows)) == len(windows)  # one store key per (view, entity)
