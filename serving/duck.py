@@ -195,8 +195,10 @@ class DuckEngine:
             db.unregister("_load")
 
     # ------------------------------------------------------------------ refresh
-    def refresh(self) -> Snapshot:
-        """Bring the snapshot up to the lakehouse's latest published run and the store."""
+    def refresh(self, *, full: bool = False) -> Snapshot:
+        """Bring the snapshot up to the lakehouse's latest published run and the store; `full`:
+        load the live states whole even when the run is the same (what every refresh cost
+        before the store recorded its changes: benchmarks compare the two)."""
         from deltalake import DeltaTable
 
         with self._lock:
@@ -208,7 +210,7 @@ class DuckEngine:
             live = LiveSource(self.store, self.partitions, run.cut_epochs) if new_run and run is not None \
                 else point.live
             raw_due = time.monotonic() - self._raw_at >= RAW_REFRESH_S and self._raw_changed()
-            mirror = self._mirror if not new_run else None
+            mirror = self._mirror if not new_run and not full else None
             self._mirror = None  # until the speed tables hold what the mirror does (set below)
             loaded: dict[str, pa.Table] | None = None  # whole speed tables to load (None: changes only)
             changes = None
@@ -217,8 +219,8 @@ class DuckEngine:
                 loaded = {} if not self._refreshed else None
             elif mirror is None or (changes := mirror.catch_up()) is None:  # a new run, or the store went back
                 mirror = LiveMirror(self.spec, live, self._entity_types)
-                full = mirror.load()
-                loaded, coverage, increments = full.tables, full.coverage, full.states
+                whole = mirror.load()
+                loaded, coverage, increments = whole.tables, whole.coverage, whole.states
             else:
                 coverage, increments = changes.coverage, changes.states
             moved = loaded is not None or (changes is not None and (

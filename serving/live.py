@@ -38,6 +38,7 @@ from lakehouse.types import state_arrow_type
 __all__ = ["LiveChanges", "LiveMirror", "LiveSource", "LiveTables", "adoptable", "live_schema", "live_tables"]
 
 Row = tuple[Any, int, Sequence[Any]]  # (entity, bucket start, the view's states)
+_NONE: dict[int, list[Any]] = {}
 
 
 def live_schema(spec: PlatformSpec, view: FeatureView, entity_type: pa.DataType) -> pa.Schema:
@@ -166,8 +167,19 @@ class LiveMirror:
         read = self.store.changes(self._applied, self.source.cut_epochs)
         if any(read[p].applied < applied for p, applied in self._applied.items()):
             return None
-        pairs = {pair for changes in read.values() for pair in changes.entities}
-        before = {pair: self._summed(pair) for pair in pairs}
+        # the buckets whose states changed in some partition (a step rewrites an entity's
+        # every bucket; usually one or two of them differ), and their sums before
+        dirty: dict[tuple[str, Any], set[int]] = {}
+        for p, changes in read.items():
+            held = self._held[p]
+            for pair, buckets in changes.entities.items():
+                old = held.get(pair, {})
+                changed = {bucket for bucket, values in buckets.items() if old.get(bucket) != values}
+                changed.update(old.keys() - buckets.keys())
+                if changed:
+                    dirty.setdefault(pair, set()).update(changed)
+        before = {(pair, bucket): self._bucket_sum(pair, bucket) for pair, buckets in dirty.items()
+                  for bucket in buckets}
         for p, changes in read.items():
             held = self._held[p]
             for pair, buckets in changes.entities.items():
@@ -178,18 +190,16 @@ class LiveMirror:
             self._applied[p] = changes.applied
         gone: dict[str, list[tuple[Any, int]]] = {view.name: [] for view in self.spec.views}
         rows: dict[str, list[Row]] = {view.name: [] for view in self.spec.views}
-        for pair in pairs:
+        for (pair, bucket), earlier in before.items():
             name, entity = pair
-            old, new = before[pair], self._summed(pair)
-            for bucket in old.keys() | new.keys():
-                value, earlier = new.get(bucket), old.get(bucket)
-                if value == earlier:
-                    continue
-                if earlier is not None:
-                    gone[name].append((entity, bucket))
-                if value is not None:
-                    rows[name].append((entity, bucket, value))
-                self.states += (value is not None) - (earlier is not None)
+            value = self._bucket_sum(pair, bucket)
+            if value == earlier:
+                continue
+            if earlier is not None:
+                gone[name].append((entity, bucket))
+            if value is not None:
+                rows[name].append((entity, bucket, value))
+            self.states += (value is not None) - (earlier is not None)
         keys = {}
         for view in self.spec.views:
             schema = live_schema(self.spec, view, self._entity_types[view.entity])
@@ -198,6 +208,17 @@ class LiveMirror:
                 [pa.array([k[0] for k in found], type=schema.field(0).type),
                  pa.array([k[1] for k in found], type=pa.int64())], schema=pa.schema(list(schema)[:2]))
         return LiveChanges(keys, _tables(self.spec, self._entity_types, rows), self.coverage, self.states)
+
+    def _bucket_sum(self, pair: tuple[str, Any], bucket: int) -> list[Any] | None:
+        """One bucket of one (view, entity), summed over the partitions held (None: none)."""
+        aggregations = self._aggregations[pair[0]]
+        out: list[Any] | None = None
+        for held in self._held.values():
+            values = held.get(pair, _NONE).get(bucket)
+            if values is not None:
+                out = list(values) if out is None else [
+                    a.plus(c, x) for a, c, x in zip(aggregations, out, values, strict=True)]
+        return out
 
     def _summed(self, pair: tuple[str, Any]) -> dict[int, list[Any]]:
         """Every bucket of one (view, entity), summed over the partitions held."""

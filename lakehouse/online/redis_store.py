@@ -47,6 +47,7 @@ import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple, TypeVar
 
+import msgspec
 import redis
 
 from lakehouse.dedup import NO_CLOCK, forgettable_below
@@ -118,6 +119,8 @@ return out
 """
 
 _ATTEMPTS = 100
+# an epoch hash's field: bucket start → states (exact integers of any size, None)
+_BUCKETS = msgspec.json.Decoder(dict[int, list[Any]])
 _CHUNK = 10_000  # the most arguments one command of a step or restore carries
 _T = TypeVar("_T")
 
@@ -392,8 +395,7 @@ class RedisOnlineStore(OnlineStore):
                 for values in per_epoch:
                     if values[i] is None:
                         continue
-                    for key, states in json.loads(values[i]).items():
-                        bucket = int(key)
+                    for bucket, states in _BUCKETS.decode(values[i]).items():
                         current = buckets.get(bucket)
                         buckets[bucket] = states if current is None else [
                             a.plus(c, x) for a, c, x in zip(aggregations[view], current, states, strict=True)]

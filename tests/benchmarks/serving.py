@@ -1,25 +1,38 @@
-"""Serving-layer benchmark: refreshes of the merged views at two sizes of uptime, point reads,
-SQL over merged views at 1M entities, and /predict throughput and latency against a bare
-FastAPI endpoint on the same server stack.
+"""Serving-layer benchmark: refreshes of the merged views as the uptime since the batch run
+grows (incremental, and a full reload for comparison), how soon a step is visible in SQL,
+point reads, SQL over merged views at 1M entities, and /predict throughput and latency
+against a bare FastAPI endpoint on the same server stack.
 
     make up   # Kafka is not needed; MLflow and Ray Serve are (the script starts its own redis-server)
-    .venv/bin/python -m tests.benchmarks.serving --entities 1000000 --speed-events 100000
+    .venv/bin/python -m tests.benchmarks.serving --entities 1000000
+    # the engine figures only (no services but the script's own redis-server), about 2 minutes:
+    .venv/bin/python -m tests.benchmarks.serving --entities 100000 --active-users 1000 --skip-http
 
 What it does:
 1. starts a redis-server of its own (the platform's RedisService, on a free port) for the
    online store, and writes a synthetic lakehouse (delta-rs) in a temporary directory: a
    published batch run whose views hold `--entities` users (and 1,000 merchants) and which
    cut the store (the speed layer never stepped: the cuts are at the run's boundary);
-2. the speed layer above the run: `--speed-events` events of `--active-users` of those
-   users, in `--steps` micro-batches, each one store step per partition (as `speed/` does);
+2. the speed layer above the run: micro-batches of `--events-per-step` events of
+   `--active-users` of those users (10 ms of event time apart), each one store step per
+   partition (as `speed/` does), `--steps` of them in all;
 3. refreshes of the embedded engine: the first (loads the run's gold views), one with
-   nothing moved, then one after a tenth of the steps and one after all of them. A refresh
-   loads the store's live states, so its cost follows the entities the speed layer touched
-   since the run, not the steps or the events;
-4. point reads: SQL lookups of random users in merged.user_all, and the gold index ⊕ one
+   nothing moved, then at each of `--at` micro-batches (100, 1,000 and 10,000 by default, or
+   `--steps N`: N/100, N/10 and N; the live states grow with them, as with the uptime since
+   a run; `--speed-events E` makes micro-batches of E/N events) the refresh after one
+   more micro-batch, the engine having refreshed after the one before (what the API's
+   refresh loop sees; the median of 5), and a full reload at the same moment (`refresh(full=
+   True)`: every live state loaded again, which is what every refresh cost before the store
+   recorded its changes), side by side, with the ratio of the last to the first (the goal:
+   at most 1.2); the incremental refresh costs the pairs one micro-batch changed;
+4. step → visible in SQL: with a refresh loop every `--refresh-s` (the API's
+   `serving_refresh_s`), 40 probes, each a store step carrying the first event of a user no
+   one has seen, timed until `merged.user_all` answers with that user (p50/p99); what a
+   produce → SQL time adds to the speed layer's produce → step time;
+5. point reads: SQL lookups of random users in merged.user_all, and the gold index ⊕ one
    store round trip that /v1/entities (`entity_features`) and /v1/predict
    (`entity_states`) read (p50/p99); full SQL scans of the merged views;
-5. registers a random signed model as the champion of `bench-serving-*`, deploys it on Ray
+6. registers a random signed model as the champion of `bench-serving-*`, deploys it on Ray
    Serve, starts `lambdalake serve` on that lakehouse and store and a bare FastAPI app
    answering a fixed JSON object (both uvicorn, one process each), and drives each with 32
    concurrent connections for `--seconds`: requests/s, p50, p99 and the ratio.
@@ -129,10 +142,10 @@ class SpeedLayer:
     """The speed layer's micro-batches above the run: event j goes to partition j % 4 at offset
     FLOOR + 1 + j // 4; each micro-batch is one store step per partition."""
 
-    def __init__(self, store: Any, users: list[str], events: int, steps: int, active_users: int) -> None:
+    def __init__(self, store: Any, users: list[str], per_step: int, steps: int, active_users: int) -> None:
         self.store = store
         self.steps = steps
-        self.per_step = max(1, events // steps)
+        self.per_step = per_step
         rng = random.Random(4)
         self.active = rng.sample(users, min(active_users, len(users)))
         self.rng = rng
@@ -146,8 +159,9 @@ class SpeedLayer:
                 "amount": rng.randint(100, 50_000), "currency": "EUR", "country": "DE", "channel": "pos",
                 "event_time": NOW_MS + j * 10}
 
-    def run(self, through: int) -> None:
-        """Apply the micro-batches up to `through` (of `steps`)."""
+    def run(self, through: int, probe: str | None = None) -> None:
+        """Apply the micro-batches up to `through` (of `steps`); `probe`: the last one's first
+        event is of that user."""
         from lakehouse.fraud import FRAUD_SPEC
         from lakehouse.online.base import Step, increments_of
 
@@ -155,10 +169,13 @@ class SpeedLayer:
         for i in range(self.done, through):
             batches: dict[int, list[tuple[int, dict[str, Any]]]] = {}
             for j in range(i * self.per_step, (i + 1) * self.per_step):
-                batches.setdefault(j % PARTITIONS, []).append((FLOOR + 1 + j // PARTITIONS, self.event(j)))
+                event = self.event(j)
+                if probe is not None and i == through - 1 and j == i * self.per_step:
+                    event["user_id"] = probe
+                batches.setdefault(j % PARTITIONS, []).append((FLOOR + 1 + j // PARTITIONS, event))
             for p, batch in batches.items():
                 def above(applied: int, batch: list[tuple[int, dict[str, Any]]] = batch) -> Step:
-                    return Step(increments_of(FRAUD_SPEC, [e for o, e in batch if o > applied]), {}, [])
+                    return Step(increments_of(FRAUD_SPEC, [e for o, e in batch if o > applied]), {}, {})
 
                 self.store.apply(p, batch[0][0], batch[-1][0], above)
         self.done = max(self.done, through)
@@ -169,30 +186,102 @@ class SpeedLayer:
         return self.done * self.per_step
 
 
-def engine_figures(lakehouse: Any, url: str, users: list[str], speed: SpeedLayer) -> None:
+def _timed(call: Any) -> tuple[float, Any]:
+    started = time.perf_counter()
+    result = call()
+    return time.perf_counter() - started, result
+
+
+def _cpu_timed(call: Any) -> tuple[float, float, Any]:
+    """(wall seconds, this process's CPU seconds, result): CPU time varies less than wall
+    time on a loaded machine (redis-server's share is not in it)."""
+    started, cpu = time.perf_counter(), time.process_time()
+    result = call()
+    return time.perf_counter() - started, time.process_time() - cpu, result
+
+
+def refresh_figures(engine: Any, speed: SpeedLayer, at: list[int], users: list[str]) -> None:
+    """The incremental refresh after one micro-batch and a full reload, at each of `at` steps."""
+    from lakehouse.fraud import FRAUD_SPEC
+
+    speed.run(at[0] - 5)
+    seconds, snapshot = _timed(engine.refresh)
+    gold_rows = sum(len(users) if v.entity == "user_id" else 1000 for v in FRAUD_SPEC.views)
+    print(f"refresh, first (loads the run: {gold_rows:,} gold rows, and {snapshot.increments:,} live states "
+          f"after {speed.done:,} steps): {seconds:.2f}s")
+    seconds, again = _timed(engine.refresh)
+    print(f"refresh, nothing moved: {seconds * 1000:.1f} ms "
+          f"({'skipped' if again is snapshot else 'rebuilt: it should have been skipped'})")
+    rows = []
+    for steps in at:
+        speed.run(steps - 5)
+        engine.refresh()  # the refresh loop has caught up with the step before
+        walls, cpus = [], []
+        for done in range(steps - 4, steps + 1):
+            speed.run(done)
+            wall, cpu, snapshot = _cpu_timed(engine.refresh)
+            walls.append(wall)
+            cpus.append(cpu)
+        speed.run(steps + 1)
+        full, full_cpu, _ = _cpu_timed(lambda: engine.refresh(full=True))
+        rows.append((steps, snapshot.increments, statistics.median(walls), statistics.median(cpus), full, full_cpu))
+    print(f"refresh after one micro-batch of {speed.per_step} events ({len(speed.active):,} active users; "
+          "incremental: the median of 5, the engine caught up with the step before), and a full reload "
+          "(every live state, as each refresh did before) at the same moment; wall time (this process's CPU):")
+    print(f"{'steps':>8} {'live states':>12} {'incremental':>22} {'full reload':>24}")
+    for steps, states, wall, cpu, full, full_cpu in rows:
+        print(f"{steps:>8,} {states:>12,} {wall * 1000:>8.1f} ms ({cpu * 1000:5.1f} ms) "
+              f"{full * 1000:>9.1f} ms ({full_cpu * 1000:6.1f} ms)")
+    first, last = rows[0], rows[-1]
+    ratio, cpu_ratio = last[2] / first[2], last[3] / first[3]
+    print(f"incremental refresh after {last[0]:,} ÷ after {first[0]:,} micro-batches: {ratio:.2f}× wall, "
+          f"{cpu_ratio:.2f}× CPU ({'within' if min(ratio, cpu_ratio) <= 1.2 else 'ABOVE'} the goal of 1.2×); "
+          f"the full reload: {last[4] / first[4]:.1f}×")
+    print(f"speed layer: {speed.done:,} micro-batches ({speed.done * PARTITIONS:,} store steps) applied in "
+          f"{speed.seconds:.1f}s", file=sys.stderr)
+
+
+def visible_figures(engine: Any, speed: SpeedLayer, refresh_s: float, probes: int = 40) -> None:
+    """Step → visible in SQL, with a refresh loop every `refresh_s` as the API runs one."""
+    import threading
+
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(refresh_s):
+            engine.refresh()
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    latencies, refreshes = [], []
+    try:
+        rng = random.Random(5)
+        for i in range(probes):
+            time.sleep(rng.uniform(0, refresh_s))  # a step lands anywhere in the refresh period
+            user = f"probe-{uuid.uuid4().hex[:8]}-{i}"
+            started = time.perf_counter()
+            speed.run(speed.done + 1, probe=user)
+            while not engine.query(f"SELECT 1 FROM merged.user_all WHERE user_id = '{user}'").table.num_rows:
+                time.sleep(0.002)
+            latencies.append(time.perf_counter() - started)
+            refreshes.append(engine.snapshot.refreshed_at)
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    print(f"step → visible in SQL (merged.user_all), refreshing every {refresh_s:g}s, {probes} probes at "
+          f"{speed.done:,} micro-batches: p50 {percentile(latencies, .5) * 1000:.0f} ms, "
+          f"p99 {percentile(latencies, .99) * 1000:.0f} ms, max {max(latencies) * 1000:.0f} ms")
+
+
+def engine_figures(lakehouse: Any, url: str, users: list[str], speed: SpeedLayer, at: list[int],
+                   refresh_s: float) -> None:
     from lakehouse.fraud import FRAUD_SPEC
     from serving.duck import DuckEngine
 
     engine = DuckEngine(FRAUD_SPEC, lakehouse, store=online_store(url, lakehouse), partitions=PARTITIONS)
-    small = max(1, speed.steps // 10)
-    speed.run(small - 1)
-    started = time.perf_counter()
+    refresh_figures(engine, speed, at, users)
+    visible_figures(engine, speed, refresh_s)
     snapshot = engine.refresh()
-    gold_rows = sum(len(users) if v.entity == "user_id" else 1000 for v in FRAUD_SPEC.views)
-    print(f"refresh, first (loads the run: {gold_rows:,} gold rows, and {snapshot.increments:,} live states "
-          f"after {speed.done:,} steps): {time.perf_counter() - started:.2f}s")
-    started = time.perf_counter()
-    skipped = engine.refresh() is snapshot
-    print(f"refresh, nothing moved: {(time.perf_counter() - started) * 1000:.1f} ms "
-          f"({'skipped' if skipped else 'rebuilt: it should have been skipped'})")
-    for through in (small, speed.steps):
-        speed.run(through)
-        started = time.perf_counter()
-        snapshot = engine.refresh()
-        print(f"refresh after {speed.done:,} steps ({speed.events:,} events of {len(speed.active):,} users; "
-              f"{snapshot.increments:,} live states): {time.perf_counter() - started:.3f}s")
-    print(f"speed layer: {speed.done:,} micro-batches ({speed.done * PARTITIONS:,} store steps) applied in "
-          f"{speed.seconds:.1f}s", file=sys.stderr)
 
     rng = random.Random(2)
     lookups, features, states = [], [], []
@@ -304,9 +393,9 @@ def http_figures(lakehouse: Any, store_url: str, users: list[str], seconds: floa
                           ("/v1/predict", f"http://127.0.0.1:{api_port}/v1/predict")):
             rps, latencies, statuses = asyncio.run(drive(url, bodies, headers, seconds))
             rows.append((name, rps, percentile(latencies, .5), percentile(latencies, .99), dict(statuses)))
-        for name, rps, p50, p99, statuses in rows:
+        for name, rps, p50, p99, counts in rows:
             print(f"{name:>14}: {rps:8.1f} req/s, p50 {p50:7.2f} ms, p99 {p99:7.2f} ms "
-                  f"(32 connections, {seconds:g}s; statuses {statuses})")
+                  f"(32 connections, {seconds:g}s; statuses {counts})")
         print(f"ratio /v1/predict ÷ bare: throughput {rows[1][1] / rows[0][1]:.3f}, "
               f"p50 latency ×{rows[1][2] / rows[0][2]:.1f}")
     finally:
@@ -321,14 +410,24 @@ def http_figures(lakehouse: Any, store_url: str, users: list[str], seconds: floa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--entities", type=int, default=1_000_000)
-    parser.add_argument("--speed-events", type=int, default=100_000)
-    parser.add_argument("--steps", type=int, default=1000, help="micro-batches of the speed layer")
+    parser.add_argument("--events-per-step", type=int, default=50, help="events of one micro-batch")
+    parser.add_argument("--at", default="100,1000,10000",
+                        help="the micro-batches after which refreshes are timed (comma-separated, at least 5)")
     parser.add_argument("--active-users", type=int, default=10_000,
                         help="the users the speed events are of (the run holds --entities)")
+    parser.add_argument("--refresh-s", type=float, default=0.25,
+                        help="the refresh loop's period while probing step → visible in SQL")
+    parser.add_argument("--steps", type=int, help="micro-batches in all: --at steps/100,steps/10,steps")
+    parser.add_argument("--speed-events", type=int, help="events in all: --events-per-step speed-events/steps")
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--skip-http", action="store_true",
                         help="engine figures only (no services besides the script's own redis-server)")
     args = parser.parse_args()
+    at = sorted(int(n) for n in args.at.split(",")) if args.steps is None else \
+        [args.steps // 100, args.steps // 10, args.steps]
+    if at[0] < 5:
+        parser.error("refreshes are timed after at least 5 micro-batches")
+    per_step = args.events_per_step if args.speed_events is None else max(1, args.speed_events // at[-1])
     from infra.redis import RedisService
     from lakehouse.config import load_settings
 
@@ -341,8 +440,8 @@ def main() -> None:
             redis_server.wait_ready()
             url = redis_server.url
             lakehouse, users = write_run(Path(scratch) / "delta", url, args.entities)
-            speed = SpeedLayer(online_store(url, lakehouse), users, args.speed_events, args.steps, args.active_users)
-            engine_figures(lakehouse, url, users, speed)
+            speed = SpeedLayer(online_store(url, lakehouse), users, per_step, at[-1], args.active_users)
+            engine_figures(lakehouse, url, users, speed, at, args.refresh_s)
             if not args.skip_http:
                 from lakehouse.serve import ray_local_env
 
