@@ -12,9 +12,10 @@ the increments since the run, never the platform's history.
 - `LiveMirror`: serving's copy of those states, kept per partition with the applied offset
   each was read at, and brought up to date from the store's `changes` since those offsets
   (one pipelined round trip): only the (view, entity) pairs a step changed since are read,
-  their states replaced in their partitions, and their sum over partitions recomputed (max
-  and min cannot be subtracted, so the partitions' states are kept and summed again, never
-  the difference applied). `catch_up` says which rows of `speed.<view>_states` change, so
+  their states replaced in their partitions, and the sums over partitions of the buckets
+  that differ recomputed (max and min cannot be subtracted, so the partitions' states are
+  kept and summed again, never the difference applied). `catch_up` says which rows of
+  `speed.<view>_states` change, so
   the DuckDB engine rewrites those rows only: a refresh costs the changes since the last
   one, not the live states (which grow with uptime between batch runs). The mirror holds
   the live states in memory once (per partition; the sum is `speed.<view>_states` itself).

@@ -225,7 +225,7 @@ class OnlineStore(ABC):
         round trip in all). Exact for any `since[p]` at or above the cut of the newest
         dropped epoch: a reader of a run that read the partition at `since[p]` (a `scan`
         or an earlier `changes`) holds, with these, exactly what a new `scan` would return.
-        Costs the changed pairs, not the live states."""
+        Costs the changed pairs (each with all its buckets), not the live states."""
 
     @abstractmethod
     def drop_epochs(self, partition: int, through: int) -> int:
