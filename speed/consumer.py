@@ -515,9 +515,11 @@ class SpeedLayer:
         if dlq:
             self._await_dlq()
         applied_rows: list[dict[str, Any]] = []
+        steps: list[tuple[int, int, int, Callable[[int], Step]]] = []
+        chosen_of: dict[int, list[_Taken]] = {}
         for p, mine in taken.items():
             first = min(per_partition[p][0].offset, self._gap_from.pop(p, per_partition[p][0].offset))
-            chosen: list[_Taken] = []
+            chosen = chosen_of[p] = []
 
             def step_above(applied: int, p: int = p, mine: list[_Taken] = mine,
                            chosen: list[_Taken] = chosen) -> Step:
@@ -528,12 +530,14 @@ class SpeedLayer:
                 return Step(increments, {t.offset: encode_row(t.row) for t in chosen},
                             {t.identity: t.clock for t in chosen})
 
-            stepped = self._with_store("apply", lambda p=p, first=first, step_above=step_above:  # type: ignore[misc]
-                                       self.store.apply(p, first, last[p], step_above))
-            if stepped:
+            steps.append((p, first, last[p], step_above))
+        stepped = self._with_store("apply", lambda: self.store.apply_many(steps))  # one round trip per phase
+        for p, mine in taken.items():
+            chosen = chosen_of[p]
+            if stepped[p]:
                 applied_rows.extend(t.row for t in chosen)
-            if len(chosen) < len(mine) or not stepped:
-                stale += len(mine) - (len(chosen) if stepped else 0)
+            if len(chosen) < len(mine) or not stepped[p]:
+                stale += len(mine) - (len(chosen) if stepped[p] else 0)
         if stale:
             log.info(json.dumps({"event": "stale_rows_skipped", "rows": stale}))
         # where this group's DLQ records of later offsets can start (see `_recover_dlq`)

@@ -179,6 +179,12 @@ class OnlineStore(ABC):
         lies above the applied offset + 1 (the records in between would be lost: the store
         lost state)."""
 
+    def apply_many(self, steps: Sequence[tuple[int, int, int, Callable[[int], Step]]]) -> dict[int, bool]:
+        """`apply` of several partitions' steps, (partition, from_offset, last_offset,
+        step_above) each: per partition whether it changed anything. Each partition's step
+        is atomic on its own; a backend may send them together (fewer round trips)."""
+        return {p: self.apply(p, first, last, step_above) for p, first, last, step_above in steps}
+
     @abstractmethod
     def seen(self, identities: Mapping[int, Sequence[str]]) -> Seen:
         """Per partition, its clock and, of the given event identities, those a step (or a

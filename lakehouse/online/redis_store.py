@@ -20,14 +20,18 @@ lakehouse in the prefix):
                     scored by their clocks; those more than the dedup horizon behind the
                     partition's clock are removed by the step that moves it
 
-`apply` is optimistic: it WATCHes the meta hash, reads the applied offset, asks for the
-increments of the events above it, merges them into the open epoch's states with the spec's
-monoids (in Python: sums of squares outgrow 64-bit integers, which Redis' HINCRBY and
-Lua's numbers cannot hold), and writes the states and the new applied offset in one
-MULTI/EXEC, together with the changed fields' new score in `{…}:changed` (ZADD overwrites:
-a field's score is the last offset that changed it). Any other apply, cut or wipe of the
-partition in between changes the meta hash, so EXEC refuses and the step starts over from
-what is applied then.
+`apply_many` (and `apply`, one partition) is optimistic, three round trips for all the
+partitions of a micro-batch: it reads each meta hash (the applied offset, the open epoch and
+a token that every write of the meta hash replaces), asks for the increments of the events
+above the applied offset, reads the fields they change, merges them with the spec's monoids
+(in Python: sums of squares outgrow 64-bit integers, which Redis' HINCRBY and Lua's numbers
+cannot hold), and sends one step script per partition (`_STEP`), which writes the states,
+the changed fields' new score in `{…}:changed` (ZADD overwrites: a field's score is the
+last offset that changed it), the outbox rows, the seen identities and the new applied
+offset only if the token is still the one read. Any other apply, cut, restore or wipe of
+the partition in between replaced or removed the token, so the script writes nothing and
+that partition's step starts over from what is applied then. `cut` and `restore` WATCH the
+meta hash and write it in one MULTI/EXEC.
 
 `read` and `scan` run one Lua script per partition, which returns the applied offset and
 the states of the epochs asked for in one atomic step; the partitions of one read go out
@@ -44,6 +48,7 @@ dropped epoch's cut in one MULTI/EXEC (a later change scores above the cut: neve
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple, TypeVar
 
@@ -118,6 +123,50 @@ end
 return out
 """
 
+# One step of one partition, if nothing changed it since the step read it (the meta hash's
+# token, which every write of the meta hash replaces). KEYS: meta, the open epoch's hash,
+# changed, outbox, seen. ARGV: the token read, the new token, the applied offset, the
+# epoch, the clock, the lowest clock the seen set keeps ('' : all), then three counted
+# lists: field/value pairs of the epoch hash, score/row pairs of the outbox, score/identity
+# pairs of the seen set. 0 when the token differs (nothing written), else 1.
+_STEP = """
+local function chunked(command, key, list, first, last)
+  for s = first, last, 1000 do
+    redis.call(command, key, unpack(list, s, math.min(s + 999, last)))
+  end
+end
+if (redis.call('HGET', KEYS[1], 'token') or '') ~= ARGV[1] then
+  return 0
+end
+local i = 8
+local fields = tonumber(ARGV[7])
+if fields > 0 then
+  chunked('HSET', KEYS[2], ARGV, i, i + 2 * fields - 1)
+  local scored = {}
+  for j = i, i + 2 * fields - 1, 2 do
+    scored[#scored + 1] = ARGV[3]
+    scored[#scored + 1] = ARGV[j]
+  end
+  chunked('ZADD', KEYS[3], scored, 1, #scored)
+end
+i = i + 2 * fields
+local rows = tonumber(ARGV[i])
+if rows > 0 then
+  chunked('ZADD', KEYS[4], ARGV, i + 1, i + 2 * rows)
+end
+i = i + 1 + 2 * rows
+local seen = tonumber(ARGV[i])
+if seen > 0 then
+  chunked('ZADD', KEYS[5], ARGV, i + 1, i + 2 * seen)
+  if ARGV[6] ~= '' then
+    redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', '(' .. ARGV[6])
+  end
+end
+redis.call('HSET', KEYS[1], 'applied', ARGV[3], 'epoch', ARGV[4], 'stepped', 1, 'clock', ARGV[5],
+           'token', ARGV[2])
+return 1
+"""
+
 _ATTEMPTS = 100
 # an epoch hash's field: bucket start → states (exact integers of any size, None)
 _BUCKETS = msgspec.json.Decoder(dict[int, list[Any]])
@@ -130,6 +179,7 @@ class _Meta(NamedTuple):
     epoch: int  # the open epoch
     stepped: bool  # whether the speed group ever applied a step to the partition
     clock: int  # the partition's clock (lakehouse.dedup)
+    token: str = ""  # replaced by every write of the meta hash ("": never written)
 
 
 class RedisOnlineStore(OnlineStore):
@@ -140,6 +190,7 @@ class RedisOnlineStore(OnlineStore):
         self.prefix = prefix
         self.client: redis.Redis = client or redis.Redis.from_url(url, password=password, socket_timeout=10)
         self._read_script = self.client.register_script(_READ)
+        self._step_script = self.client.register_script(_STEP)
         self._changes_script = self.client.register_script(_CHANGES)
         self._open_epochs: dict[int, int] = {}  # partition → open epoch last seen
 
@@ -206,46 +257,88 @@ class RedisOnlineStore(OnlineStore):
 
     def apply(self, partition: int, from_offset: int, last_offset: int,
               step_above: Callable[[int], Step]) -> bool:
-        def step(pipe: Any, meta: _Meta) -> bool:
-            applied, epoch = meta.applied, meta.epoch
-            if applied >= last_offset:
-                pipe.unwatch()
-                return False
-            if from_offset > applied + 1:
-                pipe.unwatch()
-                raise StoreBehindError(
-                    f"the online store has partition {partition} applied through offset {applied}, but "
-                    f"this step starts at {from_offset}: offsets {applied + 1}..{from_offset - 1} would "
-                    "be lost. Re-derive the store with `lambdalake speed rebuild`")
-            above = step_above(applied)
-            data = self._epoch_key(partition, epoch)
-            by_entity: dict[tuple[str, Any], dict[int, Sequence[Any]]] = {}
-            for (view, entity, bucket), states in above.increments.items():
-                by_entity.setdefault((view, entity), {})[bucket] = states
-            fields = [encode_entity(view, entity) for view, entity in by_entity]
-            merged: dict[str, dict[str, list[Any]]] = {}
-            if fields:
-                for (view, entity), field, raw in zip(by_entity, fields, pipe.hmget(data, fields), strict=True):
-                    buckets: dict[str, list[Any]] = json.loads(raw) if raw is not None else {}
-                    aggregations = list(self.spec.view(view).aggregations.values())
-                    for bucket, states in by_entity[(view, entity)].items():
-                        current = buckets.get(str(bucket))
-                        buckets[str(bucket)] = list(states) if current is None else [
-                            a.plus(c, x) for a, c, x in zip(aggregations, current, states, strict=True)]
-                    merged[field] = buckets
-            pipe.multi()
-            if merged:
-                pipe.hset(data, mapping={f: json.dumps(v, separators=(",", ":")) for f, v in merged.items()})
-                pipe.zadd(self._changed(partition), dict.fromkeys(merged, last_offset))
-            if above.rows:
-                pipe.zadd(self._outbox(partition), {row: offset for offset, row in above.rows.items()})
-            clock = self._remember(pipe, partition, meta.clock, above.seen.items())
-            pipe.hset(self._meta(partition), mapping={"applied": last_offset, "epoch": epoch, "stepped": 1,
-                                                      "clock": clock})
-            pipe.execute()
-            return True
+        return self.apply_many([(partition, from_offset, last_offset, step_above)])[partition]
 
-        return self._step(partition, "apply", step)
+    def _metas(self, partitions: list[int]) -> dict[int, _Meta]:
+        with self.client.pipeline(transaction=False) as pipe:
+            for p in partitions:
+                pipe.hmget(self._meta(p), ["applied", "epoch", "stepped", "clock", "token"])
+            answers = pipe.execute()
+        return {p: _Meta(NOTHING if applied is None else int(applied), FIRST_EPOCH if epoch is None else int(epoch),
+                         stepped is not None, NO_CLOCK if clock is None else int(clock),
+                         "" if token is None else token.decode())
+                for p, (applied, epoch, stepped, clock, token) in zip(partitions, answers, strict=True)}
+
+    def apply_many(self, steps: Sequence[tuple[int, int, int, Callable[[int], Step]]]) -> dict[int, bool]:
+        """Three round trips for all the partitions' steps: their meta hashes, the states of
+        the fields they change, and one step script each (`_STEP`), which writes only if the
+        partition's token is still the one read; a partition another writer changed in
+        between is read and stepped again."""
+        done: dict[int, bool] = {}
+        pending = list(steps)
+        try:
+            for _ in range(_ATTEMPTS):
+                metas = self._metas([p for p, *_ in pending])
+                planned: list[tuple[int, int, int, Callable[[int], Step], _Meta, Step]] = []
+                for p, first, last, step_above in pending:
+                    meta = metas[p]
+                    if meta.applied >= last:
+                        done[p] = False
+                        continue
+                    if first > meta.applied + 1:
+                        raise StoreBehindError(
+                            f"the online store has partition {p} applied through offset {meta.applied}, but "
+                            f"this step starts at {first}: offsets {meta.applied + 1}..{first - 1} would "
+                            "be lost. Re-derive the store with `lambdalake speed rebuild`")
+                    planned.append((p, first, last, step_above, meta, step_above(meta.applied)))
+                if not planned:
+                    return done
+                grouped = [_by_entity(above.increments) for *_, above in planned]
+                with self.client.pipeline(transaction=False) as pipe:
+                    for (p, *_, meta, _above), by_entity in zip(planned, grouped, strict=True):
+                        fields = [encode_entity(v, e) for v, e in by_entity]
+                        pipe.hmget(self._epoch_key(p, meta.epoch), fields or ["\x00"])  # one answer each
+                    current = pipe.execute()
+                with self.client.pipeline(transaction=False) as pipe:
+                    for (p, _, last, _, meta, above), by_entity, raw in zip(planned, grouped, current, strict=True):
+                        keys, args = self._step_arguments(p, last, meta, above, by_entity, raw)
+                        self._step_script(keys=keys, args=args, client=pipe)
+                    answers = pipe.execute()
+                pending = []
+                for (p, first, last, step_above, _, _), written in zip(planned, answers, strict=True):
+                    if written:
+                        done[p] = True
+                    else:
+                        pending.append((p, first, last, step_above))
+                if not pending:
+                    return done
+        except redis.RedisError as error:
+            raise self._unreachable(error) from error
+        raise ServiceError(f"online store: partitions {sorted(p for p, *_ in pending)} changed under "
+                           f"{_ATTEMPTS} step attempts in a row")
+
+    def _step_arguments(self, partition: int, last: int, meta: _Meta, above: Step,
+                        by_entity: dict[tuple[str, Any], dict[int, Sequence[Any]]],
+                        raw: Sequence[bytes | None]) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of `_STEP`: the increments merged with the fields' current states."""
+        fields: list[Any] = []
+        for ((view, entity), increments), current_raw in zip(by_entity.items(), raw if by_entity else [],
+                                                             strict=True):
+            buckets: dict[str, list[Any]] = json.loads(current_raw) if current_raw is not None else {}
+            aggregations = list(self.spec.view(view).aggregations.values())
+            for bucket, states in increments.items():
+                current = buckets.get(str(bucket))
+                buckets[str(bucket)] = list(states) if current is None else [
+                    a.plus(c, x) for a, c, x in zip(aggregations, current, states, strict=True)]
+            fields += [encode_entity(view, entity), json.dumps(buckets, separators=(",", ":"))]
+        clock = max([meta.clock, *above.seen.values()])
+        below = forgettable_below(clock, self.spec.events.dedup_horizon_ms)
+        rows = [x for offset, row in above.rows.items() for x in (offset, row)]
+        seen = [x for identity, c in above.seen.items() for x in (c, identity)]
+        keys = [self._meta(partition), self._epoch_key(partition, meta.epoch), self._changed(partition),
+                self._outbox(partition), self._seen(partition)]
+        return keys, [meta.token, _token(), last, meta.epoch, clock, "" if below is None else below,
+                      len(fields) // 2, *fields, len(rows) // 2, *rows, len(seen) // 2, *seen]
 
     def _remember(self, pipe: Any, partition: int, clock: int, taken: Iterable[tuple[str, int]]) -> int:
         """Queue adding `taken` (identity, clock) to the seen set and forgetting what falls
@@ -286,7 +379,7 @@ class RedisOnlineStore(OnlineStore):
             pipe.multi()
             clock = self._remember(pipe, partition, meta.clock, passed)
             pipe.hset(self._meta(partition), mapping={"applied": at, "epoch": epoch + 1, f"cut:{epoch}": at,
-                                                      "clock": clock})
+                                                      "clock": clock, "token": _token()})
             pipe.execute()
             self._open_epochs[partition] = epoch + 1
             return Cut(partition, epoch, at)
@@ -441,7 +534,7 @@ class RedisOnlineStore(OnlineStore):
                 pipe.zadd(self._changed(partition), dict.fromkeys(chunk, applied))
             clock = self._remember(pipe, partition, NO_CLOCK, seen.items())
             pipe.hset(self._meta(partition), mapping={"applied": applied, "epoch": epoch, "stepped": 1,
-                                                      "clock": clock})
+                                                      "clock": clock, "token": _token()})
             pipe.execute()
             self._open_epochs[partition] = epoch
 
@@ -456,6 +549,18 @@ class RedisOnlineStore(OnlineStore):
         except redis.RedisError as error:
             raise self._unreachable(error) from error
         self._open_epochs.clear()
+
+
+def _by_entity(increments: Increments) -> dict[tuple[str, Any], dict[int, Sequence[Any]]]:
+    """A step's increments per (view, entity), the field that holds its buckets."""
+    out: dict[tuple[str, Any], dict[int, Sequence[Any]]] = {}
+    for (view, entity, bucket), states in increments.items():
+        out.setdefault((view, entity), {})[bucket] = states
+    return out
+
+
+def _token() -> str:
+    return os.urandom(8).hex()
 
 
 def redis_location(url: str) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -167,6 +168,60 @@ def test_concurrent_steps_of_one_partition_apply_each_event_once(store: RedisOnl
         t.join(60)
     assert not errors
     assert store.read(every_key([e for _, e in events]), [0], {}).states == increments_of([e for _, e in events])
+
+
+def test_steps_of_several_partitions_sent_together_race_cuts_and_each_other(store: RedisOnlineStore) -> None:
+    """`apply_many` (the speed layer's one call per micro-batch) from two members over three
+    partitions while cuts keep opening epochs: a step whose partition changed after it read
+    it writes nothing and starts over, so each event is counted once, in some epoch."""
+    parts = batches(6, 3, 600)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def member(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            positions = {p: store.applied([p])[p] + 1 for p in parts}
+            while any(positions[p] < len(parts[p]) for p in parts):
+                steps = []
+                for p, events in parts.items():
+                    if positions[p] >= len(events):
+                        continue
+                    end = min(len(events), positions[p] + rng.randrange(1, 60))
+                    chunk = events[positions[p]:end]
+
+                    def above(applied: int, chunk: list[tuple[int, dict[str, Any]]] = chunk) -> Step:
+                        fresh = [(o, e) for o, e in chunk if o > applied]
+                        return Step(production_increments(SPEC, [e for _, e in fresh]), {},
+                                    {e["event_id"]: o for o, e in fresh})
+
+                    steps.append((p, chunk[0][0], chunk[-1][0], above))
+                    positions[p] = end
+                store.apply_many(steps)
+                if rng.random() < 0.1:  # a restart: resume where the store stands
+                    positions = {p: store.applied([p])[p] + 1 for p in parts}
+        except BaseException as error:  # noqa: BLE001 - reported by the test
+            errors.append(error)
+
+    def cutter() -> None:
+        while not stop.is_set():
+            for p in parts:
+                store.cut(p)
+            time.sleep(0.01)
+
+    threads = [threading.Thread(target=member, args=(s,)) for s in range(2)]
+    cutting = threading.Thread(target=cutter)
+    cutting.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    stop.set()
+    cutting.join(10)
+    assert not errors
+    for p, events in parts.items():
+        assert store.applied([p])[p] == len(events) - 1
+        assert store.read(every_key([e for _, e in events]), [p], {}).states == increments_of([e for _, e in events])
 
 
 def test_a_step_that_would_leave_a_gap_is_refused(store: RedisOnlineStore) -> None:
