@@ -444,20 +444,24 @@ class RedisOnlineStore(OnlineStore):
     def read(self, keys: Iterable[StateKey], partitions: Iterable[int],
              after: Mapping[int, int]) -> StoreRead:
         wanted = list(dict.fromkeys((view, entity) for view, entity, _ in keys))
-        fields = [encode_entity(view, entity) for view, entity in wanted]
+        # no field asked: one that never exists, so the script reads the coverage only
+        fields = [encode_entity(view, entity) for view, entity in wanted] or ["\x00"]
+        answers = self._read_partitions(list(partitions), after, fields)
         states: dict[StateKey, list[Any]] = {}
         coverage, epochs = {}, {}
-        # no field asked: one that never exists, so the script reads the coverage only
-        answers = self._read_partitions(list(partitions), after, fields or ["\x00"])
+        plus = {view.name: [a.plus for a in view.aggregations.values()] for view in self.spec.views}
         for p, (applied, epoch, per_epoch) in answers.items():
             coverage[p], epochs[p] = applied, epoch
-            if not fields:
-                continue
             for values in per_epoch:
-                for (view, entity), raw in zip(wanted, values, strict=True):
-                    if raw is not None:
-                        for bucket, value in json.loads(raw).items():
-                            merge_into(self.spec, states, (view, entity, int(bucket)), value)
+                for (view, entity), raw in zip(wanted, values[:len(wanted)], strict=True):
+                    if raw is None:
+                        continue
+                    adders = plus[view]
+                    for bucket, value in _BUCKETS.decode(raw).items():
+                        key = (view, entity, bucket)
+                        current = states.get(key)
+                        states[key] = value if current is None else [
+                            add(c, x) for add, c, x in zip(adders, current, value, strict=True)]
         return StoreRead(states, coverage, epochs)
 
     def scan(self, partition: int, after: int) -> tuple[int, Iterator[tuple[StateKey, list[Any]]]]:
