@@ -29,7 +29,7 @@ micro-batch (bounded by `max_batch` records and `max_wait_ms`):
    A step at or below the store's applied offset changes nothing, and records at or below
    it (applied by another member, or covered by a batch run's floor) are dropped before
    they are scored: a replay after a crash, or a fenced member, counts nothing twice. Then
-   the Kafka offsets are committed (their metadata is all the layer reads back).
+   the Kafka offsets are committed, without waiting (their metadata is all the layer reads back).
 
 Every `flush_s` (and when it takes partitions over) a member's flusher thread appends the
 rows the store's outbox holds for its partitions to Delta `speed/scored_events`, one commit
@@ -337,8 +337,8 @@ class SpeedLayer:
             metrics.BATCH_RUN.info({"run_id": run.run_id})
 
     def _check_for_new_run(self) -> None:
-        """Start loading a newer published run in the background; install it between two
-        batches once it is ready."""
+        """Every `run_check_s`, look for a newer published run and load it in the background;
+        install it between two batches once it is ready."""
         if self._pending_run is not None:
             run, prepared = self._pending_run
             self.state.install(prepared)
@@ -352,16 +352,19 @@ class SpeedLayer:
         if self._loading or time.monotonic() - self._last_run_check < self.options.run_check_s:
             return
         self._last_run_check = time.monotonic()
-        runs = published_runs(self.lakehouse)
-        if not runs or runs[0].run_id == self.state.base.run_id or not self._adoptable(runs[0]):
-            return
-        run = runs[0]
+        current = self.state.base.run_id
 
-        def load() -> None:
+        def load() -> None:  # the look at batch_runs too: the scoring loop never reads Delta
+            run = None
             try:
+                runs = published_runs(self.lakehouse)
+                if not runs or runs[0].run_id == current or not self._adoptable(runs[0]):
+                    return
+                run = runs[0]
                 self._pending_run = (run, self._prepare(run))
             except Exception as exc:  # noqa: BLE001 - keep scoring on the current base
-                log.error(json.dumps({"event": "batch_run_load_failed", "run_id": run.run_id,
+                log.error(json.dumps({"event": "batch_run_load_failed",
+                                      "run_id": run.run_id if run is not None else None,
                                       "error": f"{type(exc).__name__}: {exc}"}))
             finally:
                 self._loading = False
@@ -439,7 +442,6 @@ class SpeedLayer:
         return time.monotonic() - self._idle_since > allowed
 
     def _process(self, records: list[Any]) -> None:
-        from kafka.errors import CommitFailedError
         from kafka.structs import OffsetAndMetadata, TopicPartition
 
         started = time.perf_counter()
@@ -540,16 +542,13 @@ class SpeedLayer:
                 stale += len(mine) - (len(chosen) if stepped[p] else 0)
         if stale:
             log.info(json.dumps({"event": "stale_rows_skipped", "rows": stale}))
-        # where this group's DLQ records of later offsets can start (see `_recover_dlq`)
-        try:
-            self._consumer.commit({
-                TopicPartition(self.topic, p): OffsetAndMetadata(
-                    o + 1, json.dumps({"dlq_from": self._dlq_from.get(self._dlq_partition(p), 0)}), -1)
-                for p, o in last.items()})
-        except CommitFailedError:  # the group rebalanced while this batch ran (a stalled member)
-            log.warning(json.dumps({"event": "offset_commit_refused", "partitions": sorted(last),
-                                    "why": "the group rebalanced; the online store decides where "
-                                           "each partition resumes"}))
+        # where this group's DLQ records of later offsets can start (see `_recover_dlq`); the
+        # store decides where a partition resumes, so the commit need not be waited for: one
+        # lost (a rebalance, a crash) only makes a successor read a little more of the DLQ
+        self._consumer.commit_async({
+            TopicPartition(self.topic, p): OffsetAndMetadata(
+                o + 1, json.dumps({"dlq_from": self._dlq_from.get(self._dlq_partition(p), 0)}), -1)
+            for p, o in last.items()}, callback=_commit_done)
         committed = time.time()
         if self.on_commit is not None:
             self.on_commit(applied_rows, committed)
@@ -682,6 +681,14 @@ class SpeedLayer:
             self._producer.flush()
             self._producer.close()
             self._producer = None
+
+
+def _commit_done(offsets: Any, result: Any) -> None:
+    if isinstance(result, Exception):  # e.g. the group rebalanced while the batch ran
+        log.warning(json.dumps({"event": "offset_commit_refused",
+                                "partitions": sorted(tp.partition for tp in offsets),
+                                "error": f"{type(result).__name__}: {result}",
+                                "why": "the online store decides where each partition resumes"}))
 
 
 def _spare_the_collector() -> None:
