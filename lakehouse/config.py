@@ -297,7 +297,8 @@ class Settings(BaseSettings):
         default=10.0, gt=0, description="A SQL query running longer is stopped (4xx)."
     )
     serving_refresh_s: float = Field(
-        default=1.0, gt=0, description="How often the API re-reads published runs and scored events."
+        default=0.25, gt=0, description="How often the API's SQL views catch up with the online store "
+        "(the changes since the last refresh) and look for a newer published run."
     )
     duckdb_memory_limit: str = Field(
         default="2GB", pattern=r"^\d+(\.\d+)?\s*(KB|MB|GB|KiB|MiB|GiB)$",
