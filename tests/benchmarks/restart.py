@@ -21,7 +21,8 @@ For each size N, on a fresh topic, lakehouse and consumer group:
    with SIGTERM once the store applied them all and its outbox is in Delta: measured about
    1,000 events/s after a ~20 s start-up on 2 busy cores (1M: ~17 min), so it is the check
    at small sizes that the synthetic history restarts like a real one;
-3. the restart, `--repeats` times: one probe event (a new user) is produced, `lambdalake speed
+3. the restart, `--repeats` times per size (the sizes taking turns, after one unreported
+   warm-up restart): one probe event (a new user) is produced, `lambdalake speed
    run` starts for the topic and group (as `tests/integration/streams.py` `speed_process`
    starts it, its output in a log file), and the time from the process start until the
    store's applied offset of the probe's partition reaches the probe's offset (its step is
@@ -270,7 +271,7 @@ def assigned_after(log: Path, started: float) -> float:
     return float("nan")
 
 
-def restart(h: History, attempt: int, timeout_s: float = 300.0) -> tuple[float, int, float]:
+def restart(h: History, name: str, timeout_s: float = 300.0) -> tuple[float, int, float]:
     """(seconds from the member's start until the probe's step is in the store, its RSS,
     seconds from its start until Kafka assigned it the partitions)."""
     user = f"probe-{uuid.uuid4().hex[:10]}"
@@ -283,22 +284,21 @@ def restart(h: History, attempt: int, timeout_s: float = 300.0) -> tuple[float, 
     partition, offset = placed.partition, placed.offset
     h.ends[partition] = offset
     started, wall = time.monotonic(), time.time()
-    member = h.member(f"restart-{attempt}.log")
+    log = h.logs / f"restart-{name}.log"
+    member = h.member(log.name)
     try:
         while h.store.applied([partition])[partition] < offset:
             if member.poll() is not None:
-                raise SystemExit(f"the speed layer exited with {member.returncode}; "
-                                 f"see {h.logs / f'restart-{attempt}.log'}")
+                raise SystemExit(f"the speed layer exited with {member.returncode}; see {log}")
             if time.monotonic() - started > timeout_s:
-                raise SystemExit(f"the probe was not applied in {timeout_s:.0f}s; "
-                                 f"see {h.logs / f'restart-{attempt}.log'}")
+                raise SystemExit(f"the probe was not applied in {timeout_s:.0f}s; see {log}")
             time.sleep(0.01)
         elapsed = time.monotonic() - started
         memory = rss(member.pid)
     finally:
         member.send_signal(signal.SIGTERM)
         member.wait(timeout=120)
-    return elapsed, memory, assigned_after(h.logs / f"restart-{attempt}.log", wall)
+    return elapsed, memory, assigned_after(log, wall)
 
 
 def cleanup(h: History) -> None:
@@ -319,7 +319,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 1_000_000], help="scored events")
     parser.add_argument("--fill", choices=("store", "speed"), default="store",
                         help="how the history gets scored: store steps (default) or the real speed layer")
-    parser.add_argument("--repeats", type=int, default=3, help="restarts per size (the median is reported)")
+    parser.add_argument("--repeats", type=int, default=5, help="restarts per size (the median is reported)")
     parser.add_argument("--flush-every", type=int, default=2000,
                         help="--fill store: scored rows per Delta commit (the speed layer commits ~1/s)")
     parser.add_argument("--keep", action="store_true", help="keep the topics, lakehouses and stores")
@@ -330,27 +330,33 @@ def main() -> None:
     settings = load_settings()
     settings = settings.model_copy(update={"model_name": args.model_name or f"bench-restart-{uuid.uuid4().hex[:6]}"})
     serve_model(settings)
-    results: dict[int, tuple[list[float], list[int], list[float]]] = {}
-    for n in args.sizes:
-        h = produce_history(settings, n, seed=11)
-        try:
+    results: dict[int, tuple[list[float], list[int], list[float]]] = {n: ([], [], []) for n in args.sizes}
+    histories: dict[int, History] = {}
+    try:
+        for n in args.sizes:
+            h = histories[n] = produce_history(settings, n, seed=11)
             if args.fill == "store":
                 fill_store(h, args.flush_every)
             else:
                 fill_speed(h, timeout_s=max(600.0, n / 200))
             if not caught_up(h):
                 raise SystemExit("the store does not hold every record produced")
-            times, memory, assignments = [], [], []
-            for attempt in range(args.repeats):
-                seconds, resident, assigned = restart(h, attempt)
+        # one restart first, not reported (the first member after a deploy starts slower);
+        # then the sizes take turns, so the machine's drift does not favour one of them
+        seconds, _, _ = restart(histories[args.sizes[0]], "warmup")
+        print(f"warm-up restart ({args.sizes[0]:,} events, not reported): {seconds:.2f}s", flush=True)
+        for attempt in range(args.repeats):
+            for n, h in histories.items():
+                seconds, resident, assigned = restart(h, str(attempt))
+                times, memory, assignments = results[n]
                 times.append(seconds)
                 memory.append(resident)
                 assignments.append(assigned)
                 print(f"{n:>10,} events: restart {attempt + 1}: probe applied {seconds:.2f}s after the "
                       f"process start (partitions assigned after {assigned:.2f}s); RSS "
                       f"{resident / 2**20:.0f} MiB", flush=True)
-            results[n] = (times, memory, assignments)
-        finally:
+    finally:
+        for h in histories.values():
             if not args.keep:
                 cleanup(h)
             else:
