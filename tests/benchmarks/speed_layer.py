@@ -148,12 +148,15 @@ def latency(settings, rate: float, seconds: float) -> None:  # type: ignore[no-u
 
 
 def serve_model(settings) -> None:  # type: ignore[no-untyped-def]
-    """The model service on the platform's Ray: the registry's champion, or a random signed
-    model registered now (throughput does not depend on the weights)."""
+    """The model service on the platform's Ray: the champion of `bench-<spec fingerprint>`, or
+    a random signed model registered under that name now (throughput does not depend on the
+    weights; the platform's own model, perhaps trained on an older spec, is left alone)."""
     import ray
 
+    from lakehouse.fraud import FRAUD_SPEC
     from speed.model_service import ServiceArgs, serve_on_ray
 
+    settings = settings.model_copy(update={"model_name": f"bench-{FRAUD_SPEC.fingerprint()}"})
     client = registry.client(settings.mlflow_uri)
     if registry.version_by_alias(client, settings.model_name, registry.CHAMPION) is None:
         from tests.integration.models import publish, random_model
