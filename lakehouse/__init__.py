@@ -7,7 +7,7 @@ layer and no infra (`lint-imports`, setup.cfg); every module here is public to t
 """
 
 __all__ = [
-    "bundle", "config", "dedup", "errors", "features", "fraud", "generator", "jvm", "logs", "model", "online",
-    "monoids", "recompute", "registry", "safejson", "scored", "secret_files", "serve", "spark",
-    "spec", "streams", "tables", "types",
+    "bundle", "config", "dedup", "errors", "fastparse", "features", "fraud", "generator", "jvm", "logs",
+    "model", "online", "monoids", "recompute", "registry", "safejson", "scored", "secret_files", "serve",
+    "spark", "spec", "streams", "tables", "types",
 ]

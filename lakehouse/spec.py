@@ -17,6 +17,7 @@ Data contracts:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -27,6 +28,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
 
 from lakehouse.errors import SpecError, ValidationError
+from lakehouse.fastparse import FastPath, compile_fast_path
 from lakehouse.monoids import Aggregation
 from lakehouse.safejson import JsonLimits, JsonRefused, decode
 
@@ -131,8 +133,12 @@ class RecordSchema:
         invalid_string, unrepresentable (beyond a 64-bit integer); of its envelope: missing_key
         and key_mismatch (when `key`, the Kafka key, is given: it must equal the `key_field`
         value), out_of_range_time (when `arrival_ms` is given, see `RecordLimits`).
+        Answered as `inspect` answers: by the compiled fast path or by `inspect_slow`.
         """
-        inspection = self.inspect(raw, key=key, arrival_ms=arrival_ms)
+        values = self._fast_path(raw, key, arrival_ms)
+        if values is not None:
+            return values
+        inspection = self.inspect_slow(raw, key=key, arrival_ms=arrival_ms)
         if inspection.reasons:
             raise ValidationError(inspection.reasons)
         return inspection.values
@@ -142,7 +148,37 @@ class RecordSchema:
         """Validate without raising: every reason, and each field's value as far as it could
         be read (an out-of-range number or a disallowed string is kept; a missing or
         unreadable one is None). Data-quality reports (Great Expectations) see these values;
-        `parse` is this with the reasons turned into an error. Never raises."""
+        `parse` is this with the reasons turned into an error. Never raises.
+
+        A record the compiled fast path (`lakehouse.fastparse`, generated from these fields)
+        accepts is answered by it; everything else by `inspect_slow`, the reference, which
+        the fast path agrees with (tests/unit/test_fast_validator.py)."""
+        values = self._fast_path(raw, key, arrival_ms)
+        if values is not None:
+            return Inspection(True, values, 0, [], True)
+        return self.inspect_slow(raw, key=key, arrival_ms=arrival_ms)
+
+    @functools.cached_property
+    def _fast_path(self) -> FastPath:
+        """The fast path compiled for this schema, once per instance (not pickled: see
+        `__getstate__`)."""
+        return compile_fast_path(
+            self.fields, key_field=self.key_field, time_field=self.time_field,
+            max_bytes=self.limits.json.max_bytes, max_number_length=self.limits.json.max_number_length,
+            max_future_skew_ms=self.limits.max_future_skew_ms,
+            max_past_skew_ms=self.limits.max_past_skew_ms, unchecked=UNCHECKED)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The schema without its compiled fast path (generated code does not pickle; a copy
+        compiles its own on first use): Spark ships schemas to its executors."""
+        state = dict(self.__dict__)
+        state.pop("_fast_path", None)
+        return state
+
+    def inspect_slow(self, raw: bytes | str | None, *, key: bytes | str | None = UNCHECKED,
+                     arrival_ms: int | None = None) -> Inspection:
+        """The reference validation routine, rule by rule in Python: what `inspect` answers
+        for every input, whether its fast path or this answers it. Never raises."""
         try:
             document = decode(raw, self.limits.json)
         except JsonRefused as refused:
