@@ -90,7 +90,14 @@ end
 local out = {applied, epoch, 0}
 for i = 2, #KEYS do
   if #ARGV > 1 then
-    out[#out + 1] = redis.call('HMGET', KEYS[i], unpack(ARGV, 2))
+    local values = {}  -- in chunks: Lua's unpack takes a few thousand values at most
+    for first = 2, #ARGV, 1000 do
+      local chunk = redis.call('HMGET', KEYS[i], unpack(ARGV, first, math.min(first + 999, #ARGV)))
+      for j = 1, #chunk do
+        values[#values + 1] = chunk[j]
+      end
+    end
+    out[#out + 1] = values
   else
     out[#out + 1] = redis.call('HGETALL', KEYS[i])
   end

@@ -224,6 +224,15 @@ def test_steps_of_several_partitions_sent_together_race_cuts_and_each_other(stor
         assert store.read(every_key([e for _, e in events]), [p], {}).states == increments_of([e for _, e in events])
 
 
+def test_a_read_of_more_fields_than_lua_can_unpack_at_once(store: RedisOnlineStore) -> None:
+    """A micro-batch of many distinct entities asks for tens of thousands of fields."""
+    events = [(o, {**e, "user_id": f"u{o}"}) for o, e in batches(9, 1, 12_000)[0]]
+    step(store, 0, events)
+    keys = every_key([e for _, e in events])
+    assert len({(v, e) for v, e, _ in keys}) > 20_000
+    assert store.read(keys, [0, 1], {}).states == increments_of([e for _, e in events])
+
+
 def test_a_step_that_would_leave_a_gap_is_refused(store: RedisOnlineStore) -> None:
     events = batches(7, 1, 100)[0]
     step(store, 0, events[:30])
