@@ -22,7 +22,9 @@ micro-batch (bounded by `max_batch` records and `max_wait_ms`):
    offset) reaches the DLQ exactly once;
 2. reads the online store once (every partition's increments after the adopted batch
    run's cut, and their coverage vector) and computes each valid event's features as of
-   that vector, its own partition's earlier offsets included (`speed.state`);
+   that vector, its own partition's earlier offsets included (`speed.state`). A partition
+   that a newer run floored (the group never stepped it) waits, paused, until that run is
+   adopted: only its views hold the offsets the floor passed over (`_defer`);
 3. scores the batch through the model service's deployment handle (the `/predict` path);
 4. applies it to the store: one atomic step per partition with its monoid-state
    increments, its scored rows (the outbox), its events' identities and its last offset.
@@ -136,6 +138,7 @@ class SpeedLayer:
         self._dlq_done: dict[int, set[int]] = {}  # source partition → offsets already in the DLQ
         self._dlq_pending: dict[int, int] = {}  # assigned partitions whose DLQ is not read yet → resume
         self._flush_due: set[int] = set()  # partitions whose outbox must go to Delta now
+        self._paused: set[int] = set()  # floored after the adopted run's cut: wait for the run (`_defer`)
         self._flush_wake = threading.Event()  # set: the flusher runs now (a partition is due, or stop)
         self._flush_failed: BaseException | None = None
         self._pending_run: tuple[BatchRun, PreparedBase] | None = None
@@ -294,6 +297,7 @@ class SpeedLayer:
         for p in mine:
             self.positions.pop(p, None)
             self._flush_due.discard(p)
+            self._paused.discard(p)
         metrics.OWNED_PARTITIONS.set(len(self.owned))
         log.info(json.dumps({"event": "partitions_revoked", "partitions": sorted(mine)}))
 
@@ -344,6 +348,7 @@ class SpeedLayer:
             self.state.install(prepared)
             self._pending_run = None
             _spare_the_collector()
+            self._resume_deferred()
             metrics.BATCH_RUN.info({"run_id": run.run_id})
             log.info(json.dumps({"event": "batch_run_adopted", "run_id": run.run_id,
                                  "boundary": {str(p): o for p, o in run.boundary.items()},
@@ -371,6 +376,34 @@ class SpeedLayer:
 
         self._loading = True
         threading.Thread(target=load, name="batch-run-loader", daemon=True).start()
+
+    def _defer(self, partitions: set[int], per_partition: dict[int, list[Any]]) -> None:
+        """A newer run's cut floored these partitions (never stepped by the group) over
+        offsets that only its views hold: scored on the adopted run, their events would miss
+        that history. Leave their records for after that run is adopted (seek back, pause)."""
+        from kafka import TopicPartition
+
+        tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
+        for tp in tps:
+            first = per_partition[tp.partition][0].offset
+            self._consumer.seek(tp, first)
+            self.positions[tp.partition] = first
+        self._consumer.pause(*tps)
+        self._paused |= partitions
+        self._last_run_check = 0.0  # look for that run now
+        log.warning(json.dumps({"event": "partitions_deferred", "partitions": sorted(partitions),
+                                "batch_run": self.state.base.run_id,
+                                "why": "a newer batch run floored them; scoring waits until it is adopted"}))
+
+    def _resume_deferred(self) -> None:
+        from kafka import TopicPartition
+
+        mine = sorted(self._paused & self.owned)
+        if mine:
+            self._consumer.resume(*[TopicPartition(self.topic, p) for p in mine])
+            log.info(json.dumps({"event": "partitions_resumed", "partitions": mine,
+                                 "batch_run": self.state.base.run_id}))
+        self._paused.clear()
 
     # -------------------------------------------------------------- the loop
     def run(self, stop: threading.Event, *, max_events: int | None = None,
@@ -471,6 +504,10 @@ class SpeedLayer:
         read = self._with_store("read", lambda: self.store.read(
             self.state.keys(windows), range(max(self._partitions, max(per_partition) + 1)),
             self.state.base.cut_epochs))
+        deferred = read.floored & set(parsed)
+        if deferred:
+            self._defer(deferred, per_partition)
+            parsed = {p: items for p, items in parsed.items() if p not in deferred}
         batch = self.state.micro_batch(read.states, windows)
         taken: dict[int, list[_Taken]] = {}
         vectors: list[list[float]] = []

@@ -38,7 +38,7 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from lakehouse.errors import ServiceError
@@ -97,6 +97,8 @@ class StoreRead:
     states: dict[StateKey, list[Any]]
     coverage: dict[int, int]  # partition → the applied offset the states include
     epochs: dict[int, int]  # partition → the epoch open when it was read
+    # partitions a floored cut after the reader's run cut ends (`OnlineStore.read`)
+    floored: set[int] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -216,7 +218,12 @@ class OnlineStore(ABC):
         """The states of `keys` summed over `partitions` and their epochs after
         `after[p]` (0 where absent: every epoch), each partition read atomically. The states
         of every bucket of the keys' (view, entity) pairs come back, not only the buckets
-        asked: an entity's buckets are stored together."""
+        asked: an entity's buckets are stored together.
+
+        A partition the speed group never stepped, floored by a later run's cut, jumped over
+        offsets that no epoch holds (that run's views do): for a reader of an older run it
+        ends at that cut, with the coverage of the offset before the jump (`floored`), until
+        the reader adopts the run that floored it. `scan` and `changes` read the same way."""
 
     @abstractmethod
     def scan(self, partition: int, after: int) -> tuple[int, Iterator[tuple[StateKey, list[Any]]]]:

@@ -78,17 +78,36 @@ from lakehouse.spec import PlatformSpec
 
 __all__ = ["RedisOnlineStore"]
 
+# The start of the read scripts, after the stale check: FIRST_KEY is the index of the key of
+# epoch after+1.
+_FLOORED = """
+-- a floored cut after `after` (a partition the speed group never stepped jumped over
+-- offsets that no epoch holds, which only the next published run's views hold): this
+-- reader's view of the partition ends at that cut, with the offset before the jump
+local floored, through = 0, #KEYS
+for e = after + 1, epoch - 1 do
+  local jumped_from = redis.call('HGET', KEYS[1], 'floor:' .. e)
+  if jumped_from then
+    applied, floored, through = jumped_from, 1, e - after + FIRST_KEY - 1
+    break
+  end
+end
+"""
+
 # KEYS: meta, then the epoch hashes after+1, after+2, …; ARGV: after, then the fields to
-# read (none: every field). Returns {applied, open epoch, stale?, per epoch key: values}.
+# read (none: every field). Returns {applied, open epoch, stale?, floored?, per epoch key
+# read: values}.
 _READ = """
+local FIRST_KEY = 2
 local applied = redis.call('HGET', KEYS[1], 'applied') or '-1'
 local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '1')
 local after = tonumber(ARGV[1])
 if after + #KEYS - 1 < epoch then
-  return {applied, epoch, 1}
+  return {applied, epoch, 1, 0}
 end
-local out = {applied, epoch, 0}
-for i = 2, #KEYS do
+""" + _FLOORED + """
+local out = {applied, epoch, 0, floored}
+for i = 2, through do
   if #ARGV > 1 then
     local values = {}  -- in chunks: Lua's unpack takes a few thousand values at most
     for first = 2, #ARGV, 1000 do
@@ -106,18 +125,20 @@ return out
 """
 
 # KEYS: meta, changed, then the epoch hashes after+1, after+2, …; ARGV: after, since.
-# Returns {applied, open epoch, stale?, the fields changed above since, per epoch key: their
-# values}.
+# Returns {applied, open epoch, stale?, floored?, the fields changed above since, per epoch
+# key read: their values}.
 _CHANGES = """
+local FIRST_KEY = 3
 local applied = redis.call('HGET', KEYS[1], 'applied') or '-1'
 local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '1')
 local after = tonumber(ARGV[1])
 if after + #KEYS - 2 < epoch then
-  return {applied, epoch, 1}
+  return {applied, epoch, 1, 0}
 end
+""" + _FLOORED + """
 local fields = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. ARGV[2], '+inf')
-local out = {applied, epoch, 0, fields}
-for i = 3, #KEYS do
+local out = {applied, epoch, 0, floored, fields}
+for i = 3, through do
   local values = {}
   for first = 1, #fields, 1000 do
     local chunk = redis.call('HMGET', KEYS[i], unpack(fields, first, math.min(first + 999, #fields)))
@@ -385,8 +406,9 @@ class RedisOnlineStore(OnlineStore):
             passed = list(remember(meta.applied)) if remember is not None and at > meta.applied else []
             pipe.multi()
             clock = self._remember(pipe, partition, meta.clock, passed)
+            jumped = {f"floor:{epoch}": meta.applied} if at > meta.applied else {}  # see _FLOORED
             pipe.hset(self._meta(partition), mapping={"applied": at, "epoch": epoch + 1, f"cut:{epoch}": at,
-                                                      "clock": clock, "token": _token()})
+                                                      "clock": clock, "token": _token(), **jumped})
             pipe.execute()
             self._open_epochs[partition] = epoch + 1
             return Cut(partition, epoch, at)
@@ -410,19 +432,22 @@ class RedisOnlineStore(OnlineStore):
             raise self._unreachable(error) from error
 
     def _read_partitions(self, partitions: list[int], after: Mapping[int, int],
-                         fields: list[str]) -> dict[int, tuple[int, int, list[Any]]]:
-        """Per partition: (applied, open epoch, per epoch after `after[p]`: the script's values)."""
+                         fields: list[str]) -> dict[int, tuple[int, int, bool, list[Any]]]:
+        """Per partition: (applied, open epoch, floored, per epoch after `after[p]` read: the
+        script's values)."""
         return self._run_script(partitions, after, lambda p: ([], [after.get(p, 0), *fields]), self._read_script)
 
     def _run_script(self, partitions: list[int], after: Mapping[int, int],
                     extra: Callable[[int], tuple[list[str], list[Any]]],
-                    script: Any) -> dict[int, tuple[int, int, list[Any]]]:
+                    script: Any) -> dict[int, tuple[int, int, bool, list[Any]]]:
         """Run `script` once per partition, pipelined, with KEYS = meta, `extra(p)`'s keys, then
         the epoch hashes after `after[p]` through the open epoch last seen, and ARGV =
         `extra(p)`'s arguments; partitions whose script found a newer open epoch are read
-        again. Per partition: (applied, open epoch, the rest of the script's answer)."""
+        again. Per partition: (applied, open epoch, floored, the rest of the script's
+        answer); floored: a floored cut after `after[p]` ends what the reader may see (see
+        `_FLOORED`), and `applied` is the offset before its jump."""
         pending = list(partitions)
-        out: dict[int, tuple[int, int, list[Any]]] = {}
+        out: dict[int, tuple[int, int, bool, list[Any]]] = {}
         for _ in range(_ATTEMPTS):
             try:
                 with self.client.pipeline(transaction=False) as pipe:
@@ -442,7 +467,7 @@ class RedisOnlineStore(OnlineStore):
                 if too_few:
                     stale.append(p)
                 else:
-                    out[p] = (applied, epoch, list(answer[3:]))
+                    out[p] = (applied, epoch, bool(int(answer[3])), list(answer[4:]))
             if not stale:
                 return out
             pending = stale  # a cut opened an epoch since: read those partitions again
@@ -457,8 +482,11 @@ class RedisOnlineStore(OnlineStore):
         states: dict[StateKey, list[Any]] = {}
         coverage, epochs = {}, {}
         plus = {view.name: [a.plus for a in view.aggregations.values()] for view in self.spec.views}
-        for p, (applied, epoch, per_epoch) in answers.items():
+        floored = set()
+        for p, (applied, epoch, jumped, per_epoch) in answers.items():
             coverage[p], epochs[p] = applied, epoch
+            if jumped:
+                floored.add(p)
             for values in per_epoch:
                 for (view, entity), raw in zip(wanted, values[:len(wanted)], strict=True):
                     if raw is None:
@@ -469,10 +497,10 @@ class RedisOnlineStore(OnlineStore):
                         current = states.get(key)
                         states[key] = value if current is None else [
                             add(c, x) for add, c, x in zip(adders, current, value, strict=True)]
-        return StoreRead(states, coverage, epochs)
+        return StoreRead(states, coverage, epochs, floored)
 
     def scan(self, partition: int, after: int) -> tuple[int, Iterator[tuple[StateKey, list[Any]]]]:
-        applied, _, per_epoch = self._read_partitions([partition], {partition: after}, [])[partition]
+        applied, _, _, per_epoch = self._read_partitions([partition], {partition: after}, [])[partition]
 
         def states() -> Iterator[tuple[StateKey, list[Any]]]:
             merged: dict[StateKey, list[Any]] = {}
@@ -490,7 +518,7 @@ class RedisOnlineStore(OnlineStore):
             list(since), after, lambda p: ([self._changed(p)], [after.get(p, 0), since[p]]), self._changes_script)
         aggregations = {view.name: list(view.aggregations.values()) for view in self.spec.views}
         out = {}
-        for p, (applied, epoch, rest) in answers.items():
+        for p, (applied, epoch, _, rest) in answers.items():
             fields, per_epoch = rest[0], rest[1:]
             entities: EntityStates = {}
             for i, field in enumerate(fields):

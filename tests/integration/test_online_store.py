@@ -233,6 +233,29 @@ def test_a_read_of_more_fields_than_lua_can_unpack_at_once(store: RedisOnlineSto
     assert store.read(keys, [0, 1], {}).states == increments_of([e for _, e in events])
 
 
+def test_readers_of_an_older_run_see_a_floored_partition_up_to_the_jump(store: RedisOnlineStore) -> None:
+    """A run floors partition 1, never stepped, at 40, and the speed layer steps 41.. into
+    the next epoch: the offsets up to 40 are in no epoch (only in that run's views), so a
+    reader of the run before sees partition 1 as of the offset before the jump, and none of
+    the later epochs; a reader of the floored run sees everything after its cut."""
+    events = batches(10, 2, 300)
+    step(store, 0, events[0][:30])
+    old = {p: store.cut(p, floor=-1).epoch for p in (0, 1)}  # the older run: 0 at 29, 1 never applied
+    floored = {p: store.cut(p, floor=40).epoch for p in (0, 1)}  # 1 jumps to 40; 0 was stepped: at 29
+    assert store.applied([0, 1]) == {0: 29, 1: 40}
+    step(store, 1, events[1][41:60])
+    step(store, 0, events[0][30:50])
+    keys = every_key([e for p in (0, 1) for _, e in events[p]])
+    older = store.read(keys, [0, 1], old)
+    assert older.coverage == {0: 49, 1: -1} and older.floored == {1}
+    assert older.states == increments_of([e for _, e in events[0][30:50]])
+    newer = store.read(keys, [0, 1], floored)
+    assert newer.coverage == {0: 49, 1: 59} and newer.floored == set()
+    assert newer.states == increments_of([e for _, e in events[0][30:50] + events[1][41:60]])
+    assert store.scan(1, old[1])[0] == -1 and store.scan(1, floored[1])[0] == 59
+    assert store.changes({1: -1}, {1: old[1]})[1].applied == -1
+
+
 def test_a_step_that_would_leave_a_gap_is_refused(store: RedisOnlineStore) -> None:
     events = batches(7, 1, 100)[0]
     step(store, 0, events[:30])
