@@ -10,9 +10,12 @@ each size, side by side in one run:
   refresh is one `scan` of the epochs after the cut, whose cost follows the number of live
   (entity, bucket) states, not how many steps built them.
 
-Also: the time of one step and of one point read (`read`, what /v1/entities will use).
+Also: the time of one step and of one point read (`read`, what /v1/entities will use), and
+the seen set's memory at two uptimes (`--seen-events`, events at `--rate` per second of
+Kafka time, the spec's dedup horizon): with the horizon it holds one horizon of events.
 
-    .venv/bin/python -m tests.benchmarks.online_store [--events 20000] [--sizes 100 2000]
+    .venv/bin/python -m tests.benchmarks.online_store [--events 20000] [--sizes 100 2000] \
+        [--seen-events 1200000 4800000 --rate 2000]
 
 Needs `redis-server` (installed by `make install`); starts its own on a free port, as the
 platform runs it (`infra.redis`).
@@ -98,11 +101,31 @@ def _store(url: str, group: str, batches: list[list[dict[str, Any]]]) -> tuple[f
     return per_step, scan, point, states
 
 
+def _seen_set(url: str, events: int, rate: float) -> tuple[int, int, float]:
+    """(identities held, bytes of the seen set, seconds) after `events` taken at `rate` per
+    second of Kafka time, in steps of 500 on one partition (identities only: no states)."""
+    store = RedisOnlineStore(FRAUD_SPEC, f"bench-seen-{events}", url)
+    store.wipe()
+    started = time.perf_counter()
+    per_step, t0 = 500, 1_767_225_600_000
+    for first in range(0, events, per_step):
+        seen = {f'["u{i % 50_000}","e{i}"]': t0 + int(i * 1000 / rate)
+                for i in range(first, min(events, first + per_step))}
+        store.apply(0, first, first + len(seen) - 1, lambda applied, seen=seen: Step({}, {}, seen))
+    elapsed = time.perf_counter() - started
+    key = store._seen(0)
+    return int(store.client.zcard(key)), int(store.client.memory_usage(key, samples=0) or 0), elapsed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 2_000], help="micro-batches")
+    parser.add_argument("--seen-events", type=int, nargs="*", default=[1_200_000, 4_800_000],
+                        help="events taken, for the seen set's memory (none: skip)")
+    parser.add_argument("--rate", type=float, default=2000.0, help="events per second of Kafka time")
     args = parser.parse_args()
+    seen_rows = []
     with tempfile.TemporaryDirectory(prefix="lambdalake-bench-") as scratch:
         server = RedisService(load_settings(state_dir=Path(scratch) / "state", redis_port=_free_port()))
         server.start()
@@ -119,6 +142,9 @@ def main() -> None:
                 print(f"{len(batches):>6} micro-batches of {per} events: store …", flush=True)
                 step, scan, point, states = _store(url, f"bench-{size}", batches)
                 rows.append((len(batches), append, listing, step, scan, point, states))
+            for n in args.seen_events:
+                print(f"seen set after {n:,} events …", flush=True)
+                seen_rows.append((n, *_seen_set(url, n, args.rate)))
         finally:
             server.stop()
     print()
@@ -131,6 +157,14 @@ def main() -> None:
         (small, *_, large) = rows
         print(f"\nrefresh cost, {large[0]} vs {small[0]} micro-batches: Delta listing ×{large[2] / small[2]:.1f}, "
               f"store scan ×{large[4] / small[4]:.2f}")
+    horizon = FRAUD_SPEC.events.dedup_horizon_ms
+    for n, held, size, elapsed in seen_rows:
+        print(f"seen set after {n:>10,} events ({n / args.rate / 60:.0f} min at {args.rate:,.0f}/s, horizon "
+              f"{horizon / 60_000 if horizon else float('inf'):.0f} min): {held:>9,} identities, "
+              f"{size / 2**20:7.1f} MiB ({size / max(held, 1):.0f} B each); {n / elapsed:,.0f} identities/s applied")
+    if len(seen_rows) >= 2:
+        print(f"seen set memory, {seen_rows[-1][0]:,} vs {seen_rows[0][0]:,} events: "
+              f"×{seen_rows[-1][2] / max(seen_rows[0][2], 1):.2f}")
 
 
 if __name__ == "__main__":
