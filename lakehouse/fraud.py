@@ -46,8 +46,9 @@ TRANSACTIONS = RecordSchema(
         FieldSpec("event_time", "timestamp", description="When the card was used (UTC)."),
     ),
     # a producer's retry or a replayed batch resends within minutes; the online store's seen
-    # set then holds ten minutes of events (about 130 MB at 2,000 events/s)
-    dedup_horizon_ms=10 * 60_000,
+    # set then holds five minutes of events (about 75 MB at 2,000 events/s, of the local
+    # store's 256 MB: tests/benchmarks/online_store.py measures it)
+    dedup_horizon_ms=5 * 60_000,
 )
 
 CHARGEBACK_LABELS = RecordSchema(

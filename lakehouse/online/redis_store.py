@@ -242,6 +242,12 @@ class RedisOnlineStore(OnlineStore):
         return f"{self._tag(partition)}:e{epoch}"
 
     def _unreachable(self, error: Exception) -> ServiceError:
+        if isinstance(error, redis.exceptions.OutOfMemoryError):
+            return ServiceError(
+                f"the online store at {redis_location(self.url)} is full (its maxmemory) and refuses "
+                "writes: raise LAMBDALAKE_REDIS_MAXMEMORY (the server's maxmemory), or shorten the spec's "
+                "dedup horizon (the seen set holds one horizon of events); a batch run frees the epochs "
+                "it covers")
         return ServiceError(f"the online store at {redis_location(self.url)} cannot be reached: {error}")
 
     # ------------------------------------------------------------------ contract

@@ -114,7 +114,9 @@ def _seen_set(url: str, events: int, rate: float) -> tuple[int, int, float]:
         store.apply(0, first, first + len(seen) - 1, lambda applied, seen=seen: Step({}, {}, seen))
     elapsed = time.perf_counter() - started
     key = store._seen(0)
-    return int(store.client.zcard(key)), int(store.client.memory_usage(key, samples=0) or 0), elapsed
+    held, size = int(store.client.zcard(key)), int(store.client.memory_usage(key, samples=0) or 0)
+    store.wipe()
+    return held, size, elapsed
 
 
 def main() -> None:
