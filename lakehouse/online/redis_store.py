@@ -78,12 +78,30 @@ from lakehouse.spec import PlatformSpec
 
 __all__ = ["RedisOnlineStore"]
 
-# The start of the read scripts, after the stale check: FIRST_KEY is the index of the key of
-# epoch after+1.
-_FLOORED = """
--- a floored cut after `after` (a partition the speed group never stepped jumped over
--- offsets that no epoch holds, which only the next published run's views hold): this
--- reader's view of the partition ends at that cut, with the offset before the jump
+# The start of the read scripts (each sets FIRST_KEY, the index of the key of epoch after+1,
+# before it): the applied offset, the open epoch and `after` (ARGV[1]); a reply {applied,
+# epoch, stale = 1, 0} when the keys do not reach the open epoch (a cut opened one since);
+# and a floored cut after `after` (a partition the speed group never stepped jumped over
+# offsets that no epoch holds, which only the next published run's views hold): the
+# reader's view of the partition ends at that cut (`through`, the last epoch key to read),
+# with the offset before the jump.
+_PROLOGUE = """
+local function hmget_chunked(key, names, first)
+  local values = {}  -- in chunks: Lua's unpack takes a few thousand values at most
+  for s = first, #names, 1000 do
+    local chunk = redis.call('HMGET', key, unpack(names, s, math.min(s + 999, #names)))
+    for j = 1, #chunk do
+      values[#values + 1] = chunk[j]
+    end
+  end
+  return values
+end
+local applied = redis.call('HGET', KEYS[1], 'applied') or '-1'
+local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '1')
+local after = tonumber(ARGV[1])
+if after + #KEYS - FIRST_KEY + 1 < epoch then
+  return {applied, epoch, 1, 0}
+end
 local floored, through = 0, #KEYS
 for e = after + 1, epoch - 1 do
   local jumped_from = redis.call('HGET', KEYS[1], 'floor:' .. e)
@@ -99,24 +117,11 @@ end
 # read: values}.
 _READ = """
 local FIRST_KEY = 2
-local applied = redis.call('HGET', KEYS[1], 'applied') or '-1'
-local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '1')
-local after = tonumber(ARGV[1])
-if after + #KEYS - 1 < epoch then
-  return {applied, epoch, 1, 0}
-end
-""" + _FLOORED + """
+""" + _PROLOGUE + """
 local out = {applied, epoch, 0, floored}
 for i = 2, through do
   if #ARGV > 1 then
-    local values = {}  -- in chunks: Lua's unpack takes a few thousand values at most
-    for first = 2, #ARGV, 1000 do
-      local chunk = redis.call('HMGET', KEYS[i], unpack(ARGV, first, math.min(first + 999, #ARGV)))
-      for j = 1, #chunk do
-        values[#values + 1] = chunk[j]
-      end
-    end
-    out[#out + 1] = values
+    out[#out + 1] = hmget_chunked(KEYS[i], ARGV, 2)
   else
     out[#out + 1] = redis.call('HGETALL', KEYS[i])
   end
@@ -129,24 +134,11 @@ return out
 # key read: their values}.
 _CHANGES = """
 local FIRST_KEY = 3
-local applied = redis.call('HGET', KEYS[1], 'applied') or '-1'
-local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '1')
-local after = tonumber(ARGV[1])
-if after + #KEYS - 2 < epoch then
-  return {applied, epoch, 1, 0}
-end
-""" + _FLOORED + """
+""" + _PROLOGUE + """
 local fields = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. ARGV[2], '+inf')
 local out = {applied, epoch, 0, floored, fields}
 for i = 3, through do
-  local values = {}
-  for first = 1, #fields, 1000 do
-    local chunk = redis.call('HMGET', KEYS[i], unpack(fields, first, math.min(first + 999, #fields)))
-    for j = 1, #chunk do
-      values[#values + 1] = chunk[j]
-    end
-  end
-  out[#out + 1] = values
+  out[#out + 1] = hmget_chunked(KEYS[i], fields, 1)
 end
 return out
 """
@@ -365,8 +357,7 @@ class RedisOnlineStore(OnlineStore):
                 buckets[str(bucket)] = list(states) if current is None else [
                     a.plus(c, x) for a, c, x in zip(aggregations, current, states, strict=True)]
             fields += [encode_entity(view, entity), json.dumps(buckets, separators=(",", ":"))]
-        clock = max([meta.clock, *above.seen.values()])
-        below = forgettable_below(clock, self.spec.events.dedup_horizon_ms)
+        clock, below = self._clock_after(meta.clock, above.seen.values())
         rows = [x for offset, row in above.rows.items() for x in (offset, row)]
         seen = [x for identity, c in above.seen.items() for x in (c, identity)]
         keys = [self._meta(partition), self._epoch_key(partition, meta.epoch), self._changed(partition),
@@ -380,11 +371,16 @@ class RedisOnlineStore(OnlineStore):
         items = list(taken)
         for start in range(0, len(items), 10_000):
             pipe.zadd(self._seen(partition), dict(items[start:start + 10_000]))
-        clock = max([clock, *(c for _, c in items)])
-        below = forgettable_below(clock, self.spec.events.dedup_horizon_ms)
+        clock, below = self._clock_after(clock, [c for _, c in items])
         if items and below is not None:
             pipe.zremrangebyscore(self._seen(partition), "-inf", f"({below}")
         return clock
+
+    def _clock_after(self, clock: int, taken: Iterable[int]) -> tuple[int, int | None]:
+        """The partition's clock after a step that took events of these clocks, and the
+        lowest clock its seen set keeps from then on (None: all)."""
+        clock = max([clock, *taken])
+        return clock, forgettable_below(clock, self.spec.events.dedup_horizon_ms)
 
     def seen(self, identities: Mapping[int, Sequence[str]]) -> Seen:
         asked = [(p, list(ids)) for p, ids in identities.items() if ids]
@@ -412,7 +408,7 @@ class RedisOnlineStore(OnlineStore):
             passed = list(remember(meta.applied)) if remember is not None and at > meta.applied else []
             pipe.multi()
             clock = self._remember(pipe, partition, meta.clock, passed)
-            jumped = {f"floor:{epoch}": meta.applied} if at > meta.applied else {}  # see _FLOORED
+            jumped = {f"floor:{epoch}": meta.applied} if at > meta.applied else {}  # see _PROLOGUE
             pipe.hset(self._meta(partition), mapping={"applied": at, "epoch": epoch + 1, f"cut:{epoch}": at,
                                                       "clock": clock, "token": _token(), **jumped})
             pipe.execute()
@@ -451,7 +447,7 @@ class RedisOnlineStore(OnlineStore):
         `extra(p)`'s arguments; partitions whose script found a newer open epoch are read
         again. Per partition: (applied, open epoch, floored, the rest of the script's
         answer); floored: a floored cut after `after[p]` ends what the reader may see (see
-        `_FLOORED`), and `applied` is the offset before its jump."""
+        `_PROLOGUE`), and `applied` is the offset before its jump."""
         pending = list(partitions)
         out: dict[int, tuple[int, int, bool, list[Any]]] = {}
         for _ in range(_ATTEMPTS):

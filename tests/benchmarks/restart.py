@@ -227,17 +227,26 @@ def caught_up(h: History) -> bool:
     return h.store.applied(sorted(h.ends)) == h.ends and all(not h.store.pending(p)[1] for p in h.ends)
 
 
+def wait_while_running(member: Any, done: Any, timeout_s: float, log: Path, what: str,
+                       every_s: float = 0.01) -> None:
+    """Until `done()`, asked every `every_s`; SystemExit if the member exits or `timeout_s`
+    passes first."""
+    started = time.monotonic()
+    while not done():
+        if member.poll() is not None:
+            raise SystemExit(f"the speed layer exited with {member.returncode}; see {log}")
+        if time.monotonic() - started > timeout_s:
+            raise SystemExit(f"{what} in {timeout_s:.0f}s; see {log}")
+        time.sleep(every_s)
+
+
 def fill_speed(h: History, timeout_s: float) -> None:
     """The real speed layer over every record of the topic, stopped once it caught up."""
     started = time.monotonic()
     member = h.member("fill.log")
     try:
-        while not caught_up(h):
-            if member.poll() is not None:
-                raise SystemExit(f"the speed layer exited with {member.returncode}; see {h.logs / 'fill.log'}")
-            if time.monotonic() - started > timeout_s:
-                raise SystemExit(f"the speed layer did not catch up in {timeout_s:.0f}s; see {h.logs / 'fill.log'}")
-            time.sleep(0.5)
+        wait_while_running(member, lambda: caught_up(h), timeout_s, h.logs / "fill.log",
+                           "the speed layer did not catch up", every_s=0.5)
         elapsed = time.monotonic() - started
     finally:
         member.send_signal(signal.SIGTERM)
@@ -287,12 +296,8 @@ def restart(h: History, name: str, timeout_s: float = 300.0) -> tuple[float, int
     log = h.logs / f"restart-{name}.log"
     member = h.member(log.name)
     try:
-        while h.store.applied([partition])[partition] < offset:
-            if member.poll() is not None:
-                raise SystemExit(f"the speed layer exited with {member.returncode}; see {log}")
-            if time.monotonic() - started > timeout_s:
-                raise SystemExit(f"the probe was not applied in {timeout_s:.0f}s; see {log}")
-            time.sleep(0.01)
+        wait_while_running(member, lambda: h.store.applied([partition])[partition] >= offset, timeout_s, log,
+                           "the probe was not applied")
         elapsed = time.monotonic() - started
         memory = rss(member.pid)
     finally:
