@@ -50,13 +50,18 @@ class Stream:
         return {m.event_id for m in self.messages if m.kind in ("valid", "late")}
 
 
+def spec_on(topic: str) -> Any:
+    """The fraud spec with its transactions on `topic` (and its DLQ on `<topic>.dlq`)."""
+    return dataclasses.replace(FRAUD_SPEC, events=dataclasses.replace(TRANSACTIONS, topic=topic),
+                               dlq_topic=f"{topic}.dlq")
+
+
 def new_stream(settings: Settings, events: int, seed: int, **options: Any) -> Stream:
     suffix = uuid.uuid4().hex[:8]
     topic = f"events-{suffix}"
     ensure_topics(settings.kafka_bootstrap_servers, [topic, f"{topic}.dlq"],
                   partitions=settings.kafka_partitions)
-    spec = dataclasses.replace(FRAUD_SPEC, events=dataclasses.replace(TRANSACTIONS, topic=topic),
-                               dlq_topic=f"{topic}.dlq")
+    spec = spec_on(topic)
     messages = [m for m in generate(GeneratorOptions(events=events, seed=seed, **options))
                 if m.topic == TRANSACTIONS.topic]
     return Stream(settings, spec, Lakehouse(f"{settings.delta_uri}/speed-{suffix}"), topic, messages)
@@ -141,10 +146,13 @@ def scored_or_empty(stream: Stream) -> list[dict[str, Any]]:
     return scored(stream)
 
 
-def wait_for(condition: Any, timeout: float = 300.0, every_s: float = 1.0) -> None:
+def wait_for(condition: Any, timeout: float = 300.0, every_s: float = 1.0,
+             why: Any = None) -> None:
+    """Until `condition()`; on timeout fails with `why()` (where things stand) if given."""
     deadline = time.monotonic() + timeout
     while not condition():
-        assert time.monotonic() < deadline, "timed out"
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g} s" + (f": {why()}" if why else ""))
         time.sleep(every_s)
 
 
@@ -255,6 +263,8 @@ class LiveLayer:
 
     def stop(self) -> dict[str, int]:
         self._stop.set()
+        if self._thread.ident is None:  # never started
+            return self.counts
         self._thread.join(timeout=120)
         assert not self._thread.is_alive(), "the speed layer did not stop within 120 s"
         if self._errors:
@@ -270,6 +280,27 @@ class LiveLayer:
         else:  # the test failed already: stop, and let its error through
             self._stop.set()
             self._thread.join(timeout=120)
+
+
+def owning(members: list[LiveLayer]) -> bool:
+    """Whether every member holds partitions (`check()`: none of them stopped)."""
+    for member in members:
+        member.check()
+    return all(member.layer.owned for member in members)
+
+
+def group_state(members: list[LiveLayer]) -> str:
+    """Each member's partitions and where its thread is (for a group that does not settle)."""
+    import traceback
+
+    frames = sys._current_frames()
+    described = []
+    for i, member in enumerate(members):
+        ident = member._thread.ident
+        where = ("not started" if ident is None else "stopped" if ident not in frames else
+                 "".join(traceback.format_stack(frames[ident], limit=6)))
+        described.append(f"member {i} owns {sorted(member.layer.owned)}, errors {member._errors!r}, at\n{where}")
+    return "\n".join(described)
 
 
 def caught_up(store: Any, ends: dict[int, int]) -> bool:

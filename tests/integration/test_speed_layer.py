@@ -26,8 +26,11 @@ from lakehouse.online import open_store
 from lakehouse.online.base import Seen
 from lakehouse.streams import producer
 from tests.integration.streams import (
+    LiveLayer,
     Stream,
+    group_state,
     new_stream,
+    owning,
     read_dlq,
     read_topic,
     run_in_process,
@@ -180,22 +183,17 @@ def test_features_equal_the_training_sets_for_every_entity_across_a_handover(ser
     every scored event the training set's recomputation as of the row's coverage vector
     equals the features the speed layer served, every feature, merchants included (train/
     serve skew 0)."""
-    from lakehouse.serve import serve_scorer
-    from speed.consumer import SpeedLayer, SpeedOptions
-
     assert served.kafka_partitions == 4
     stream = new_stream(served, 4000, seed=44)
     half = len(stream.messages) // 2
     first_ids = {m.event_id for m in stream.messages[:half] if m.kind in ("valid", "late")}
-    layers = [SpeedLayer(stream.settings, stream.spec, serve_scorer(), lakehouse=stream.lakehouse,
-                         options=SpeedOptions(group_id="live", max_batch=200, run_check_s=0.5, flush_s=0.5))
-              for _ in range(2)]
-    stop = threading.Event()
-    workers = [threading.Thread(target=layer.run, args=(stop,)) for layer in layers]
-    for worker in workers:
-        worker.start()
+    members = [LiveLayer(stream, "live") for _ in range(2)]
     try:
-        wait_for(lambda: all(layer.owned for layer in layers), timeout=120)  # both hold partitions
+        # the first member takes every partition, the second scales the group out
+        members[0].start()
+        wait_for(lambda: owning(members[:1]), timeout=120, why=lambda: group_state(members))
+        members[1].start()
+        wait_for(lambda: owning(members), timeout=180, why=lambda: group_state(members))
         send(stream, stream.messages[:half])
         wait_for(lambda: len(scored_or_empty(stream)) >= len(first_ids))
         ingest_topics(spark, stream.lakehouse, bootstrap_servers=served.kafka_bootstrap_servers,
@@ -208,11 +206,11 @@ def test_features_equal_the_training_sets_for_every_entity_across_a_handover(ser
         assert run.cut_epochs == {p: 1 for p in range(served.kafka_partitions)}
         assert sum(run.boundary.values()) + len(run.boundary) == half
         send(stream, stream.messages[half:])
-        wait_for(lambda: len(scored_or_empty(stream)) >= len(stream.valid_ids))
+        wait_for(lambda: owning(members) and len(scored_or_empty(stream)) >= len(stream.valid_ids))
     finally:
-        stop.set()
-        for worker in workers:
-            worker.join(timeout=120)
+        for member in members:
+            member.stop()
+    layers = [member.layer for member in members]
     rows = assert_exactly_once(stream)
     after = [r for r in rows if r["offset"] > run.boundary[r["partition"]]]
     assert all(layer.state.base.run_id == run.run_id for layer in layers)  # adopted live
