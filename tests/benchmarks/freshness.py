@@ -2,11 +2,12 @@
 from producing an event until it is visible in `GET /v1/entities/...` and in SQL
 (`merged.user_all`), while a background stream runs at a fixed rate.
 
-The speed layer runs as its own process (`lambdalake speed run`, on a fresh topic and
-lakehouse); the HTTP API runs in this process (uvicorn, the platform's own `build_serving`),
-probed over HTTP. Every probe is an event of a user no one has seen: it is visible when
-`/v1/entities/user_id/<user>/features` says `known`, and when a SQL query finds the user in
-`merged.user_all` (the SQL views refresh every `--refresh-s`). Run:
+Each part runs as its own process, as on a deployment: the speed layer (`lambdalake speed
+run`, on a fresh topic and lakehouse), the HTTP API (the platform's own `build_serving` under
+uvicorn), and the background producer. This process only probes: every probe is an event of
+a user no one has seen, watched by two threads at once, one polling
+`/v1/entities/user_id/<user>/features` until it says `known`, one polling SQL until
+`merged.user_all` holds the user (the SQL views refresh every `--refresh-s`). Run:
 
     .venv/bin/python -m tests.benchmarks.freshness --rate 2000 --seconds 30 --probes 100
 """
@@ -18,9 +19,12 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,70 +39,121 @@ from pydantic import SecretStr  # noqa: E402
 from lakehouse.config import Settings, load_settings  # noqa: E402
 from lakehouse.spec import format_timestamp_ms  # noqa: E402
 from lakehouse.streams import producer  # noqa: E402
+from lakehouse.tables import Lakehouse  # noqa: E402
 from tests.benchmarks.speed_layer import events_of, serve_model  # noqa: E402
-from tests.integration.streams import Stream, new_stream, speed_process  # noqa: E402
+from tests.integration.streams import new_stream, spec_on, speed_process  # noqa: E402
 
 KEY = "bench-fresh-admin-key-0123456789"
 
 
-def start_api(settings: Settings, stream: Stream) -> tuple[str, Any]:
+def api_settings(base: Settings, group: str, root: str, refresh_s: float) -> Settings:
+    return base.model_copy(update={
+        "speed_group": group, "delta_root": root, "serving_refresh_s": refresh_s,
+        "api_keys": SecretStr(f"bench:{KEY}:predict+features+sql")})
+
+
+def run_api(args: argparse.Namespace) -> None:
+    """--role api: the platform's API on the benchmark's topic and lakehouse, until SIGTERM."""
     import uvicorn
 
     from serving.api import create_app
     from serving.server import build_serving
 
-    serving, _ = build_serving(settings, stream.spec, lakehouse=stream.lakehouse)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(serving), host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                return url, server
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise SystemExit("the API never became ready")
-        time.sleep(0.2)
+    settings = api_settings(load_settings(), args.group, args.root, args.refresh_s)
+    serving, _ = build_serving(settings, spec_on(args.topic), lakehouse=Lakehouse(args.root))
+    uvicorn.run(create_app(serving), host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
 
 
-def background(stream: Stream, rate: float, seconds: float, done: threading.Event) -> None:
-    kafka = producer(stream.settings.kafka_bootstrap_servers)
-    messages = events_of(int(rate * seconds), seed=9)
+def run_feed(args: argparse.Namespace) -> None:
+    """--role feed: the background stream at `--rate` for `--seconds`."""
+    kafka = producer(load_settings().kafka_bootstrap_servers)
+    messages = events_of(int(args.rate * args.seconds), seed=9)
+    print("feeding", flush=True)
     started = time.monotonic()
     for i, m in enumerate(messages):
-        if done.is_set():
-            break
-        kafka.send(stream.topic, key=m.key, value=m.value)
-        ahead = started + (i + 1) / rate - time.monotonic()
+        kafka.send(args.topic, key=m.key, value=m.value)
+        ahead = started + (i + 1) / args.rate - time.monotonic()
         if ahead > 0:
             time.sleep(ahead)
     kafka.flush()
     kafka.close()
+    print(f"fed {len(messages)} events in {time.monotonic() - started:.1f} s", flush=True)
 
 
-def probe_once(client: httpx.Client, kafka: Any, stream: Stream, template: dict[str, Any],
-               timeout_s: float) -> tuple[float, float]:
-    """(ms until /v1/entities knows a new user, ms until SQL finds it); inf if not in time."""
+def role(name: str, **options: Any) -> subprocess.Popen[str]:
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
+    return subprocess.Popen([sys.executable, "-m", "tests.benchmarks.freshness", "--role", name, *flags],
+                            stdout=subprocess.PIPE, text=True)
+
+
+def wait_ready(url: str, api: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if api.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit("the API never became ready")
+        time.sleep(0.2)
+
+
+class CpuShare:
+    """Each named process's share of the machine's CPU time from now until `shares()` (the
+    rest: Kafka, Redis, Ray, Airflow, the kernel): on a laptop everything shares the cores."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        import psutil
+
+        self.processes = {name: psutil.Process(pid) for name, pid in pids.items()}
+        self.started = {name: sum(p.cpu_times()[:2]) for name, p in self.processes.items()}
+        self.machine = psutil.cpu_times()
+        self.wall, self.cores = time.monotonic(), psutil.cpu_count() or 1
+
+    def shares(self) -> str:
+        import psutil
+
+        now = psutil.cpu_times()
+        busy = sum(now[:3]) - sum(self.machine[:3])  # user, nice, system
+        used = {name: sum(p.cpu_times()[:2]) - self.started[name] for name, p in self.processes.items()}
+        total = (time.monotonic() - self.wall) * self.cores
+        parts = [f"{name} {100 * t / total:.0f} %" for name, t in used.items()]
+        rest = busy - sum(used.values())
+        return ", ".join([*parts, f"the rest {100 * rest / total:.0f} %",
+                          f"idle {100 * max(0.0, total - busy) / total:.0f} % (of {self.cores} cores)"])
+
+
+def probe_once(clients: tuple[httpx.Client, httpx.Client], kafka: Any, topic: str,
+               template: dict[str, Any], timeout_s: float) -> tuple[float, float]:
+    """(ms until /v1/entities knows a new user, ms until SQL finds it); inf if not in time.
+    Each endpoint has its own polling thread, so neither waits on the other's answers."""
     user = f"probe-{uuid.uuid4().hex[:10]}"
     event = {**template, "event_id": f"p-{uuid.uuid4().hex[:10]}", "user_id": user,
              "event_time": format_timestamp_ms(int(time.time() * 1000))}
-    sent = time.perf_counter()
-    kafka.send(stream.topic, key=user.encode(), value=json.dumps(event).encode())
-    kafka.flush()
-    entities = sql = float("inf")
+    seen = {"entities": float("inf"), "sql": float("inf")}
     query = {"query": f"SELECT count FROM merged.user_all WHERE user_id = '{user}'"}
-    while time.perf_counter() - sent < timeout_s and (entities == float("inf") or sql == float("inf")):
-        if entities == float("inf") and client.get(f"/v1/entities/user_id/{user}/features").json().get("known"):
-            entities = (time.perf_counter() - sent) * 1000
-        if sql == float("inf") and client.post("/v1/sql", json=query).json().get("row_count"):
-            sql = (time.perf_counter() - sent) * 1000
-        time.sleep(0.002)
-    return entities, sql
+    checks = {
+        "entities": lambda c: c.get(f"/v1/entities/user_id/{user}/features").json().get("known"),
+        "sql": lambda c: c.post("/v1/sql", json=query).json().get("row_count"),
+    }
+
+    def watch(name: str, client: httpx.Client) -> None:
+        while time.perf_counter() - sent < timeout_s:
+            if checks[name](client):
+                seen[name] = (time.perf_counter() - sent) * 1000
+                return
+            time.sleep(0.01)  # a 10 ms poll: enough resolution, little load
+
+    sent = time.perf_counter()
+    kafka.send(topic, key=user.encode(), value=json.dumps(event).encode())
+    kafka.flush()
+    watchers = [threading.Thread(target=watch, args=pair) for pair in zip(checks, clients, strict=True)]
+    for watcher in watchers:
+        watcher.start()
+    for watcher in watchers:
+        watcher.join()
+    return seen["entities"], seen["sql"]
 
 
 def main() -> None:
@@ -107,42 +162,63 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--probes", type=int, default=100)
     parser.add_argument("--refresh-s", type=float, default=0.25, help="the API's SQL refresh interval")
+    parser.add_argument("--role", choices=("probe", "api", "feed"), default="probe", help=argparse.SUPPRESS)
+    parser.add_argument("--topic", help=argparse.SUPPRESS)
+    parser.add_argument("--root", help=argparse.SUPPRESS)
+    parser.add_argument("--group", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.role != "probe":
+        return run_api(args) if args.role == "api" else run_feed(args)
     base = load_settings()
     serve_model(base)
 
     stream = new_stream(base, 10, seed=8)
     group = f"fresh-{uuid.uuid4().hex[:6]}"
-    settings = base.model_copy(update={
-        "speed_group": group, "delta_root": stream.lakehouse.root, "serving_refresh_s": args.refresh_s,
-        "api_keys": SecretStr(f"bench:{KEY}:predict+features+sql")})
-    speed = speed_process(stream, group, "--max-wait-ms", str(settings.speed_max_wait_ms))
-    url, server = start_api(settings, stream)
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    speed_log = Path(base.state_dir) / "logs" / f"freshness-{group}.log"
+    speed_log.parent.mkdir(parents=True, exist_ok=True)
+    speed = speed_process(stream, group, "--max-wait-ms", str(base.speed_max_wait_ms), max_batch=None,
+                          log=speed_log.open("w"))  # the platform's defaults
+    print(f"speed layer log: {speed_log}", flush=True)
+    api = role("api", topic=stream.topic, root=stream.lakehouse.root, group=group, port=port,
+               refresh_s=args.refresh_s)
+    feed = None
+    url = f"http://127.0.0.1:{port}"
     template = json.loads(next(m for m in stream.messages if m.kind == "valid").value)
-    done = threading.Event()
+    results = []
     try:
-        with httpx.Client(base_url=url, headers={"X-API-Key": KEY}, timeout=30) as http:
-            kafka = producer(stream.settings.kafka_bootstrap_servers)
-            # the speed member joins the group: wait until a first probe is seen at all
-            warm = probe_once(http, kafka, stream, template, timeout_s=120)
-            print(f"speed layer ready (first probe visible after {warm[0]:.0f} ms)", flush=True)
-            feeder = threading.Thread(target=background, args=(stream, args.rate, args.seconds, done))
-            feeder.start()
-            time.sleep(2.0)  # the stream is flowing
-            results = []
-            spacing = max(0.05, (args.seconds - 4.0) / max(1, args.probes))
-            for _ in range(args.probes):
-                if not feeder.is_alive():
-                    break
-                results.append(probe_once(http, kafka, stream, template, timeout_s=30))
-                time.sleep(spacing)
-            done.set()
-            feeder.join()
-            kafka.close()
+        wait_ready(url, api)
+        clients = (httpx.Client(base_url=url, headers={"X-API-Key": KEY}, timeout=30),
+                   httpx.Client(base_url=url, headers={"X-API-Key": KEY}, timeout=30))
+        kafka = producer(stream.settings.kafka_bootstrap_servers)
+        # the speed member joins the group: wait until a first probe is seen at all
+        warm = probe_once(clients, kafka, stream.topic, template, timeout_s=120)
+        print(f"speed layer ready (first probe visible after {warm[0]:.0f} ms)", flush=True)
+        feed = role("feed", topic=stream.topic, rate=args.rate, seconds=args.seconds)
+        assert feed.stdout is not None
+        feed.stdout.readline()  # "feeding"
+        ends = time.monotonic() + args.seconds - 1.0  # probe while the stream flows
+        time.sleep(2.0)  # the stream is flowing
+        cpu = CpuShare({"speed layer": speed.pid, "API": api.pid, "feeder": feed.pid, "probes": os.getpid()})
+        spacing = max(0.05, (args.seconds - 4.0) / max(1, args.probes))
+        for _ in range(args.probes):
+            if time.monotonic() > ends:
+                break
+            results.append(probe_once(clients, kafka, stream.topic, template, timeout_s=30))
+            time.sleep(spacing)
+        print(f"CPU while probing: {cpu.shares()}", flush=True)
+        print(feed.stdout.read().strip(), flush=True)
+        kafka.close()
     finally:
-        server.should_exit = True
-        speed.send_signal(signal.SIGTERM)
-        speed.wait(timeout=60)
+        for process in (feed, api, speed):
+            if process is not None and process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in (feed, api, speed):
+            if process is not None:
+                process.wait(timeout=60)
     entities = np.array([r[0] for r in results])
     sql = np.array([r[1] for r in results])
 

@@ -38,7 +38,7 @@ PARTS = ("freshness", "serving", "restart", "training")
 
 # the lines of each part's output that make its summary (the serving part: the tail)
 SUMMARY = {
-    "freshness": re.compile(r"^(speed layer ready|freshness at)"),
+    "freshness": re.compile(r"^(speed layer ready|CPU while probing|freshness at)"),
     "restart": re.compile(r"^(restart of a speed member|\s+scored events|\s+[\d,]+\s+[\d.]+ s|t\()"),
     "training": re.compile(r"events: (views|training set)|^t\("),
 }

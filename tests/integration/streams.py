@@ -80,12 +80,17 @@ def cli_env(stream: Stream) -> dict[str, str]:
             "LAMBDALAKE_MODEL_NAME": stream.settings.model_name}
 
 
-def speed_process(stream: Stream, group: str, *extra: str) -> subprocess.Popen[str]:
-    """`lambdalake speed run` on the stream's topic, as its own process."""
+def speed_process(stream: Stream, group: str, *extra: str, max_batch: int | None = 200,
+                  log: Any = None) -> subprocess.Popen[str]:
+    """`lambdalake speed run` on the stream's topic, as its own process (`max_batch` None: the
+    default); its output piped, or written to the file `log` (a long run that nobody reads
+    would fill the pipe and stall)."""
+    output = subprocess.PIPE if log is None else log
+    batch = [] if max_batch is None else ["--max-batch", str(max_batch)]
     return subprocess.Popen(
         [str(Path(sys.executable).parent / "lambdalake"), "speed", "run", "--topic", stream.topic,
-         "--group", group, "--max-batch", "200", *extra],
-        env=cli_env(stream), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+         "--group", group, *batch, *extra],
+        env=cli_env(stream), cwd=REPO, stdout=output, stderr=output, text=True)
 
 
 def run_in_process(stream: Stream, group: str = "it", idle_exit_s: float = 4.0) -> dict[str, int]:

@@ -109,7 +109,7 @@ def test_sigkill_part_way_still_scores_each_event_once_and_dlqs_each_bad_record_
     total = len(stream.valid_ids)
     rng = random.Random(7)
     for share in (0.1, 0.3, 0.5):
-        process = speed_process(stream, "killed", "--max-batch", "100")
+        process = speed_process(stream, "killed", max_batch=100)
         target = int(total * rng.uniform(share - 0.05, share + 0.05))
         # the condition is only polled within this iteration
         wait_for(lambda: process.poll() is not None or scored_count(stream) >= target,  # noqa: B023
