@@ -185,11 +185,36 @@ def _decode_runs(table: Any) -> list[BatchRun]:
 
 def published_runs(lakehouse: Lakehouse) -> list[BatchRun]:
     """Every published batch run, newest (highest sequence) first; [] before the first."""
-    from deltalake import DeltaTable
+    return RunLog(lakehouse).runs()
 
-    if not DeltaTable.is_deltatable(lakehouse.batch_runs):
-        return []
-    return _decode_runs(DeltaTable(lakehouse.batch_runs))
+
+class RunLog:
+    """`published_runs` for a reader that asks again and again (serving's refresh, the speed
+    layer's look for a newer run): it keeps batch_runs open and reads only the log entries
+    committed since its last look, and decodes the runs again only when there are new ones.
+    A look that finds no new run costs the same however many runs were published (opening
+    the table anew replays its log and decoding reads every run: both grow with uptime)."""
+
+    def __init__(self, lakehouse: Lakehouse) -> None:
+        self.path = lakehouse.batch_runs
+        self._table: Any = None
+        self._version = -1
+        self._runs: list[BatchRun] = []
+
+    def runs(self) -> list[BatchRun]:
+        """Every published run, newest first (the same list object until a run is published)."""
+        from deltalake import DeltaTable
+
+        if self._table is None:
+            if not DeltaTable.is_deltatable(self.path):
+                return []
+            self._table = DeltaTable(self.path)
+        else:
+            self._table.update_incremental()  # batch_runs is append-only (`publish_run`)
+        version = self._table.version()
+        if version != self._version:
+            self._runs, self._version = _decode_runs(self._table), version
+        return self._runs
 
 
 def latest_run(lakehouse: Lakehouse) -> BatchRun | None:

@@ -59,7 +59,7 @@ from lakehouse.errors import SqlError, SqlTimeout
 from lakehouse.features import OFFSET, PARTITION
 from lakehouse.online.base import OnlineStore
 from lakehouse.spec import FeatureView, PlatformSpec
-from lakehouse.tables import BATCH_RUN_ID, BUCKET, Lakehouse, published_runs
+from lakehouse.tables import BATCH_RUN_ID, BUCKET, Lakehouse, RunLog
 from lakehouse.types import arrow_type, state_arrow_type
 from serving.live import LiveMirror, LiveSource, adoptable, live_schema
 from serving.point import PointIndex, exact_int
@@ -146,6 +146,7 @@ class DuckEngine:
 
         self.spec = spec
         self.lakehouse = lakehouse
+        self._run_log = RunLog(lakehouse)  # each refresh reads only the new log entries
         self.store = store
         self.partitions = partitions
         self._entity_types = entity_types(spec)
@@ -203,7 +204,7 @@ class DuckEngine:
         from deltalake import DeltaTable
 
         with self._lock:
-            runs = [r for r in published_runs(self.lakehouse) if adoptable(r, self.spec, self.store)]
+            runs = [r for r in self._run_log.runs() if adoptable(r, self.spec, self.store)]
             run = runs[0] if runs else None
             new_run = run is not None and (self._run is None or run.run_id != self._run.run_id)
             boundary = run.boundary if run is not None else {}

@@ -31,7 +31,7 @@ from lakehouse.errors import SqlError
 from lakehouse.features import OFFSET, PARTITION
 from lakehouse.online.base import OnlineStore
 from lakehouse.spec import PlatformSpec
-from lakehouse.tables import BUCKET, Lakehouse, published_runs
+from lakehouse.tables import BUCKET, Lakehouse, RunLog
 from lakehouse.types import arrow_type, spark_sql_type
 from serving.duck import Snapshot
 from serving.live import LiveSource, adoptable, live_tables
@@ -64,6 +64,7 @@ class SparkEngine:
         self.spark = spark
         self.spec = spec
         self.lakehouse = lakehouse
+        self._run_log = RunLog(lakehouse)
         self.store = store
         self.partitions = partitions
         logging.getLogger("SQLQueryContextLogger").setLevel(logging.CRITICAL)  # errors are raised
@@ -92,7 +93,7 @@ class SparkEngine:
         spark, spec, lake = self.spark, self.spec, self.lakehouse
         for schema in (HIDDEN, *SCHEMAS):
             spark.sql(f"CREATE DATABASE IF NOT EXISTS {schema}")
-        runs = [r for r in published_runs(lake) if adoptable(r, spec, self.store)]
+        runs = [r for r in self._run_log.runs() if adoptable(r, spec, self.store)]
         run = runs[0] if runs else None
         boundary = run.boundary if run else {}
         for view in spec.views:

@@ -70,7 +70,7 @@ from lakehouse.online.base import OnlineStore, Step, StoreBehindError, event_ide
 from lakehouse.serve import Scorer
 from lakehouse.spec import PlatformSpec
 from lakehouse.streams import kafka_client_config
-from lakehouse.tables import BatchRun, Lakehouse, published_runs
+from lakehouse.tables import BatchRun, Lakehouse, RunLog
 from speed import lake, metrics
 from speed.state import PreparedBase, SpeedState
 
@@ -121,6 +121,7 @@ class SpeedLayer:
         self.spec = spec
         self.scorer = scorer
         self.lakehouse = lakehouse or Lakehouse(settings.delta_uri)
+        self._run_log = RunLog(self.lakehouse)  # looked at every run_check_s: new log entries only
         self.options = options if options is not None else SpeedOptions.from_settings(settings)
         self.store = store if store is not None else open_store(
             settings, spec, group=self.options.group_id, root=self.lakehouse.root)
@@ -335,7 +336,7 @@ class SpeedLayer:
                                   lake.gold_rows(self.lakehouse, self.spec, run))
 
     def _adopt_newest(self) -> None:
-        run = next((r for r in published_runs(self.lakehouse) if self._adoptable(r)), None)
+        run = next((r for r in self._run_log.runs() if self._adoptable(r)), None)
         if run is not None and run.run_id != self.state.base.run_id:
             self.state.install(self._prepare(run))
             metrics.BATCH_RUN.info({"run_id": run.run_id})
@@ -362,7 +363,7 @@ class SpeedLayer:
         def load() -> None:  # the look at batch_runs too: the scoring loop never reads Delta
             run = None
             try:
-                runs = published_runs(self.lakehouse)
+                runs = self._run_log.runs()
                 if not runs or runs[0].run_id == current or not self._adoptable(runs[0]):
                     return
                 run = runs[0]

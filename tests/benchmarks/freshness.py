@@ -41,7 +41,7 @@ from lakehouse.spec import format_timestamp_ms  # noqa: E402
 from lakehouse.streams import producer  # noqa: E402
 from lakehouse.tables import Lakehouse  # noqa: E402
 from tests.benchmarks.speed_layer import events_of, serve_model  # noqa: E402
-from tests.integration.streams import new_stream, spec_on, speed_process  # noqa: E402
+from tests.integration.streams import discard, new_stream, spec_on, speed_process  # noqa: E402
 
 KEY = "bench-fresh-admin-key-0123456789"
 
@@ -162,6 +162,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--probes", type=int, default=100)
     parser.add_argument("--refresh-s", type=float, default=0.25, help="the API's SQL refresh interval")
+    parser.add_argument("--keep", action="store_true", help="keep the topic, lakehouse and store")
     parser.add_argument("--role", choices=("probe", "api", "feed"), default="probe", help=argparse.SUPPRESS)
     parser.add_argument("--topic", help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
@@ -219,6 +220,11 @@ def main() -> None:
         for process in (feed, api, speed):
             if process is not None:
                 process.wait(timeout=60)
+        if not args.keep:
+            from lakehouse.online import open_store
+
+            discard(base, stream.topic, stream.lakehouse.root,
+                    open_store(base, stream.spec, group=group, root=stream.lakehouse.root))
     entities = np.array([r[0] for r in results])
     sql = np.array([r[1] for r in results])
 

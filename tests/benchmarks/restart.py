@@ -47,7 +47,6 @@ import argparse
 import dataclasses
 import json
 import os
-import shutil
 import signal
 import statistics
 import subprocess
@@ -75,7 +74,8 @@ from lakehouse.streams import ensure_topics, kafka_client_config, producer  # no
 from lakehouse.tables import Lakehouse  # noqa: E402
 from speed import lake  # noqa: E402
 from speed.consumer import encode_row  # noqa: E402
-from tests.benchmarks.speed_layer import serve_model, spec_for  # noqa: E402
+from tests.benchmarks.speed_layer import serve_model  # noqa: E402
+from tests.integration.streams import discard, spec_on  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 PER_STEP = 200  # records of one partition per store step (the members run with --max-batch 200)
@@ -115,7 +115,7 @@ def produce_history(settings: Settings, n: int, seed: int) -> History:
     suffix = uuid.uuid4().hex[:8]
     topic = f"restart-{suffix}"
     ensure_topics(settings.kafka_bootstrap_servers, [topic, f"{topic}.dlq"], partitions=settings.kafka_partitions)
-    spec = spec_for(topic)
+    spec = spec_on(topic)
     lakehouse = Lakehouse(f"{settings.delta_uri}/restart-{suffix}")
     group = f"restart-{suffix}"
     options = GeneratorOptions(events=n, seed=seed, malformed_fraction=0, duplicate_fraction=0)
@@ -307,16 +307,7 @@ def restart(h: History, name: str, timeout_s: float = 300.0) -> tuple[float, int
 
 
 def cleanup(h: History) -> None:
-    from kafka.admin import KafkaAdminClient
-
-    h.store.wipe()
-    shutil.rmtree(h.lakehouse.root, ignore_errors=True)
-    try:
-        admin = KafkaAdminClient(**kafka_client_config(h.settings))
-        admin.delete_topics([h.topic, f"{h.topic}.dlq"])
-        admin.close()
-    except Exception as error:  # noqa: BLE001 - the topics are only scratch
-        print(f"(topic {h.topic} not deleted: {error!r})", file=sys.stderr)
+    discard(h.settings, h.topic, h.lakehouse.root, h.store)
 
 
 def main() -> None:

@@ -17,7 +17,6 @@ registered (throughput does not depend on the weights). Run:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
@@ -39,11 +38,7 @@ from lakehouse.fraud import FRAUD_SPEC, TRANSACTIONS  # noqa: E402
 from lakehouse.generator import GeneratorOptions, generate, produce  # noqa: E402
 from lakehouse.streams import ensure_topics, producer  # noqa: E402
 from lakehouse.tables import Lakehouse  # noqa: E402
-
-
-def spec_for(topic: str):  # type: ignore[no-untyped-def]
-    return dataclasses.replace(FRAUD_SPEC, events=dataclasses.replace(TRANSACTIONS, topic=topic),
-                               dlq_topic=f"{topic}.dlq")
+from tests.integration.streams import spec_on  # noqa: E402
 
 
 def events_of(n: int, seed: int) -> list:  # type: ignore[type-arg]
@@ -76,7 +71,7 @@ def speed_layer(settings, topic: str, lakehouse: Lakehouse, group: str):  # type
     from lakehouse.serve import serve_scorer
     from speed.consumer import SpeedLayer, SpeedOptions
 
-    return SpeedLayer(settings, spec_for(topic), serve_scorer(), lakehouse=lakehouse,
+    return SpeedLayer(settings, spec_on(topic), serve_scorer(), lakehouse=lakehouse,
                       options=SpeedOptions(group_id=group))
 
 
@@ -153,7 +148,6 @@ def serve_model(settings) -> None:  # type: ignore[no-untyped-def]
     weights; the platform's own model, perhaps trained on an older spec, is left alone)."""
     import ray
 
-    from lakehouse.fraud import FRAUD_SPEC
     from speed.model_service import ServiceArgs, serve_on_ray
 
     settings = settings.model_copy(update={"model_name": f"bench-{FRAUD_SPEC.fingerprint()}"})

@@ -67,6 +67,26 @@ def new_stream(settings: Settings, events: int, seed: int, **options: Any) -> St
     return Stream(settings, spec, Lakehouse(f"{settings.delta_uri}/speed-{suffix}"), topic, messages)
 
 
+def discard(settings: Settings, topic: str, root: str, store: Any = None) -> None:
+    """Delete a scratch stream: its topic and DLQ topic, its lakehouse directory, and its group's
+    online store if given (benchmarks that leave nothing behind)."""
+    import shutil
+
+    from kafka.admin import KafkaAdminClient
+
+    from lakehouse.streams import kafka_client_config
+
+    if store is not None:
+        store.wipe()
+    shutil.rmtree(root, ignore_errors=True)
+    try:
+        admin = KafkaAdminClient(**kafka_client_config(settings))
+        admin.delete_topics([topic, f"{topic}.dlq"])
+        admin.close()
+    except Exception as error:  # noqa: BLE001 - the topics are only scratch
+        print(f"(topic {topic} not deleted: {error!r})", file=sys.stderr)
+
+
 def send(stream: Stream, messages: list[Message]) -> None:
     kafka = producer(stream.settings.kafka_bootstrap_servers)
     for m in messages:

@@ -14,6 +14,7 @@ from deltalake.exceptions import CommitFailedError
 from lakehouse.tables import (
     BatchRun,
     Lakehouse,
+    RunLog,
     StaleRunError,
     _batch_runs_schema,
     latest_run,
@@ -41,6 +42,17 @@ def test_newest_is_commit_order_not_the_clock(lakehouse: Lakehouse) -> None:
     assert second.sequence == 2
     assert latest_run(lakehouse) == second
     assert [r.run_id for r in published_runs(lakehouse)] == ["second", "first"]
+
+
+def test_a_run_log_sees_new_runs_and_decodes_only_when_one_was_published(lakehouse: Lakehouse) -> None:
+    log = RunLog(lakehouse)
+    assert log.runs() == []  # before the first run: no table yet
+    publish_run(lakehouse, run("first", {0: 10}))
+    first = log.runs()
+    assert [r.run_id for r in first] == ["first"]
+    assert log.runs() is first  # nothing new: the same runs, not decoded again
+    publish_run(lakehouse, run("second", {0: 20}))
+    assert [r.run_id for r in log.runs()] == ["second", "first"] == [r.run_id for r in published_runs(lakehouse)]
 
 
 def test_cut_epochs_round_trip_and_rows_written_before_them_read_as_none_cut(lakehouse: Lakehouse) -> None:
