@@ -164,8 +164,10 @@ def _batch_runs_schema() -> Any:
     ])
 
 
-def _decode_runs(table: Any) -> list[BatchRun]:
-    """Every run a batch_runs snapshot (a delta-rs DeltaTable) holds, newest first."""
+def _decode_runs(table: Any, after: int | None = None) -> list[BatchRun]:
+    """Every run a batch_runs snapshot (a delta-rs DeltaTable) holds, newest first; `after`:
+    only those of a higher sequence (the files of older runs are skipped by their statistics
+    in the Delta log, never opened)."""
     def pairs(value: Any) -> dict[Any, Any]:
         return dict(value or [])  # an Arrow map value is a list of (key, value) tuples
 
@@ -178,7 +180,7 @@ def _decode_runs(table: Any) -> list[BatchRun]:
                  source_versions=pairs(r["source_versions"]), row_counts=pairs(r["row_counts"]),
                  durations_s=pairs(r["durations_s"]), spec_fingerprint=r["spec_fingerprint"],
                  finished_at=utc(r["finished_at"]), sequence=int(r.get("sequence") or 0))
-        for r in table.to_pyarrow_table().to_pylist()
+        for r in table.to_pyarrow_table(filters=None if after is None else [("sequence", ">", after)]).to_pylist()
     ]
     return sorted(runs, key=lambda run: (run.sequence, run.finished_at), reverse=True)
 
@@ -190,10 +192,11 @@ def published_runs(lakehouse: Lakehouse) -> list[BatchRun]:
 
 class RunLog:
     """`published_runs` for a reader that asks again and again (serving's refresh, the speed
-    layer's look for a newer run): it keeps batch_runs open and reads only the log entries
-    committed since its last look, and decodes the runs again only when there are new ones.
-    A look that finds no new run costs the same however many runs were published (opening
-    the table anew replays its log and decoding reads every run: both grow with uptime)."""
+    layer's look for a newer run): it keeps batch_runs open, reads only the log entries
+    committed since its last look, and decodes only the runs published since (one file each;
+    the log's statistics skip the older files). A look costs the same however many runs were
+    published; opening the table anew and decoding every run grew with uptime (0.6 s at 200
+    runs, four times a second in serving)."""
 
     def __init__(self, lakehouse: Lakehouse) -> None:
         self.path = lakehouse.batch_runs
@@ -212,8 +215,14 @@ class RunLog:
         else:
             self._table.update_incremental()  # batch_runs is append-only (`publish_run`)
         version = self._table.version()
-        if version != self._version:
-            self._runs, self._version = _decode_runs(self._table), version
+        if version != self._version:  # new runs, or a compaction that rewrote the same ones
+            if not self._runs:
+                self._runs = _decode_runs(self._table)
+            else:
+                new = _decode_runs(self._table, after=self._runs[0].sequence)
+                ids = {run.run_id for run in new}
+                self._runs = new + [run for run in self._runs if run.run_id not in ids]
+            self._version = version
         return self._runs
 
 
