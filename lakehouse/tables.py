@@ -238,7 +238,10 @@ def publish_through(lakehouse: Lakehouse, snapshot: Any, run: BatchRun) -> Batch
     import pyarrow as pa
     from deltalake import CommitProperties, Transaction, write_deltalake
 
-    runs = _decode_runs(snapshot) if snapshot is not None else []
+    runs: list[BatchRun] = []
+    if snapshot is not None:  # the newest run only: the publish app transaction names its sequence
+        sequence = snapshot.transaction_version(PUBLISH_APP_ID)
+        runs = _decode_runs(snapshot, after=None if sequence is None else sequence - 1)
     current = runs[0] if runs else None
     if current is not None:
         behind = {p: (run.boundary.get(p, -1), o) for p, o in current.boundary.items()
