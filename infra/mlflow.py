@@ -11,6 +11,9 @@ class MlflowService(Service):
     """MLflow tracking server and model registry on a SQLite store."""
 
     name = "mlflow"
+    # a first start creates and migrates its SQLite database: 20 s on an idle 2-core machine,
+    # over a minute when the machine is busy (a test run beside other work)
+    start_timeout = 180.0
 
     @property
     def ports(self) -> tuple[int, ...]:
