@@ -5,6 +5,7 @@ exponential backoff and stays in `status` with its state, restart count and last
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -28,16 +29,37 @@ from lakehouse.errors import ServiceError
 
 
 def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    return _free_ports(1)
+
+
+def _free_ports(count: int) -> int:
+    """The first of `count` consecutive ports free now, below the kernel's ephemeral range.
+
+    The apps' supervisors serve metrics on the ports after the speed layer's, so one free port
+    is not enough; and a port the kernel hands out for a client connection (32768 and up) can
+    be taken by any other test's connection between picking and binding it."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 32000 - count)
+        probes = [socket.socket() for _ in range(count)]
+        try:
+            for offset, probe in enumerate(probes):
+                probe.bind(("127.0.0.1", base + offset))
+            return base
+        except OSError:
+            continue
+        finally:
+            for probe in probes:
+                probe.close()
+    raise RuntimeError(f"no {count} consecutive free ports between 20000 and 32000")
 
 
 def _settings(tmp_path: Path) -> Settings:
-    """A platform of apps only (no services), its ports free ones."""
+    """A platform of apps only (no services): the speed layer's metrics port, the two
+    supervisors' after it and the API's, four consecutive free ports."""
+    base = _free_ports(4)
     return load_settings(state_dir=tmp_path / "state", manage_kafka=False, manage_redis=False, manage_mlflow=False,
-                         manage_ray=False, manage_airflow=False, speed_metrics_port=_free_port(),
-                         api_port=_free_port())
+                         manage_ray=False, manage_airflow=False, speed_metrics_port=base, api_port=base + 3)
 
 
 def _fake_lambdalake(bin_dir: Path, body: str) -> None:
