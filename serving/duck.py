@@ -24,7 +24,9 @@ DuckDB database, in one transaction, so a reader sees either the old or the new 
 
 `/v1/predict` and `/v1/entities` do not wait for a refresh: they read the gold index and the
 store at each request (`entity_states`, `entity_features`), as fresh as the speed layer's
-last step. Without a store (a lakehouse no speed layer writes) the views are gold alone.
+last step; an entity's merged.<view> rows are computed from its states without a query, by
+the Python form of the views' definition (`serving.views.Derived`). Without a store (a
+lakehouse no speed layer writes) the views are gold alone.
 
 User SQL is checked and then run under a locked configuration: one SELECT statement; no
 file, network or extension access (`enable_external_access=false`); a row cap and a timeout.
@@ -63,7 +65,7 @@ from lakehouse.tables import BATCH_RUN_ID, BUCKET, Lakehouse, RunLog
 from lakehouse.types import arrow_type, state_arrow_type
 from serving.live import LiveMirror, LiveSource, adoptable, live_schema
 from serving.point import PointIndex, exact_int
-from serving.views import DUCKDB, SCHEMAS, live_name, merged_views, raw_tables, view_sql
+from serving.views import DUCKDB, SCHEMAS, live_name, merged_views, raw_tables, view_row
 
 log = logging.getLogger("lambdalake.serving")
 
@@ -359,31 +361,17 @@ class DuckEngine:
 
     def entity_features(self, entity_field: str, entity: Any) -> EntityFeatures:
         """merged.<view> rows of one entity, per view that aggregates over `entity_field`
-        ({} for a view that holds nothing for it), read now: gold ⊕ one store read, through
-        the merged views' own SQL (`serving/views.py`) over that entity's states alone."""
+        ({} for a view that holds nothing for it), read now: gold ⊕ one store read, each row
+        computed from that entity's states by the merged views' own definition
+        (`serving.views.view_row`, the Python form of `view_sql`): no query."""
         point = self.point
         views = [view for view in self.spec.views if view.entity == entity_field]
         found, coverage = point.entity_states([(view.name, entity, 0) for view in views])
-        cursor = self._cursor()
-        name = f"_entity_{threading.get_ident()}"
         out: dict[str, dict[str, Any]] = {}
         for view in views:
-            states = found[(view.name, entity)]
-            if not len(states):
-                out[view.name] = {}
-                continue
-            schema = live_schema(self.spec, view, self._entity_types[view.entity])
-            rows = [{view.entity: e, BUCKET: b, **values} for (e, b), values in states.items()]
-            cursor.register(name, pa.Table.from_pylist(rows, schema=schema))
-            try:
-                result = cursor.execute(f"SELECT * FROM ({view_sql(self.spec, view, DUCKDB, states=name)}) AS v")
-                names = [d[0] for d in result.description]
-                row = next(iter(result.fetchall()), None)  # fetched whole: unregister needs no open result
-            finally:
-                cursor.unregister(name)
+            row = view_row(self.spec, view, entity, found[(view.name, entity)])
             out[view.name] = {} if row is None else {
-                n: exact_int(v) if n in view.aggregations else v
-                for n, v in zip(names, row, strict=True) if n != view.entity}
+                n: exact_int(v) if n in view.aggregations else v for n, v in row.items() if n != view.entity}
         return EntityFeatures(out, {**point.snapshot(coverage), "speed_increments": self.snapshot.increments})
 
     def close(self) -> None:

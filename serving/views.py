@@ -24,14 +24,20 @@ and on top of them the views defined here:
                           its time, changes another entity's answer.
 
 Identifiers are quoted per engine (`Dialect.quote`); everything else is SQL both accept.
+One entity's merged.<view> row is also computed in Python (`view_row`, for /v1/entities):
+each derived feature is defined once in both forms (`Derived`).
 """
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
+from lakehouse.features import ViewStates
 from lakehouse.monoids import Count, Max, Min, Sum, SumOfSquares
 from lakehouse.spec import FeatureView, PlatformSpec
 from lakehouse.tables import BUCKET, Lakehouse
@@ -81,8 +87,21 @@ def states_sql(spec: PlatformSpec, view: FeatureView, d: Dialect, *, gold: str |
     return f"SELECT {entity}, {q(BUCKET)}, {added} FROM ({parts}) AS states GROUP BY {entity}, {q(BUCKET)}"
 
 
-def derived_columns(spec: PlatformSpec, view: FeatureView, d: Dialect) -> list[str]:
-    """SQL select items of the features derived from a row of (windowed) states."""
+@dataclass(frozen=True)
+class Derived:
+    """A feature derived from one row of windowed states, defined once in both forms it is
+    computed in: `sql`, a select expression of the merged view (`view_sql`), and `value`, the
+    same arithmetic on a Python row (`view_row`: one entity's answer without a query). Each
+    form does the same IEEE double operations in the same order, so the two agree exactly."""
+
+    name: str
+    sql: str
+    value: Callable[[Mapping[str, Any]], Any]
+
+
+def derived(spec: PlatformSpec, view: FeatureView, d: Dialect) -> list[Derived]:
+    """The features derived from a row of (windowed) states: mean and std of each summed
+    field, money maxima and minima in currency units, events per minute over a window."""
     q = d.quote
     money = {f.name for f in spec.events.fields if f.type == "money"}
     count = next((n for n, a in view.aggregations.items() if isinstance(a, Count)), None)
@@ -93,22 +112,77 @@ def derived_columns(spec: PlatformSpec, view: FeatureView, d: Dialect) -> list[s
     for name, aggregation in view.aggregations.items():
         field = aggregation.field
         unit = " / 100" if field in money else ""  # cents → currency units (a DOUBLE)
+        per = 100.0 if field in money else 1.0
         if isinstance(aggregation, Sum):
-            items.append(f"CASE WHEN {q(count)} > 0 THEN CAST({q(name)} AS DOUBLE) / {n}{unit} END "
-                         f"AS {q('mean_' + str(field))}")
+            items.append(Derived(
+                f"mean_{field}",
+                f"CASE WHEN {q(count)} > 0 THEN CAST({q(name)} AS DOUBLE) / {n}{unit} END",
+                partial(_mean, count=count, total=name, per=per)))
             squares = next((s for s, a in view.aggregations.items()
                             if isinstance(a, SumOfSquares) and a.field == field), None)
             if squares is not None:
                 total = f"CAST({q(name)} AS DOUBLE)"
                 spread = f"{n} * CAST({q(squares)} AS DOUBLE) - {total} * {total}"
-                items.append(f"CASE WHEN {q(count)} > 1 THEN SQRT(GREATEST({spread}, 0.0)) / {n}{unit} "
-                             f"ELSE 0.0 END AS {q('std_' + str(field))}")
+                items.append(Derived(
+                    f"std_{field}",
+                    f"CASE WHEN {q(count)} > 1 THEN SQRT(GREATEST({spread}, 0.0)) / {n}{unit} ELSE 0.0 END",
+                    partial(_std, count=count, total=name, squares=squares, per=per)))
         elif isinstance(aggregation, Max | Min) and field in money:
-            items.append(f"CAST({q(name)} AS DOUBLE) / 100 AS {q(name + '_units')}")
+            items.append(Derived(f"{name}_units", f"CAST({q(name)} AS DOUBLE) / 100",
+                                 partial(_in_units, name=name)))
     if view.bucket_ms and view.window_buckets:
         minutes = view.bucket_ms * view.window_buckets / 60_000
-        items.append(f"{n} / {minutes!r} AS {q('events_per_minute')}")
+        items.append(Derived("events_per_minute", f"{n} / {minutes!r}",
+                             partial(_per_minute, count=count, minutes=minutes)))
     return items
+
+
+# the Python forms of `derived`'s SQL, one per kind of derived feature
+def _units(value: float, per: float) -> float:
+    return value / per if per != 1.0 else value
+
+
+def _mean(row: Mapping[str, Any], *, count: str, total: str, per: float) -> float | None:
+    return _units(float(row[total]) / float(row[count]), per) if row[count] > 0 else None
+
+
+def _std(row: Mapping[str, Any], *, count: str, total: str, squares: str, per: float) -> float:
+    if row[count] <= 1:
+        return 0.0
+    n, t = float(row[count]), float(row[total])
+    return _units(math.sqrt(max(n * float(row[squares]) - t * t, 0.0)) / n, per)
+
+
+def _in_units(row: Mapping[str, Any], *, name: str) -> float | None:
+    return None if row[name] is None else float(row[name]) / 100
+
+
+def _per_minute(row: Mapping[str, Any], *, count: str, minutes: float) -> float:
+    return float(row[count]) / minutes
+
+
+def derived_columns(spec: PlatformSpec, view: FeatureView, d: Dialect) -> list[str]:
+    """SQL select items of the features derived from a row of (windowed) states."""
+    return [f"{item.sql} AS {d.quote(item.name)}" for item in derived(spec, view, d)]
+
+
+def view_row(spec: PlatformSpec, view: FeatureView, entity: Any,
+             states: ViewStates) -> dict[str, Any] | None:
+    """One entity's row of merged.<view> computed in Python from its states (`states`: that
+    entity's buckets, gold ⊕ live), column for column what `view_sql` answers for it: the
+    states over the window ending at its newest bucket, the window's end, the derived
+    features (`derived`). None: nothing is known of the entity."""
+    buckets = [bucket for (e, bucket), _ in states.items() if e == entity]
+    if not buckets:
+        return None
+    newest = max(buckets)
+    row: dict[str, Any] = {view.entity: entity,
+                           **dict(zip(view.aggregations, states.read_values(entity, newest), strict=True))}
+    if view.bucket_ms and view.window_buckets:
+        row[WINDOW_END] = newest
+    for item in derived(spec, view, DUCKDB):
+        row[item.name] = item.value(row)
+    return row
 
 
 def view_sql(spec: PlatformSpec, view: FeatureView, d: Dialect, *, states: str | None = None) -> str:
