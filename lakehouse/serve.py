@@ -116,11 +116,12 @@ def _app_handle(app: str) -> Any:
 
 
 def serve_scorer(app: str = APP_NAME, *, timeout_s: float = 60.0) -> Scorer:
-    """Score rows through an application's deployment handle, blocking (the speed layer)."""
+    """Score a batch of rows through an application's deployment handle, blocking (the
+    speed layer: its micro-batch is scored at once, `score_batch`)."""
     handle = _app_handle(app)
 
     def score(rows: list[list[float]]) -> tuple[list[float], int]:
-        answer = handle.score.remote(rows).result(timeout_s=timeout_s)
+        answer = handle.score_batch.remote(rows).result(timeout_s=timeout_s)
         return answer["scores"], int(answer["model_version"])
 
     return score

@@ -5,8 +5,9 @@ the signed bundle from MLflow, verifies it with the public key and checks that i
 for the spec the service runs (`ServiceArgs.spec_fingerprint` and `feature_names`, the
 platform's spec unless told otherwise): an unsigned or changed bundle, or one of another
 spec, is refused (the replica does not start, or keeps its current model). It scores on the GPU
-when Ray gave it one. Calls from the speed layer (`score` through a deployment handle) and
-HTTP `/predict` requests are batched together with `@serve.batch`. A background task polls
+when Ray gave it one. The API's calls (`score` through a deployment handle) and HTTP
+`/predict` requests are batched together with `@serve.batch`; the speed layer's micro-batch
+is a batch already and is scored at once (`score_batch`), without waiting for company. A background task polls
 the registry; when the alias moves, the new version is loaded and verified beside the old
 one and swapped in between two batches, so no request fails or is dropped.
 
@@ -232,8 +233,19 @@ def _scorer_class() -> type[Any]:
             return out
 
         async def score(self, rows: list[list[float]]) -> dict[str, Any]:
-            """Probabilities for raw model input vectors, and the version that scored them."""
+            """Probabilities for raw model input vectors, and the version that scored them;
+            batched with other callers' requests (waits up to `batch_wait_timeout_s` for them)."""
             return await self._score_batched(check_rows(rows, len(self.loaded.feature_names)))
+
+        async def score_batch(self, rows: list[list[float]]) -> dict[str, Any]:
+            """`score` for a caller whose rows are a batch already (a speed layer's
+            micro-batch): scored at once, without waiting for other requests to join them."""
+            model = self.loaded
+            rows = check_rows(rows, len(model.feature_names))
+            started = time.perf_counter()
+            scores = await asyncio.to_thread(model.score, rows) if len(rows) > 512 else model.score(rows)
+            return {"scores": scores, "model_version": model.version,
+                    "model_ms": (time.perf_counter() - started) * 1000, "batch_rows": len(rows)}
 
         async def info(self) -> dict[str, Any]:
             return {"model_name": self.args.model_name, "version": self.loaded.version,

@@ -109,6 +109,10 @@ def test_a_promotion_is_followed_without_failing_a_request(service: dict[str, An
     assert seen == sorted(seen)  # one switch, never back
     answer = handle.score.remote(ROWS.tolist()).result(timeout_s=30)
     assert np.allclose(answer["scores"], predict(second, ROWS), atol=1e-6)
+    # the speed layer's path: its micro-batch scored at once, by the same model, same answer
+    at_once = handle.score_batch.remote(ROWS.tolist()).result(timeout_s=30)
+    assert at_once["scores"] == answer["scores"] and at_once["model_version"] == v2
+    assert at_once["batch_rows"] == len(ROWS)
     service["v2"] = v2
 
 
