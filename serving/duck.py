@@ -19,7 +19,8 @@ DuckDB database, in one transaction, so a reader sees either the old or the new 
   leaves the next one to load them whole. No Delta file is listed;
 - `merged.*`: the views of `serving/views.py`, the same SQL Spark runs;
 - the raw tables (bronze, silver, quarantine, batch runs, scored events, training set) as
-  Arrow datasets at the snapshot's Delta versions, read only when a query touches them;
+  Arrow datasets, each brought to its newest Delta version when a query names it
+  (`RawTables`): a refresh never reads them, so its cost does not grow with their files;
 - `serving.snapshot`: which run, boundary and coverage the answers reflect.
 
 `/v1/predict` and `/v1/entities` do not wait for a refresh: they read the gold index and the
@@ -50,7 +51,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,11 +79,60 @@ REFUSED_FUNCTIONS = frozenset({"current_setting", "getenv", "getvariable", "whic
 # of call or relation, including those of a future DuckDB.
 REFUSED_PREFIXES = ("duckdb_", "pragma_", "read_", "parquet_", "sniff_", "pg_", "sqlite_")
 _FILE_NAME_CHARACTERS = frozenset("/\\.:*?~")
-# how often a refresh looks for new versions of the raw tables (bronze, silver, ...), which
-# change with the batch layer, not with the speed layer
+# how often a refresh looks for raw tables (bronze, silver, ...) that appeared since (a look at
+# each missing one's directory), to give them a view; their data is read only by queries
 RAW_REFRESH_S = 10.0
 
 
+
+
+class RawTables:
+    """The raw Delta tables (qualified name → path) as Arrow datasets, each brought up to date
+    only when a query reads it: the table is kept open and only its new log entries are read
+    (`update_incremental`), and its dataset is rebuilt only when its version moved. The
+    refresh of the merged views never looks at them (scored_events takes a commit a second
+    per speed member): reading a raw table costs what that table costs, not the platform's
+    uptime. Thread-safe."""
+
+    def __init__(self, paths: dict[str, str]) -> None:
+        self.paths = paths
+        self._lock = threading.Lock()
+        self._tables: dict[str, Any] = {}  # name → open DeltaTable
+        self._datasets: dict[str, tuple[int, Any]] = {}  # name → (version, Arrow dataset)
+
+    def new_tables(self, known: set[str]) -> set[str]:
+        """The raw tables that exist now and are not in `known`."""
+        from deltalake import DeltaTable
+
+        return {name for name, path in self.paths.items()
+                if name not in known and DeltaTable.is_deltatable(path)}
+
+    def current(self, names: Iterable[str]) -> dict[str, tuple[int, Any]]:
+        """(version, dataset) of each of `names` that exists, as of now."""
+        from deltalake import DeltaTable
+
+        out = {}
+        with self._lock:
+            for name in sorted(names):
+                path = self.paths.get(name)
+                table = self._tables.get(name)
+                if table is not None:
+                    table.update_incremental()
+                elif path is not None and DeltaTable.is_deltatable(path):
+                    table = self._tables[name] = DeltaTable(path)
+                else:
+                    continue
+                version = table.version()
+                known = self._datasets.get(name)
+                if known is None or known[0] != version:
+                    known = self._datasets[name] = (version, table.to_pyarrow_dataset())
+                out[name] = known
+        return out
+
+
+def _registered(name: str) -> str:
+    """The name a raw table's Arrow dataset is registered under (its view reads it)."""
+    return "raw__" + name.replace(".", "__")
 
 
 @dataclass(frozen=True)
@@ -160,14 +210,12 @@ class DuckEngine:
             "autoinstall_known_extensions": False, "autoload_known_extensions": False})
         self._lock = threading.Lock()  # one refresh at a time
         self._local = threading.local()
-        self._raw: dict[str, Any] = {}  # registered name → Arrow dataset
+        self._raw = RawTables(raw_tables(spec, lakehouse))  # read when a query names them
         self._raw_views: set[str] = set()
-        self._raw_versions: dict[str, int] = {}
-        self._generation = 0
         self._run: Any = None
         self._mirror: LiveMirror | None = None  # the live states the speed tables hold
         self._refreshed = False
-        self._raw_at = 0.0  # when the raw tables' versions were last looked at
+        self._raw_at = 0.0  # when the refresh last looked for raw tables without a view
         self.snapshot = Snapshot(None, {}, {}, 0, refreshed_at=0.0)
         self.point = PointIndex.empty(spec, LiveSource(store, partitions, {}))
         self._create()
@@ -213,7 +261,7 @@ class DuckEngine:
             point = self.point
             live = LiveSource(self.store, self.partitions, run.cut_epochs) if new_run and run is not None \
                 else point.live
-            raw_due = time.monotonic() - self._raw_at >= RAW_REFRESH_S and self._raw_changed()
+            raw_due = time.monotonic() - self._raw_at >= RAW_REFRESH_S and self._raw_appeared()
             mirror = self._mirror if not new_run and not full else None
             self._mirror = None  # until the speed tables hold what the mirror does (set below)
             loaded: dict[str, pa.Table] | None = None  # whole speed tables to load (None: changes only)
@@ -256,7 +304,8 @@ class DuckEngine:
                 db.execute("INSERT INTO serving.snapshot VALUES (?, ?, ?, ?, now())",
                            [snapshot.run_id, json.dumps(snapshot.to_json()["boundary"]),
                             json.dumps(snapshot.to_json()["coverage"]), snapshot.increments])
-                self._register_raw(db)
+                if raw_due or not self._refreshed:
+                    self._create_raw_views(db)
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -285,47 +334,38 @@ class DuckEngine:
             finally:
                 db.unregister("_load")
 
-    def _raw_changed(self) -> bool:
-        """Whether a raw Delta table has a newer version than the one registered."""
-        from deltalake import DeltaTable
-
+    def _raw_appeared(self) -> bool:
+        """Whether a raw Delta table exists that has no view yet (a look at its directory)."""
         self._raw_at = time.monotonic()
-        for name, path in raw_tables(self.spec, self.lakehouse).items():
-            if DeltaTable.is_deltatable(path) and (name not in self._raw_versions or
-                                                   DeltaTable(path).version() != self._raw_versions[name]):
-                return True
-        return False
+        return bool(self._raw.new_tables(self._raw_views))
 
-    def _register_raw(self, db: Any) -> None:
-        from deltalake import DeltaTable
-
-        raw: dict[str, Any] = {}
-        for name, path in raw_tables(self.spec, self.lakehouse).items():
-            if DeltaTable.is_deltatable(path):
-                table = DeltaTable(path)
-                raw[name] = table.to_pyarrow_dataset()
-                self._raw_versions[name] = table.version()
-        for name, dataset in raw.items():
-            registered = "raw__" + name.replace(".", "__")
+    def _create_raw_views(self, db: Any) -> None:
+        """A view for each raw table that exists and has none yet (so information_schema
+        lists it); its data is read when a query names it (`_cursor`)."""
+        for name, (_, dataset) in self._raw.current(self._raw.new_tables(self._raw_views)).items():
+            registered = _registered(name)
             db.register(registered, dataset)
-            if name not in self._raw_views:
-                db.execute(f"CREATE VIEW {name} AS SELECT * FROM {registered}")
-                self._raw_views.add(name)
-        self._raw = raw
-        self._generation += 1
+            db.execute(f"CREATE VIEW {name} AS SELECT * FROM {registered}")
+            self._raw_views.add(name)
 
     # ------------------------------------------------------------------ reading
-    def _cursor(self) -> Any:
-        """This thread's connection to the database, with the current raw datasets."""
+    def _cursor(self, relations: Iterable[str] = ()) -> Any:
+        """This thread's connection to the database, with the raw tables among `relations`
+        (qualified names a query reads) registered at their current versions."""
         local = self._local
         cursor = getattr(local, "cursor", None)
         if cursor is None:
             cursor = local.cursor = self._db.cursor()
-            local.generation = -1
-        if local.generation != self._generation:
-            for name, dataset in self._raw.items():
-                cursor.register("raw__" + name.replace(".", "__"), dataset)
-            local.generation = self._generation
+            local.raw_versions = {}
+        needed = self._raw.paths.keys() & set(relations)
+        if needed:
+            if needed - self._raw_views:
+                with self._lock:  # a table that appeared since the last look: its view first
+                    self._create_raw_views(self._db)
+            for name, (version, dataset) in self._raw.current(needed).items():
+                if local.raw_versions.get(name) != version:
+                    cursor.register(_registered(name), dataset)
+                    local.raw_versions[name] = version
         return cursor
 
     def query(self, sql: str, *, row_cap: int = setting_default("sql_row_cap"),
@@ -333,8 +373,9 @@ class DuckEngine:
         """Run one read-only SELECT; at most `row_cap` rows, interrupted after `timeout_s`."""
         import duckdb
 
-        cursor = self._cursor()
-        text = check_select(cursor, sql)
+        checker = self._cursor()
+        text, relations = check_select(checker, sql)
+        cursor = self._cursor(relations)
         timer = threading.Timer(timeout_s, cursor.interrupt)
         started = time.perf_counter()
         timer.start()
@@ -380,9 +421,10 @@ class DuckEngine:
         self._remove_temp_directory()
 
 
-def check_select(cursor: Any, sql: str) -> str:
+def check_select(cursor: Any, sql: str) -> tuple[str, set[str]]:
     """The query text if it is exactly one SELECT statement calling only allowed functions
-    over allowed relations (see the module docstring); SqlError saying why not."""
+    over allowed relations (see the module docstring), and the relations it reads (`check_calls`);
+    SqlError saying why not."""
     import duckdb
 
     text = sql.strip().rstrip(";").strip()
@@ -397,12 +439,12 @@ def check_select(cursor: Any, sql: str) -> str:
     kind = statements[0].type
     if kind != duckdb.StatementType.SELECT:
         raise SqlError(f"only SELECT queries are allowed, got {kind.name}: the views are read-only")
-    check_calls(cursor, text)
-    return text
+    return text, check_calls(cursor, text)
 
 
-def check_calls(cursor: Any, text: str) -> None:
-    """SqlError naming the first function or relation of one SELECT that is not allowed."""
+def check_calls(cursor: Any, text: str) -> set[str]:
+    """SqlError naming the first function or relation of one SELECT that is not allowed;
+    else the qualified names (`schema.table`, lower case) of the relations it reads."""
     import duckdb
 
     try:
@@ -414,6 +456,7 @@ def check_calls(cursor: Any, text: str) -> None:
         raise SqlError(f"the query cannot be checked: {tree.get('error_message', 'unknown error')}")
     # iterative: a query's tree can be deeper than Python's recursion limit
     stack: list[Any] = [tree["statements"]]
+    relations: set[str] = set()
     while stack:
         node = stack.pop()
         if isinstance(node, list):
@@ -428,13 +471,16 @@ def check_calls(cursor: Any, text: str) -> None:
                 raise SqlError(f"the table function {name}() is not allowed; table functions allowed: "
                                f"{', '.join(sorted(TABLE_FUNCTIONS))}")
         elif kind == "BASE_TABLE":
-            _check_relation(str(node.get("schema_name", "")).lower(), str(node.get("table_name", "")))
+            schema, table = str(node.get("schema_name", "")).lower(), str(node.get("table_name", ""))
+            _check_relation(schema, table)
+            relations.add(f"{schema}.{table.lower()}")
         elif node.get("class") == "FUNCTION":
             name = str(node.get("function_name", "")).lower()
             if name in REFUSED_FUNCTIONS or name.startswith(REFUSED_PREFIXES):
                 raise SqlError(f"the function {name}() is not allowed: it reveals the server's "
                                "settings, files or secrets")
         stack.extend(node.values())
+    return relations
 
 
 def _check_relation(schema: str, name: str) -> None:
