@@ -39,7 +39,6 @@ from lakehouse.types import state_arrow_type
 __all__ = ["LiveChanges", "LiveMirror", "LiveSource", "LiveTables", "adoptable", "live_schema", "live_tables"]
 
 Row = tuple[Any, int, Sequence[Any]]  # (entity, bucket start, the view's states)
-_NONE: dict[int, list[Any]] = {}
 
 
 def live_schema(spec: PlatformSpec, view: FeatureView, entity_type: pa.DataType) -> pa.Schema:
@@ -179,8 +178,7 @@ class LiveMirror:
                 changed.update(old.keys() - buckets.keys())
                 if changed:
                     dirty.setdefault(pair, set()).update(changed)
-        before = {(pair, bucket): self._bucket_sum(pair, bucket) for pair, buckets in dirty.items()
-                  for bucket in buckets}
+        before = {pair: self._bucket_sums(pair, buckets) for pair, buckets in dirty.items()}
         for p, changes in read.items():
             held = self._held[p]
             for pair, buckets in changes.entities.items():
@@ -191,16 +189,18 @@ class LiveMirror:
             self._applied[p] = changes.applied
         gone: dict[str, list[tuple[Any, int]]] = {view.name: [] for view in self.spec.views}
         rows: dict[str, list[Row]] = {view.name: [] for view in self.spec.views}
-        for (pair, bucket), earlier in before.items():
+        for pair, earlier_sums in before.items():
             name, entity = pair
-            value = self._bucket_sum(pair, bucket)
-            if value == earlier:
-                continue
-            if earlier is not None:
-                gone[name].append((entity, bucket))
-            if value is not None:
-                rows[name].append((entity, bucket, value))
-            self.states += (value is not None) - (earlier is not None)
+            after = self._bucket_sums(pair, earlier_sums)
+            for bucket, earlier in earlier_sums.items():
+                value = after[bucket]
+                if value == earlier:
+                    continue
+                if earlier is not None:
+                    gone[name].append((entity, bucket))
+                if value is not None:
+                    rows[name].append((entity, bucket, value))
+                self.states += (value is not None) - (earlier is not None)
         keys = {}
         for view in self.spec.views:
             schema = live_schema(self.spec, view, self._entity_types[view.entity])
@@ -210,15 +210,24 @@ class LiveMirror:
                  pa.array([k[1] for k in found], type=pa.int64())], schema=pa.schema(list(schema)[:2]))
         return LiveChanges(keys, _tables(self.spec, self._entity_types, rows), self.coverage, self.states)
 
-    def _bucket_sum(self, pair: tuple[str, Any], bucket: int) -> list[Any] | None:
-        """One bucket of one (view, entity), summed over the partitions held (None: none)."""
+    def _bucket_sums(self, pair: tuple[str, Any], buckets: Iterable[int]) -> dict[int, list[Any] | None]:
+        """These buckets of one (view, entity), each summed over the partitions held (None:
+        none holds it). The partitions holding the pair are found once (a key entity's events
+        come from one partition: its states are that partition's, not a sum)."""
+        holders = [found for held in self._held.values() if (found := held.get(pair)) is not None]
+        if len(holders) == 1:
+            only = holders[0]
+            return {bucket: only.get(bucket) for bucket in buckets}
         aggregations = self._aggregations[pair[0]]
-        out: list[Any] | None = None
-        for held in self._held.values():
-            values = held.get(pair, _NONE).get(bucket)
-            if values is not None:
-                out = list(values) if out is None else [
-                    a.plus(c, x) for a, c, x in zip(aggregations, out, values, strict=True)]
+        out: dict[int, list[Any] | None] = {}
+        for bucket in buckets:
+            total: list[Any] | None = None
+            for found in holders:
+                values = found.get(bucket)
+                if values is not None:
+                    total = list(values) if total is None else [
+                        a.plus(c, x) for a, c, x in zip(aggregations, total, values, strict=True)]
+            out[bucket] = total
         return out
 
     def _summed(self, pair: tuple[str, Any]) -> dict[int, list[Any]]:

@@ -35,6 +35,7 @@ seen set holds one horizon of events, whatever the uptime.
 
 from __future__ import annotations
 
+import functools
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -118,11 +119,14 @@ def event_identity(schema: RecordSchema, record: Mapping[str, Any]) -> str:
     return json.dumps(list(schema.dedup_key(record)), separators=(",", ":"))
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def encode_entity(view: str, entity: Any) -> str:
-    """The store field of one (view, entity): it holds the entity's states of every bucket."""
+    """The store field of one (view, entity): it holds the entity's states of every bucket.
+    Cached: a micro-batch's and a refresh's entities are mostly the recent ones again."""
     return f"{view}\x1f{json.dumps(entity, separators=(',', ':'))}"
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def decode_entity(field: str | bytes) -> tuple[str, Any]:
     text = field.decode() if isinstance(field, bytes) else field
     view, entity = text.split("\x1f")

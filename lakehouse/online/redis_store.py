@@ -47,7 +47,6 @@ dropped epoch's cut in one MULTI/EXEC (a later change scores above the cut: neve
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple, TypeVar
@@ -190,6 +189,7 @@ return 1
 _ATTEMPTS = 100
 # an epoch hash's field: bucket start → states (exact integers of any size, None)
 _BUCKETS = msgspec.json.Decoder(dict[int, list[Any]])
+_ENCODE = msgspec.json.Encoder().encode  # the same compact JSON: bucket keys as strings
 _CHUNK = 10_000  # the most arguments one command of a step or restore carries
 _T = TypeVar("_T")
 
@@ -213,6 +213,7 @@ class RedisOnlineStore(OnlineStore):
         self._step_script = self.client.register_script(_STEP)
         self._changes_script = self.client.register_script(_CHANGES)
         self._open_epochs: dict[int, int] = {}  # partition → open epoch last seen
+        self._plus = {view.name: [a.plus for a in view.aggregations.values()] for view in spec.views}
 
     # ------------------------------------------------------------------ keys
     def _tag(self, partition: int) -> str:
@@ -350,13 +351,13 @@ class RedisOnlineStore(OnlineStore):
         fields: list[Any] = []
         for ((view, entity), increments), current_raw in zip(by_entity.items(), raw if by_entity else [],
                                                              strict=True):
-            buckets: dict[str, list[Any]] = json.loads(current_raw) if current_raw is not None else {}
-            aggregations = list(self.spec.view(view).aggregations.values())
+            buckets: dict[int, list[Any]] = _BUCKETS.decode(current_raw) if current_raw is not None else {}
+            adders = self._plus[view]
             for bucket, states in increments.items():
-                current = buckets.get(str(bucket))
-                buckets[str(bucket)] = list(states) if current is None else [
-                    a.plus(c, x) for a, c, x in zip(aggregations, current, states, strict=True)]
-            fields += [encode_entity(view, entity), json.dumps(buckets, separators=(",", ":"))]
+                current = buckets.get(bucket)
+                buckets[bucket] = list(states) if current is None else [
+                    add(c, x) for add, c, x in zip(adders, current, states, strict=True)]
+            fields += [encode_entity(view, entity), _ENCODE(buckets)]
         clock, below = self._clock_after(meta.clock, above.seen.values())
         rows = [x for offset, row in above.rows.items() for x in (offset, row)]
         seen = [x for identity, c in above.seen.items() for x in (c, identity)]
@@ -483,7 +484,7 @@ class RedisOnlineStore(OnlineStore):
         answers = self._read_partitions(list(partitions), after, fields)
         states: dict[StateKey, list[Any]] = {}
         coverage, epochs = {}, {}
-        plus = {view.name: [a.plus for a in view.aggregations.values()] for view in self.spec.views}
+        plus = self._plus
         floored = set()
         for p, (applied, epoch, jumped, per_epoch) in answers.items():
             coverage[p], epochs[p] = applied, epoch
@@ -509,8 +510,8 @@ class RedisOnlineStore(OnlineStore):
             for flat in per_epoch:
                 for i in range(0, len(flat), 2):
                     view, entity = decode_entity(flat[i])
-                    for bucket, value in json.loads(flat[i + 1]).items():
-                        merge_into(self.spec, merged, (view, entity, int(bucket)), value)
+                    for bucket, value in _BUCKETS.decode(flat[i + 1]).items():
+                        merge_into(self.spec, merged, (view, entity, bucket), value)
             yield from merged.items()
 
         return applied, states()
@@ -518,7 +519,6 @@ class RedisOnlineStore(OnlineStore):
     def changes(self, since: Mapping[int, int], after: Mapping[int, int]) -> dict[int, Changes]:
         answers = self._run_script(
             list(since), after, lambda p: ([self._changed(p)], [after.get(p, 0), since[p]]), self._changes_script)
-        aggregations = {view.name: list(view.aggregations.values()) for view in self.spec.views}
         out = {}
         for p, (applied, epoch, _, rest) in answers.items():
             fields, per_epoch = rest[0], rest[1:]
@@ -529,10 +529,15 @@ class RedisOnlineStore(OnlineStore):
                 for values in per_epoch:
                     if values[i] is None:
                         continue
-                    for bucket, states in _BUCKETS.decode(values[i]).items():
+                    decoded = _BUCKETS.decode(values[i])
+                    if not buckets:  # the first epoch that holds the entity (usually the only one)
+                        buckets = decoded
+                        continue
+                    adders = self._plus[view]
+                    for bucket, states in decoded.items():
                         current = buckets.get(bucket)
                         buckets[bucket] = states if current is None else [
-                            a.plus(c, x) for a, c, x in zip(aggregations[view], current, states, strict=True)]
+                            add(c, x) for add, c, x in zip(adders, current, states, strict=True)]
                 entities[(view, entity)] = buckets
             out[p] = Changes(applied, epoch, entities)
         return out
@@ -567,7 +572,7 @@ class RedisOnlineStore(OnlineStore):
             for (view, entity, bucket), states in increments.items():
                 by_entity.setdefault((view, entity), {})[str(bucket)] = list(states)
             pipe.multi()
-            fields = {encode_entity(v, e): json.dumps(b, separators=(",", ":")) for (v, e), b in by_entity.items()}
+            fields = {encode_entity(v, e): _ENCODE(b) for (v, e), b in by_entity.items()}
             items = list(fields.items())
             for start in range(0, len(items), _CHUNK):
                 chunk = dict(items[start:start + _CHUNK])
