@@ -169,6 +169,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--probes", type=int, default=100)
     parser.add_argument("--refresh-s", type=float, default=0.25, help="the API's SQL refresh interval")
+    parser.add_argument("--members", type=int, default=1, help="speed layer members (one consumer group)")
     parser.add_argument("--keep", action="store_true", help="keep the topic, lakehouse and store")
     parser.add_argument("--role", choices=("probe", "api", "feed"), default="probe", help=argparse.SUPPRESS)
     parser.add_argument("--topic", help=argparse.SUPPRESS)
@@ -186,11 +187,12 @@ def main() -> None:
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
-    speed_log = Path(base.state_dir) / "logs" / f"freshness-{group}.log"
-    speed_log.parent.mkdir(parents=True, exist_ok=True)
-    speed = speed_process(stream, group, "--max-wait-ms", str(base.speed_max_wait_ms), max_batch=None,
-                          log=speed_log.open("w"))  # the platform's defaults
-    print(f"speed layer log: {speed_log}", flush=True)
+    logs = Path(base.state_dir) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    members = [speed_process(stream, group, "--max-wait-ms", str(base.speed_max_wait_ms), max_batch=None,
+                             log=(logs / f"freshness-{group}-{i}.log").open("w"))  # the platform's defaults
+               for i in range(args.members)]
+    print(f"speed layer: {args.members} member(s) of group {group}, logs: {logs}/freshness-{group}-*.log", flush=True)
     api = role("api", topic=stream.topic, root=stream.lakehouse.root, group=group, port=port,
                refresh_s=args.refresh_s)
     feed = None
@@ -210,7 +212,8 @@ def main() -> None:
         feed.stdout.readline()  # "feeding"
         ends = time.monotonic() + args.seconds - 1.0  # probe while the stream flows
         time.sleep(2.0)  # the stream is flowing
-        cpu = CpuShare({"speed layer": speed.pid, "API": api.pid, "feeder": feed.pid, "probes": os.getpid()})
+        cpu = CpuShare({**{f"speed member {i}": m.pid for i, m in enumerate(members)},
+                        "API": api.pid, "feeder": feed.pid, "probes": os.getpid()})
         spacing = max(0.05, (args.seconds - 4.0) / max(1, args.probes))
         for _ in range(args.probes):
             if time.monotonic() > ends:
@@ -221,10 +224,10 @@ def main() -> None:
         print(feed.stdout.read().strip(), flush=True)
         kafka.close()
     finally:
-        for process in (feed, api, speed):
+        for process in (feed, api, *members):
             if process is not None and process.poll() is None:
                 process.send_signal(signal.SIGTERM)
-        for process in (feed, api, speed):
+        for process in (feed, api, *members):
             if process is not None:
                 process.wait(timeout=60)
         if not args.keep:
@@ -239,7 +242,7 @@ def main() -> None:
         value = np.percentile(values, q)
         return f"{value:.0f} ms" if np.isfinite(value) else "not visible in 30 s"
 
-    print(f"freshness at {args.rate:,.0f} events/s background, {len(results)} probes: "
+    print(f"freshness at {args.rate:,.0f} events/s background, {args.members} speed member(s), {len(results)} probes: "
           f"produce → /v1/entities p50 {shown(entities, 50)}, p99 {shown(entities, 99)}; "
           f"produce → SQL (refresh every {args.refresh_s:g} s) p50 {shown(sql, 50)}, p99 {shown(sql, 99)}",
           flush=True)
