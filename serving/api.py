@@ -386,8 +386,12 @@ def create_app(serving: Serving) -> FastAPI:
     entities = sorted({v.entity for v in spec.views})
 
     def refresh_loop() -> None:
+        """A refresh every `refresh_s`, start to start (one taking longer is followed at once):
+        the views are never staler than the interval plus one refresh."""
         last_discovery = 0.0
-        while not stop.wait(config.refresh_s):
+        due = time.monotonic() + config.refresh_s
+        while not stop.wait(max(0.0, due - time.monotonic())):
+            due = max(due + config.refresh_s, time.monotonic())
             try:
                 snapshot = engine.refresh()
                 metrics.increments.set(snapshot.increments)
