@@ -590,6 +590,8 @@ def create_app(serving: Serving) -> FastAPI:
             raise HTTPException(408, str(exc)) from None
         except SqlError as exc:
             raise HTTPException(400, str(exc)) from None
+        except ServiceError as down:  # a raw table the query names cannot be read now
+            raise HTTPException(503, str(down)) from None
         wants_arrow = body.format == "arrow" or ARROW_STREAM in request.headers.get("accept", "")
         headers = {"X-Row-Count": str(result.table.num_rows), "X-Truncated": str(result.truncated).lower()}
         if wants_arrow:

@@ -58,7 +58,7 @@ from typing import Any
 import pyarrow as pa
 
 from lakehouse.config import setting_default
-from lakehouse.errors import SqlError, SqlTimeout
+from lakehouse.errors import ServiceError, SqlError, SqlTimeout
 from lakehouse.features import OFFSET, PARTITION
 from lakehouse.online.base import OnlineStore
 from lakehouse.spec import FeatureView, PlatformSpec
@@ -108,7 +108,8 @@ class RawTables:
                 if name not in known and DeltaTable.is_deltatable(path)}
 
     def current(self, names: Iterable[str]) -> dict[str, tuple[int, Any]]:
-        """(version, dataset) of each of `names` that exists, as of now."""
+        """(version, dataset) of each of `names` that exists, as of now; ServiceError when one
+        cannot be read (its storage down, say)."""
         from deltalake import DeltaTable
 
         out = {}
@@ -116,16 +117,20 @@ class RawTables:
             for name in sorted(names):
                 path = self.paths.get(name)
                 table = self._tables.get(name)
-                if table is not None:
-                    table.update_incremental()
-                elif path is not None and DeltaTable.is_deltatable(path):
-                    table = self._tables[name] = DeltaTable(path)
-                else:
-                    continue
-                version = table.version()
-                known = self._datasets.get(name)
-                if known is None or known[0] != version:
-                    known = self._datasets[name] = (version, table.to_pyarrow_dataset())
+                try:
+                    if table is not None:
+                        table.update_incremental()
+                    elif path is not None and DeltaTable.is_deltatable(path):
+                        table = self._tables[name] = DeltaTable(path)
+                    else:
+                        continue
+                    version = table.version()
+                    known = self._datasets.get(name)
+                    if known is None or known[0] != version:
+                        known = self._datasets[name] = (version, table.to_pyarrow_dataset())
+                except Exception as exc:  # noqa: BLE001 - delta-rs and the store raise their own kinds
+                    raise ServiceError(f"the raw table {name} cannot be read now "
+                                       f"({type(exc).__name__}: {exc})") from exc
                 out[name] = known
         return out
 

@@ -13,7 +13,7 @@ import pytest
 from deltalake import write_deltalake
 
 import serving.duck
-from lakehouse.errors import SqlError
+from lakehouse.errors import ServiceError, SqlError
 from lakehouse.fraud import FRAUD_SPEC as SPEC
 from lakehouse.fraud import TRANSACTIONS
 from lakehouse.tables import Lakehouse
@@ -70,4 +70,17 @@ def test_refreshes_never_read_the_raw_tables(lakehouse: Lakehouse, monkeypatch: 
         engine.refresh(full=True)
     assert reads == []  # 29 versions later: no refresh read a raw table
     assert _count(engine) == 30 and reads == [{RELATION}]  # the query read the one it names
+    engine.close()
+
+
+def test_a_raw_table_that_cannot_be_read_is_a_service_error_naming_it(lakehouse: Lakehouse) -> None:
+    _append(lakehouse, 0, 1)
+    engine = DuckEngine(SPEC, lakehouse, store=None)
+    engine.refresh()
+    assert _count(engine) == 1
+    log = Path(lakehouse.silver(TRANSACTIONS.name)) / "_delta_log"
+    (log / f"{1:020d}.json").write_text("this is not a commit\n")  # the next version, broken
+    with pytest.raises(ServiceError, match=f"the raw table {RELATION} cannot be read now"):
+        _count(engine)
+    assert int(engine.query("SELECT count(*) AS n FROM merged.user_all").table.column("n")[0].as_py()) == 0
     engine.close()
