@@ -266,7 +266,8 @@ class DuckEngine:
             point = self.point
             live = LiveSource(self.store, self.partitions, run.cut_epochs) if new_run and run is not None \
                 else point.live
-            raw_due = time.monotonic() - self._raw_at >= RAW_REFRESH_S and self._raw_appeared()
+            appeared = self._raw_appeared() if not self._refreshed or \
+                time.monotonic() - self._raw_at >= RAW_REFRESH_S else set()
             mirror = self._mirror if not new_run and not full else None
             self._mirror = None  # until the speed tables hold what the mirror does (set below)
             loaded: dict[str, pa.Table] | None = None  # whole speed tables to load (None: changes only)
@@ -282,7 +283,7 @@ class DuckEngine:
                 coverage, increments = changes.coverage, changes.states
             moved = loaded is not None or (changes is not None and (
                 not changes.empty or {**boundary, **coverage} != self.snapshot.coverage))
-            if not new_run and not moved and self._refreshed and not raw_due:
+            if not new_run and not moved and self._refreshed and not appeared:
                 self._mirror = mirror  # nothing changed: it still matches the tables
                 return self.snapshot
             gold: dict[str, pa.Table] = {}
@@ -309,8 +310,7 @@ class DuckEngine:
                 db.execute("INSERT INTO serving.snapshot VALUES (?, ?, ?, ?, now())",
                            [snapshot.run_id, json.dumps(snapshot.to_json()["boundary"]),
                             json.dumps(snapshot.to_json()["coverage"]), snapshot.increments])
-                if raw_due or not self._refreshed:
-                    self._create_raw_views(db)
+                self._create_raw_views(db, appeared)
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -339,48 +339,53 @@ class DuckEngine:
             finally:
                 db.unregister("_load")
 
-    def _raw_appeared(self) -> bool:
-        """Whether a raw Delta table exists that has no view yet (a look at its directory)."""
+    def _raw_appeared(self) -> set[str]:
+        """The raw Delta tables that exist and have no view yet (a look at their directories)."""
         self._raw_at = time.monotonic()
-        return bool(self._raw.new_tables(self._raw_views))
+        return self._raw.new_tables(self._raw_views)
 
-    def _create_raw_views(self, db: Any) -> None:
-        """A view for each raw table that exists and has none yet (so information_schema
-        lists it); its data is read when a query names it (`_cursor`)."""
-        for name, (_, dataset) in self._raw.current(self._raw.new_tables(self._raw_views)).items():
+    def _create_raw_views(self, db: Any, names: set[str]) -> None:
+        """A view for each of these raw tables (so information_schema lists it); its data is
+        read when a query names it (`_with_raw`)."""
+        for name, (_, dataset) in self._raw.current(names - self._raw_views).items():
             registered = _registered(name)
             db.register(registered, dataset)
             db.execute(f"CREATE VIEW {name} AS SELECT * FROM {registered}")
             self._raw_views.add(name)
 
     # ------------------------------------------------------------------ reading
-    def _cursor(self, relations: Iterable[str] = ()) -> Any:
-        """This thread's connection to the database, with the raw tables among `relations`
-        (qualified names a query reads) registered at their current versions."""
+    def _cursor(self) -> Any:
+        """This thread's connection to the database."""
         local = self._local
         cursor = getattr(local, "cursor", None)
         if cursor is None:
             cursor = local.cursor = self._db.cursor()
             local.raw_versions = {}
-        needed = self._raw.paths.keys() & set(relations)
-        if needed:
-            if needed - self._raw_views:
-                with self._lock:  # a table that appeared since the last look: its view first
-                    self._create_raw_views(self._db)
-            for name, (version, dataset) in self._raw.current(needed).items():
-                if local.raw_versions.get(name) != version:
-                    cursor.register(_registered(name), dataset)
-                    local.raw_versions[name] = version
         return cursor
+
+    def _with_raw(self, cursor: Any, relations: Iterable[str]) -> None:
+        """The raw tables among `relations` (qualified names a query reads) registered on this
+        thread's `cursor` at their current versions."""
+        needed = self._raw.paths.keys() & set(relations)
+        if not needed:
+            return
+        if needed - self._raw_views:
+            with self._lock:  # a table that appeared since the refresh last looked: its view first
+                self._create_raw_views(self._db, self._raw.new_tables(self._raw_views) & needed)
+        versions = self._local.raw_versions
+        for name, (version, dataset) in self._raw.current(needed).items():
+            if versions.get(name) != version:
+                cursor.register(_registered(name), dataset)
+                versions[name] = version
 
     def query(self, sql: str, *, row_cap: int = setting_default("sql_row_cap"),
               timeout_s: float = setting_default("sql_timeout_s")) -> QueryResult:
         """Run one read-only SELECT; at most `row_cap` rows, interrupted after `timeout_s`."""
         import duckdb
 
-        checker = self._cursor()
-        text, relations = check_select(checker, sql)
-        cursor = self._cursor(relations)
+        cursor = self._cursor()
+        text, relations = check_select(cursor, sql)
+        self._with_raw(cursor, relations)
         timer = threading.Timer(timeout_s, cursor.interrupt)
         started = time.perf_counter()
         timer.start()

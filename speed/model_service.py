@@ -171,6 +171,14 @@ def check_rows(rows: Any, width: int) -> list[list[float]]:
     return rows
 
 
+async def _timed_score(model: LoadedModel, rows: list[list[float]]) -> tuple[list[float], float]:
+    """`model`'s scores of `rows` and the milliseconds they took; a large batch off the
+    replica's event loop (a thread), a small one on it."""
+    started = time.perf_counter()
+    scores = await asyncio.to_thread(model.score, rows) if len(rows) > 512 else model.score(rows)
+    return scores, (time.perf_counter() - started) * 1000
+
+
 def _scorer_class() -> type[Any]:
     """The deployment class (built lazily so that importing this module needs no Ray)."""
     from ray import serve
@@ -222,9 +230,7 @@ def _scorer_class() -> type[Any]:
         async def _score_batched(self, requests: list[list[list[float]]]) -> list[dict[str, Any]]:
             model = self.loaded  # one version for the whole batch
             flat = [row for rows in requests for row in rows]
-            started = time.perf_counter()
-            scores = await asyncio.to_thread(model.score, flat) if len(flat) > 512 else model.score(flat)
-            elapsed_ms = (time.perf_counter() - started) * 1000
+            scores, elapsed_ms = await _timed_score(model, flat)
             out, at = [], 0
             for rows in requests:
                 out.append({"scores": scores[at:at + len(rows)], "model_version": model.version,
@@ -241,11 +247,9 @@ def _scorer_class() -> type[Any]:
             """`score` for a caller whose rows are a batch already (a speed layer's
             micro-batch): scored at once, without waiting for other requests to join them."""
             model = self.loaded
-            rows = check_rows(rows, len(model.feature_names))
-            started = time.perf_counter()
-            scores = await asyncio.to_thread(model.score, rows) if len(rows) > 512 else model.score(rows)
-            return {"scores": scores, "model_version": model.version,
-                    "model_ms": (time.perf_counter() - started) * 1000, "batch_rows": len(rows)}
+            scores, elapsed_ms = await _timed_score(model, check_rows(rows, len(model.feature_names)))
+            return {"scores": scores, "model_version": model.version, "model_ms": elapsed_ms,
+                    "batch_rows": len(rows)}
 
         async def info(self) -> dict[str, Any]:
             return {"model_name": self.args.model_name, "version": self.loaded.version,
