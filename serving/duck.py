@@ -417,7 +417,7 @@ class DuckEngine:
         (`serving.views.view_row`, the Python form of `view_sql`): no query."""
         point = self.point
         views = [view for view in self.spec.views if view.entity == entity_field]
-        found, coverage = point.entity_states([(view.name, entity, 0) for view in views])
+        found, coverage = point.entity_states([(view.name, entity, 0) for view in views], whole=True)
         out: dict[str, dict[str, Any]] = {}
         for view in views:
             row = view_row(self.spec, view, entity, found[(view.name, entity)])

@@ -11,8 +11,9 @@ the increments since the run, never the platform's history.
   `speed.<view>_states` (Spark at each `register`, DuckDB when it adopts a run).
 - `LiveMirror`: serving's copy of those states, kept per partition with the applied offset
   each was read at, and brought up to date from the store's `changes` since those offsets
-  (one pipelined round trip): only the (view, entity) pairs a step changed since are read,
-  their states replaced in their partitions, and the sums over partitions of the buckets
+  (one pipelined round trip): only the blocks (`block_of`: one view's buckets of one entity,
+  one window wide) a step changed since are read, their states replaced in their partitions,
+  and the sums over partitions of the buckets
   that differ recomputed (max and min cannot be subtracted, so the partitions' states are
   kept and summed again, never the difference applied). `catch_up` says which rows of
   `speed.<view>_states` change, so
@@ -31,7 +32,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from lakehouse.online.base import EntityStates, OnlineStore, StateKey, StoreRead, merge_into
+from lakehouse.online.base import BlockKey, BlockStates, OnlineStore, StateKey, StoreRead, block_of, merge_into
 from lakehouse.spec import FeatureView, PlatformSpec
 from lakehouse.tables import BUCKET, BatchRun
 from lakehouse.types import state_arrow_type
@@ -62,10 +63,11 @@ class LiveSource:
     partitions: int
     cut_epochs: dict[int, int]
 
-    def read(self, keys: Iterable[StateKey]) -> StoreRead:
+    def read(self, keys: Iterable[StateKey], *, whole: bool = False) -> StoreRead:
+        """`OnlineStore.read` of every partition after the run's cut."""
         if self.store is None:
             return StoreRead({}, {}, {})
-        return self.store.read(keys, range(self.partitions), self.cut_epochs)
+        return self.store.read(keys, range(self.partitions), self.cut_epochs, whole=whole)
 
     def coverage(self) -> dict[int, int]:
         """The store's applied offsets now (no states read)."""
@@ -135,7 +137,8 @@ class LiveMirror:
         self.store: OnlineStore = source.store
         self._entity_types = entity_types
         self._aggregations = {view.name: list(view.aggregations.values()) for view in spec.views}
-        self._held: dict[int, EntityStates] = {}  # partition → (view, entity) → bucket → states
+        self._views = {view.name: view for view in spec.views}
+        self._held: dict[int, BlockStates] = {}  # partition → (view, entity, block) → bucket → states
         self._applied: dict[int, int] = {}  # partition → the applied offset its states include
         self.states = 0  # (view, entity, bucket) states of the sum over partitions
 
@@ -148,15 +151,15 @@ class LiveMirror:
         self._held, self._applied = {}, {}
         for p in range(self.source.partitions):
             applied, states = self.store.scan(p, self.source.cut_epochs.get(p, 0))
-            held: EntityStates = {}
+            held: BlockStates = {}
             for (view, entity, bucket), values in states:
-                held.setdefault((view, entity), {})[bucket] = values
+                held.setdefault((view, entity, block_of(self._views[view], bucket)), {})[bucket] = values
             self._held[p], self._applied[p] = held, applied
         rows: dict[str, list[Row]] = {view.name: [] for view in self.spec.views}
-        pairs = {pair for held in self._held.values() for pair in held}
-        for pair in pairs:
-            name, entity = pair
-            rows[name].extend((entity, bucket, values) for bucket, values in self._summed(pair).items())
+        blocks = {key for held in self._held.values() for key in held}
+        for key in blocks:
+            name, entity, _ = key
+            rows[name].extend((entity, bucket, values) for bucket, values in self._summed(key).items())
         self.states = sum(len(found) for found in rows.values())
         return LiveTables(_tables(self.spec, self._entity_types, rows), self.coverage, self.states)
 
@@ -167,31 +170,31 @@ class LiveMirror:
         read = self.store.changes(self._applied, self.source.cut_epochs)
         if any(read[p].applied < applied for p, applied in self._applied.items()):
             return None
-        # the buckets whose states changed in some partition (a step rewrites an entity's
+        # the buckets whose states changed in some partition (a step rewrites a block's
         # every bucket; usually one or two of them differ), and their sums before
-        dirty: dict[tuple[str, Any], set[int]] = {}
+        dirty: dict[BlockKey, set[int]] = {}
         for p, changes in read.items():
             held = self._held[p]
-            for pair, buckets in changes.entities.items():
-                old = held.get(pair, {})
+            for key, buckets in changes.blocks.items():
+                old = held.get(key, {})
                 changed = {bucket for bucket, values in buckets.items() if old.get(bucket) != values}
                 changed.update(old.keys() - buckets.keys())
                 if changed:
-                    dirty.setdefault(pair, set()).update(changed)
-        before = {pair: self._bucket_sums(pair, buckets) for pair, buckets in dirty.items()}
+                    dirty.setdefault(key, set()).update(changed)
+        before = {key: self._bucket_sums(key, buckets) for key, buckets in dirty.items()}
         for p, changes in read.items():
             held = self._held[p]
-            for pair, buckets in changes.entities.items():
+            for key, buckets in changes.blocks.items():
                 if buckets:
-                    held[pair] = buckets
+                    held[key] = buckets
                 else:
-                    held.pop(pair, None)
+                    held.pop(key, None)
             self._applied[p] = changes.applied
         gone: dict[str, list[tuple[Any, int]]] = {view.name: [] for view in self.spec.views}
         rows: dict[str, list[Row]] = {view.name: [] for view in self.spec.views}
-        for pair, earlier_sums in before.items():
-            name, entity = pair
-            after = self._bucket_sums(pair, earlier_sums)
+        for key, earlier_sums in before.items():
+            name, entity, _ = key
+            after = self._bucket_sums(key, earlier_sums)
             for bucket, earlier in earlier_sums.items():
                 value = after[bucket]
                 if value == earlier:
@@ -210,15 +213,15 @@ class LiveMirror:
                  pa.array([k[1] for k in found], type=pa.int64())], schema=pa.schema(list(schema)[:2]))
         return LiveChanges(keys, _tables(self.spec, self._entity_types, rows), self.coverage, self.states)
 
-    def _bucket_sums(self, pair: tuple[str, Any], buckets: Iterable[int]) -> dict[int, list[Any] | None]:
-        """These buckets of one (view, entity), each summed over the partitions held (None:
-        none holds it). The partitions holding the pair are found once (a key entity's events
-        come from one partition: its states are that partition's, not a sum)."""
-        holders = [found for held in self._held.values() if (found := held.get(pair)) is not None]
+    def _bucket_sums(self, key: BlockKey, buckets: Iterable[int]) -> dict[int, list[Any] | None]:
+        """These buckets of one block, each summed over the partitions held (None: none holds
+        it). The partitions holding the block are found once (a key entity's events come
+        from one partition: its states are that partition's, not a sum)."""
+        holders = [found for held in self._held.values() if (found := held.get(key)) is not None]
         if len(holders) == 1:
             only = holders[0]
             return {bucket: only.get(bucket) for bucket in buckets}
-        aggregations = self._aggregations[pair[0]]
+        aggregations = self._aggregations[key[0]]
         out: dict[int, list[Any] | None] = {}
         for bucket in buckets:
             total: list[Any] | None = None
@@ -230,12 +233,12 @@ class LiveMirror:
             out[bucket] = total
         return out
 
-    def _summed(self, pair: tuple[str, Any]) -> dict[int, list[Any]]:
-        """Every bucket of one (view, entity), summed over the partitions held."""
-        found = [held[pair] for held in self._held.values() if pair in held]
+    def _summed(self, key: BlockKey) -> dict[int, list[Any]]:
+        """Every bucket of one block, summed over the partitions held."""
+        found = [held[key] for held in self._held.values() if key in held]
         if len(found) == 1:
             return found[0]
-        aggregations = self._aggregations[pair[0]]
+        aggregations = self._aggregations[key[0]]
         out: dict[int, list[Any]] = {}
         for buckets in found:
             for bucket, values in buckets.items():

@@ -72,10 +72,12 @@ class PointIndex:
                                                              zip(view.aggregations, index.columns, strict=True)})
         return table
 
-    def entity_states(self, keys: list[StateKey]) -> tuple[dict[tuple[str, Any], ViewStates], dict[int, int]]:
-        """Per (view, entity) of `keys`: every bucket's states, gold ⊕ live; and the coverage
-        vector of the store read."""
-        read = self.live.read(keys)
+    def entity_states(self, keys: list[StateKey], *,
+                      whole: bool = False) -> tuple[dict[tuple[str, Any], ViewStates], dict[int, int]]:
+        """Per (view, entity) of `keys`: gold's every bucket ⊕ the live buckets of the blocks
+        that hold the keys' buckets (`whole`: every live bucket); and the coverage vector of
+        the store read."""
+        read = self.live.read(keys, whole=whole)
         out: dict[tuple[str, Any], ViewStates] = {}
         for view_name, entity, _ in keys:
             if (view_name, entity) not in out:

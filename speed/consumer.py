@@ -37,7 +37,9 @@ Every `flush_s` (and when it takes partitions over) a member's flusher thread ap
 rows the store's outbox holds for its partitions to Delta `speed/scored_events`, one commit
 with one app transaction per (group, topic, partition) = the store's applied offset, and
 then drops them from the outbox: Delta follows the store, off the hot path (the scoring loop
-never waits for it), each row once.
+never waits for it), each row once. The member keeps a copy of the rows it stepped
+(`OutboxCopy`), so a flush reads the outbox back from the store only where the copy may
+miss rows (a partition just taken over, or one another member stepped in between).
 
 On (re)assignment a member seeks each partition to the store's applied offset + 1: a
 restart costs what the new records cost, not the history. A newer published batch run is
@@ -55,7 +57,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -142,6 +144,7 @@ class SpeedLayer:
         self._paused: set[int] = set()  # floored after the adopted run's cut: wait for the run (`_defer`)
         self._flush_wake = threading.Event()  # set: the flusher runs now (a partition is due, or stop)
         self._flush_failed: BaseException | None = None
+        self._outbox = OutboxCopy()  # the outbox rows this member stepped, for the flusher
         self._pending_run: tuple[BatchRun, PreparedBase] | None = None
         self._loading = False
         self._last_run_check = 0.0
@@ -295,6 +298,7 @@ class SpeedLayer:
             return
         self.owned -= mine
         self._idle_since = time.monotonic()
+        self._outbox.forget(mine)
         for p in mine:
             self.positions.pop(p, None)
             self._flush_due.discard(p)
@@ -308,6 +312,7 @@ class SpeedLayer:
 
         self.owned |= partitions
         self._idle_since = time.monotonic()
+        self._outbox.forget(partitions)
         applied = self._with_store("assign", lambda: self.store.applied(sorted(partitions)))
         # Only local calls and the store here: the callback runs inside kafka-python's network
         # loop. A resume offset Kafka no longer holds surfaces in the next poll (`_poll`); the
@@ -557,12 +562,14 @@ class SpeedLayer:
         applied_rows: list[dict[str, Any]] = []
         steps: list[tuple[int, int, int, Callable[[int], Step]]] = []
         chosen_of: dict[int, list[_Taken]] = {}
+        stepped_above: dict[int, int] = {}  # partition → the applied offset its step was made above
         for p, mine in taken.items():
             first = min(per_partition[p][0].offset, self._gap_from.pop(p, per_partition[p][0].offset))
             chosen = chosen_of[p] = []
 
             def step_above(applied: int, p: int = p, mine: list[_Taken] = mine,
                            chosen: list[_Taken] = chosen) -> Step:
+                stepped_above[p] = applied
                 chosen[:] = [t for t in mine if t.offset > applied]
                 # all of them (the rule): the batch's own fold is the increment; else refold
                 increments = batch.increments(p) if len(chosen) == len(mine) else \
@@ -576,6 +583,9 @@ class SpeedLayer:
             chosen = chosen_of[p]
             if stepped[p]:
                 applied_rows.extend(t.row for t in chosen)
+                self._outbox.stepped(p, stepped_above[p], last[p], [outbox_form(t.row) for t in chosen])
+            else:  # another member applied it: the flusher reads the store's outbox
+                self._outbox.forget((p,))
             if len(chosen) < len(mine) or not stepped[p]:
                 stale += len(mine) - (len(chosen) if stepped[p] else 0)
         if stale:
@@ -627,16 +637,26 @@ class SpeedLayer:
         rows: list[dict[str, Any]] = []
         through: dict[int, int] = {}
         for p in sorted(partitions):
-            applied, pending = self._with_store("flush", lambda p=p: self.store.pending(p))  # type: ignore[misc]
+            copy = self._outbox.take(p)
+            if copy is not None:
+                applied, held = copy
+            else:
+                applied, pending = self._with_store("flush", lambda p=p: self.store.pending(p))  # type: ignore[misc]
+                held = [decode_row(raw) for raw in pending]
+                self._outbox.read(p, applied)
             if applied < 0:
                 continue
             through[p] = applied
-            rows.extend(decode_row(raw) for raw in pending)
+            rows.extend(held)
         if not through:
             return
         started = time.perf_counter()
-        written = lake.append_scored(self.lakehouse, self.schema, rows, through,
-                                     group=self.options.group_id, topic=self.topic)
+        try:
+            written = lake.append_scored(self.lakehouse, self.schema, rows, through,
+                                         group=self.options.group_id, topic=self.topic)
+        except BaseException:
+            self._outbox.forget(through)  # the rows taken stay in the store's outbox: read them there
+            raise
         metrics.FLUSH_LATENCY.observe(time.perf_counter() - started)
         for p, applied in through.items():
             self._with_store("flush", lambda p=p, applied=applied: self.store.flushed(p, applied))  # type: ignore[misc]
@@ -737,6 +757,58 @@ def _spare_the_collector() -> None:
     (they hold no cycles)."""
     gc.collect()
     gc.freeze()
+
+
+class OutboxCopy:
+    """This member's copy of the store's outbox, per partition: the rows it stepped since the
+    flusher last took them. A partition's copy is complete from a flush that read the store's
+    outbox while no step of this member was in between (`read`) until a step of the
+    partition was made above an applied offset other than this member's last (another
+    member stepped it: `stepped`), or the partition was revoked or assigned (`forget`).
+    Where it is not complete, `take` says so (None) and the flusher reads the store.
+    Thread-safe: the scoring loop steps, the flusher takes."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._rows: dict[int, list[dict[str, Any]] | None] = {}  # None: not known to be complete
+        self._last: dict[int, int] = {}  # partition → the applied offset of this member's last step
+
+    def stepped(self, partition: int, above: int, last: int, rows: list[dict[str, Any]]) -> None:
+        """This member's step of `partition`, made above applied offset `above`, through `last`."""
+        with self._lock:
+            held = self._rows.get(partition)
+            if held is not None and self._last.get(partition) == above:
+                held.extend(rows)
+            else:
+                self._rows[partition] = None
+            self._last[partition] = last
+
+    def take(self, partition: int) -> tuple[int, list[dict[str, Any]]] | None:
+        """(the store's applied offset, the outbox's rows) when the copy is complete, emptied."""
+        with self._lock:
+            held = self._rows.get(partition)
+            if held is None:
+                return None
+            self._rows[partition] = []
+            return self._last[partition], held
+
+    def read(self, partition: int, applied: int) -> None:
+        """The flusher read the store's outbox through `applied` (and takes it all): the copy
+        is complete from here if this member made no step above `applied` meanwhile."""
+        with self._lock:
+            if self._last.get(partition, applied) == applied:
+                self._rows[partition], self._last[partition] = [], applied
+
+    def forget(self, partitions: Iterable[int]) -> None:
+        with self._lock:
+            for p in partitions:
+                self._rows.pop(p, None)
+                self._last.pop(p, None)
+
+
+def outbox_form(row: dict[str, Any]) -> dict[str, Any]:
+    """A scored row as `decode_row` gives it back from the outbox."""
+    return {**row, "coverage": sorted(row["coverage"].items())}
 
 
 def encode_row(row: dict[str, Any]) -> bytes:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lakehouse.features import ViewStates
-from lakehouse.online.base import StateKey
+from lakehouse.online.base import StateKey, blocks_between
 from lakehouse.spec import PlatformSpec
 
 # (view name, entity, bucket start, {aggregation: state}) rows of the batch views
@@ -52,6 +52,7 @@ class SpeedState:
     def __init__(self, spec: PlatformSpec) -> None:
         self.spec = spec
         self.time_field = spec.events.time_field
+        self._views = {view.name: view for view in spec.views}
         self.base = Base()
         self.base_tables = self._empty()  # the adopted run's views, never added to
 
@@ -75,11 +76,12 @@ class SpeedState:
                     out[key] = (min(first, known[0]), max(last, known[1]))
         return out
 
-    @staticmethod
-    def keys(windows: Windows) -> list[StateKey]:
-        """The store keys of `windows`: one per (view, entity) (the store returns every
-        bucket of an entity)."""
-        return [(view, entity, last) for (view, entity), (_, last) in windows.items()]
+    def keys(self, windows: Windows) -> list[StateKey]:
+        """The store keys of `windows`: one per block (`block_of`) the windows reach into (the
+        store returns every bucket of a block)."""
+        views = self._views
+        return [(view, entity, block) for (view, entity), (first, last) in windows.items()
+                for block in blocks_between(views[view], first, last)]
 
     def micro_batch(self, stored: Mapping[StateKey, list[Any]], windows: Windows) -> MicroBatch:
         """The view of one micro-batch: the base ⊕ the states `stored` (one store read), for

@@ -18,10 +18,12 @@ Every read says what it reflects: per partition, the applied offset its states i
 (the coverage vector), read in the same atomic step as the states.
 
 A reader that keeps the live states (the SQL engines' `speed.<view>_states`) need not read
-them all again: every step (and `restore`) also records, per partition, which (view,
-entity) it changed and at which applied offset, in the same atomic step, so `changes` gives
-exactly the (view, entity) pairs changed above the offset a reader last read, with their
-states, and a refresh costs the changes since the last one, not the uptime.
+them all again: every step (and `restore`) also records, per partition, which blocks (a
+view's buckets of one entity, one window wide: `block_of`) it changed and at which applied
+offset, in the same atomic step, so `changes` gives exactly the blocks changed above the
+offset a reader last read, with their states, and a refresh costs the changes since the last
+one, not the uptime. A step, likewise, costs the blocks its events fall in, not the
+entity's buckets since the batch run's cut.
 
 A step carries two more things of its records above the applied offset, so that the store
 is the speed layer's one sink of record: the scored rows, kept in the partition's outbox
@@ -35,7 +37,6 @@ seen set holds one horizon of events, whatever the uptime.
 
 from __future__ import annotations
 
-import functools
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -44,17 +45,19 @@ from typing import Any
 
 from lakehouse.errors import ServiceError
 from lakehouse.features import ViewStates
-from lakehouse.spec import PlatformSpec, RecordSchema
+from lakehouse.spec import FeatureView, PlatformSpec, RecordSchema
 
-__all__ = ["NOTHING", "Changes", "Cut", "EntityStates", "Increments", "OnlineStore", "Seen", "StateKey", "Step",
-           "StoreBehindError", "StoreRead", "decode_entity", "encode_entity", "event_identity", "increments_of",
+__all__ = ["NOTHING", "BlockKey", "BlockStates", "Changes", "Cut", "Increments", "OnlineStore", "Seen", "StateKey",
+           "Step", "StoreBehindError", "StoreRead", "block_of", "blocks_between", "event_identity", "increments_of",
            "merge_into"]
 
 StateKey = tuple[str, Any, int]  # (feature view, entity, bucket start)
 # key → the view's monoid states, in the order of its aggregations
 Increments = Mapping[StateKey, Sequence[Any]]
-# (view, entity) → bucket start → the view's monoid states: every bucket of one entity
-EntityStates = dict[tuple[str, Any], dict[int, list[Any]]]
+# (feature view, entity, block start): the buckets a store keeps together (`block_of`)
+BlockKey = tuple[str, Any, int]
+# block → bucket start → the view's monoid states: every bucket of one block
+BlockStates = dict[BlockKey, dict[int, list[Any]]]
 
 FIRST_EPOCH = 1
 NOTHING = -1  # the applied offset of a partition never applied
@@ -104,13 +107,13 @@ class StoreRead:
 
 @dataclass(frozen=True)
 class Changes:
-    """What changed in one partition above an applied offset: every (view, entity) a step
-    changed at a later offset, with all its buckets' states summed over the epochs read
-    ({} where those epochs hold none of it), read atomically with `applied`."""
+    """What changed in one partition above an applied offset: every block a step changed at
+    a later offset, with all its buckets' states summed over the epochs read ({} where those
+    epochs hold none of it), read atomically with `applied`."""
 
     applied: int  # the applied offset the states include
     epoch: int  # the epoch open when it was read
-    entities: EntityStates
+    blocks: BlockStates
 
 
 def event_identity(schema: RecordSchema, record: Mapping[str, Any]) -> str:
@@ -119,18 +122,23 @@ def event_identity(schema: RecordSchema, record: Mapping[str, Any]) -> str:
     return json.dumps(list(schema.dedup_key(record)), separators=(",", ":"))
 
 
-@functools.lru_cache(maxsize=1 << 16)
-def encode_entity(view: str, entity: Any) -> str:
-    """The store field of one (view, entity): it holds the entity's states of every bucket.
-    Cached: a micro-batch's and a refresh's entities are mostly the recent ones again."""
-    return f"{view}\x1f{json.dumps(entity, separators=(',', ':'))}"
+def block_of(view: FeatureView, bucket: int) -> int:
+    """The start of the block that holds a bucket: a store keeps one view's states of one
+    entity in blocks of one window's width (`window_buckets` buckets), so an event's window
+    lies in at most two blocks and a step rewrites the blocks its events fall in, whatever
+    the entity's history since the batch run's cut. A view without a window has one block (0)."""
+    if view.bucket_ms is None or view.window_buckets is None:
+        return 0
+    span = view.bucket_ms * view.window_buckets
+    return bucket - bucket % span
 
 
-@functools.lru_cache(maxsize=1 << 16)
-def decode_entity(field: str | bytes) -> tuple[str, Any]:
-    text = field.decode() if isinstance(field, bytes) else field
-    view, entity = text.split("\x1f")
-    return view, json.loads(entity)
+def blocks_between(view: FeatureView, first: int, last: int) -> range:
+    """The starts of the blocks that hold the buckets from `first` through `last`."""
+    if view.bucket_ms is None or view.window_buckets is None:
+        return range(0, 1)
+    span = view.bucket_ms * view.window_buckets
+    return range(block_of(view, first), block_of(view, last) + 1, span)
 
 
 def merge_into(spec: PlatformSpec, into: dict[StateKey, list[Any]], key: StateKey,
@@ -218,11 +226,12 @@ class OnlineStore(ABC):
 
     @abstractmethod
     def read(self, keys: Iterable[StateKey], partitions: Iterable[int],
-             after: Mapping[int, int]) -> StoreRead:
+             after: Mapping[int, int], *, whole: bool = False) -> StoreRead:
         """The states of `keys` summed over `partitions` and their epochs after
         `after[p]` (0 where absent: every epoch), each partition read atomically. The states
-        of every bucket of the keys' (view, entity) pairs come back, not only the buckets
-        asked: an entity's buckets are stored together.
+        of every bucket of the blocks that hold the keys' buckets come back (`block_of`), not
+        only the buckets asked; with `whole`, every bucket of the keys' (view, entity) pairs
+        (their blocks looked up in the same atomic read).
 
         A partition the speed group never stepped, floored by a later run's cut, jumped over
         offsets that no epoch holds (that run's views do): for a reader of an older run it
@@ -236,13 +245,13 @@ class OnlineStore(ABC):
 
     @abstractmethod
     def changes(self, since: Mapping[int, int], after: Mapping[int, int]) -> dict[int, Changes]:
-        """Per partition of `since`: the (view, entity) pairs changed at offsets above
+        """Per partition of `since`: the blocks (`block_of`) changed at offsets above
         `since[p]`, each with its states summed over the epochs after `after[p]` (0 where
         absent: every epoch), and the applied offset, each partition read atomically (one
         round trip in all). Exact for any `since[p]` at or above the cut of the newest
         dropped epoch: a reader of a run that read the partition at `since[p]` (a `scan`
         or an earlier `changes`) holds, with these, exactly what a new `scan` would return.
-        Costs the changed pairs (each with all its buckets), not the live states."""
+        Costs the changed blocks (each at most one window of buckets), not the live states."""
 
     @abstractmethod
     def drop_epochs(self, partition: int, through: int) -> int:

@@ -8,10 +8,14 @@ lakehouse in the prefix):
                     cut:<e> (the applied offset at which epoch e was closed), stepped (set
                     by the first step of the speed group), clock (the partition's clock,
                     `lakehouse.dedup`)
-    {…}:e<epoch>    hash: "<view>\\x1f<entity as JSON>" → {bucket start: the view's monoid
-                    states as a list} in JSON (exact integers, None for an empty max/min);
-                    one field per entity, so a read of an entity's window is one field
-    {…}:changed     sorted set: the epoch hashes' fields ("<view>\x1f<entity as JSON>"),
+    {…}:e<epoch>    hash: one field per block (`block_of`: one view's buckets of one entity,
+                    one window wide), "<view>\\x1f<entity as JSON>\\x1f<block start>" →
+                    {bucket start: the view's monoid states as a list} in JSON (exact
+                    integers, None for an empty max/min), so an event's window is at most
+                    two fields and a step rewrites only the blocks its events fall in; and
+                    one index field per (view, entity), "<view>\\x1f<entity as JSON>" →
+                    its blocks' starts in this epoch, comma-separated (a whole-entity read)
+    {…}:changed     sorted set: the epoch hashes' block fields,
                     scored by the applied offset of the last step (or restore) that changed
                     them; trimmed by `drop_epochs` to the fields an epoch after the dropped
                     cut may hold
@@ -23,21 +27,24 @@ lakehouse in the prefix):
 `apply_many` (and `apply`, one partition) is optimistic, three round trips for all the
 partitions of a micro-batch: it reads each meta hash (the applied offset, the open epoch and
 a token that every write of the meta hash replaces), asks for the increments of the events
-above the applied offset, reads the fields they change, merges them with the spec's monoids
+above the applied offset, reads the blocks they change, merges them with the spec's monoids
 (in Python: sums of squares outgrow 64-bit integers, which Redis' HINCRBY and Lua's numbers
 cannot hold), and sends one step script per partition (`_STEP`), which writes the states,
-the changed fields' new score in `{…}:changed` (ZADD overwrites: a field's score is the
-last offset that changed it), the outbox rows, the seen identities and the new applied
-offset only if the token is still the one read. Any other apply, cut, restore or wipe of
-the partition in between replaced or removed the token, so the script writes nothing and
-that partition's step starts over from what is applied then. `cut` and `restore` WATCH the
+the changed blocks' new score in `{…}:changed` (ZADD overwrites: a field's score is the
+last offset that changed it), the blocks new in the epoch in their indexes, the outbox rows,
+the seen identities and the new applied offset only if the token is still the one read.
+Any other apply, cut, restore or wipe of the partition in between replaced or removed the
+token, so the script writes nothing and that partition's step starts over from what is
+applied then. `cut` and `restore` WATCH the
 meta hash and write it in one MULTI/EXEC.
 
 `read` and `scan` run one Lua script per partition, which returns the applied offset and
 the states of the epochs asked for in one atomic step; the partitions of one read go out
 in one pipeline (one round trip). The script is told the epoch keys to read (scripts name
 their keys, as Redis Cluster needs): the epochs after the run's cut up to the open epoch
-last seen, and says so when a cut has opened a newer one since, which is read again.
+last seen, and says so when a cut has opened a newer one since, which is read again. A
+read asks for blocks, or, to read (view, entity) pairs whole (`/v1/entities`), for their
+indexes, which the script follows to their blocks in the same atomic step.
 `changes` is the same kind of script: the fields scored above the reader's offset in
 `{…}:changed` (ZRANGEBYSCORE) and those fields of the epochs asked for, with the applied
 offset, atomically, so its cost is the fields changed, not the partition's states.
@@ -47,6 +54,8 @@ dropped epoch's cut in one MULTI/EXEC (a later change scores above the cut: neve
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple, TypeVar
@@ -59,9 +68,10 @@ from lakehouse.errors import ServiceError
 from lakehouse.online.base import (
     FIRST_EPOCH,
     NOTHING,
+    BlockKey,
+    BlockStates,
     Changes,
     Cut,
-    EntityStates,
     Increments,
     OnlineStore,
     Seen,
@@ -69,8 +79,7 @@ from lakehouse.online.base import (
     Step,
     StoreBehindError,
     StoreRead,
-    decode_entity,
-    encode_entity,
+    block_of,
     merge_into,
 )
 from lakehouse.spec import PlatformSpec
@@ -85,10 +94,10 @@ __all__ = ["RedisOnlineStore"]
 # reader's view of the partition ends at that cut (`through`, the last epoch key to read),
 # with the offset before the jump.
 _PROLOGUE = """
-local function hmget_chunked(key, names, first)
+local function hmget_chunked(key, names, first, last)
   local values = {}  -- in chunks: Lua's unpack takes a few thousand values at most
-  for s = first, #names, 1000 do
-    local chunk = redis.call('HMGET', key, unpack(names, s, math.min(s + 999, #names)))
+  for s = first, last, 1000 do
+    local chunk = redis.call('HMGET', key, unpack(names, s, math.min(s + 999, last)))
     for j = 1, #chunk do
       values[#values + 1] = chunk[j]
     end
@@ -111,18 +120,31 @@ for e = after + 1, epoch - 1 do
 end
 """
 
-# KEYS: meta, then the epoch hashes after+1, after+2, …; ARGV: after, then the fields to
-# read (none: every field). Returns {applied, open epoch, stale?, floored?, per epoch key
-# read: values}.
+# KEYS: meta, then the epoch hashes after+1, after+2, …; ARGV: after, n, then n block
+# fields to read, then index fields of (view, entity) pairs to read whole (n = -1: every
+# field). Returns {applied, open epoch, stale?, floored?, per epoch key read: the n blocks'
+# values, then field/value pairs of the blocks the indexes list}.
 _READ = """
 local FIRST_KEY = 2
 """ + _PROLOGUE + """
+local n = tonumber(ARGV[2])
 local out = {applied, epoch, 0, floored}
 for i = 2, through do
-  if #ARGV > 1 then
-    out[#out + 1] = hmget_chunked(KEYS[i], ARGV, 2)
-  else
+  if n < 0 then
     out[#out + 1] = redis.call('HGETALL', KEYS[i])
+  else
+    local values = hmget_chunked(KEYS[i], ARGV, 3, 2 + n)
+    for s = 3 + n, #ARGV do
+      local index = redis.call('HGET', KEYS[i], ARGV[s])
+      if index then
+        for block in string.gmatch(index, '[^,]+') do
+          local name = ARGV[s] .. '\\31' .. block
+          values[#values + 1] = name
+          values[#values + 1] = redis.call('HGET', KEYS[i], name)
+        end
+      end
+    end
+    out[#out + 1] = values
   end
 end
 return out
@@ -137,7 +159,7 @@ local FIRST_KEY = 3
 local fields = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. ARGV[2], '+inf')
 local out = {applied, epoch, 0, floored, fields}
 for i = 3, through do
-  out[#out + 1] = hmget_chunked(KEYS[i], fields, 1)
+  out[#out + 1] = hmget_chunked(KEYS[i], fields, 1, #fields)
 end
 return out
 """
@@ -145,9 +167,10 @@ return out
 # One step of one partition, if nothing changed it since the step read it (the meta hash's
 # token, which every write of the meta hash replaces). KEYS: meta, the open epoch's hash,
 # changed, outbox, seen. ARGV: the token read, the new token, the applied offset, the
-# epoch, the clock, the lowest clock the seen set keeps ('' : all), then three counted
-# lists: field/value pairs of the epoch hash, score/row pairs of the outbox, score/identity
-# pairs of the seen set. 0 when the token differs (nothing written), else 1.
+# epoch, the clock, the lowest clock the seen set keeps ('' : all), then four counted
+# lists: field/value pairs of the epoch hash (blocks), score/row pairs of the outbox,
+# score/identity pairs of the seen set, index field/block pairs of the blocks new in the
+# epoch (appended to the index). 0 when the token differs (nothing written), else 1.
 _STEP = """
 local function chunked(command, key, list, first, last)
   for s = first, last, 1000 do
@@ -180,6 +203,11 @@ if seen > 0 then
   if ARGV[6] ~= '' then
     redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', '(' .. ARGV[6])
   end
+end
+i = i + 1 + 2 * seen
+for j = i + 1, i + 2 * tonumber(ARGV[i]), 2 do
+  local index = redis.call('HGET', KEYS[2], ARGV[j])
+  redis.call('HSET', KEYS[2], ARGV[j], index and (index .. ',' .. ARGV[j + 1]) or ARGV[j + 1])
 end
 redis.call('HSET', KEYS[1], 'applied', ARGV[3], 'epoch', ARGV[4], 'stepped', 1, 'clock', ARGV[5],
            'token', ARGV[2])
@@ -214,6 +242,15 @@ class RedisOnlineStore(OnlineStore):
         self._changes_script = self.client.register_script(_CHANGES)
         self._open_epochs: dict[int, int] = {}  # partition → open epoch last seen
         self._plus = {view.name: [a.plus for a in view.aggregations.values()] for view in spec.views}
+        self._views = {view.name: view for view in spec.views}
+
+    def _by_block(self, increments: Increments) -> dict[BlockKey, dict[int, Sequence[Any]]]:
+        """Increments grouped by the block (`block_of`) that holds their buckets."""
+        views = self._views
+        out: dict[BlockKey, dict[int, Sequence[Any]]] = {}
+        for (view, entity, bucket), states in increments.items():
+            out.setdefault((view, entity, block_of(views[view], bucket)), {})[bucket] = states
+        return out
 
     # ------------------------------------------------------------------ keys
     def _tag(self, partition: int) -> str:
@@ -320,15 +357,15 @@ class RedisOnlineStore(OnlineStore):
                     planned.append((p, first, last, step_above, meta, step_above(meta.applied)))
                 if not planned:
                     return done
-                grouped = [_by_entity(above.increments) for *_, above in planned]
+                grouped = [self._by_block(above.increments) for *_, above in planned]
                 with self.client.pipeline(transaction=False) as pipe:
-                    for (p, *_, meta, _above), by_entity in zip(planned, grouped, strict=True):
-                        fields = [encode_entity(v, e) for v, e in by_entity]
+                    for (p, *_, meta, _above), by_block in zip(planned, grouped, strict=True):
+                        fields = [block_field(*key) for key in by_block]
                         pipe.hmget(self._epoch_key(p, meta.epoch), fields or ["\x00"])  # one answer each
                     current = pipe.execute()
                 with self.client.pipeline(transaction=False) as pipe:
-                    for (p, _, last, _, meta, above), by_entity, raw in zip(planned, grouped, current, strict=True):
-                        keys, args = self._step_arguments(p, last, meta, above, by_entity, raw)
+                    for (p, _, last, _, meta, above), by_block, raw in zip(planned, grouped, current, strict=True):
+                        keys, args = self._step_arguments(p, last, meta, above, by_block, raw)
                         self._step_script(keys=keys, args=args, client=pipe)
                     answers = pipe.execute()
                 pending = []
@@ -345,26 +382,33 @@ class RedisOnlineStore(OnlineStore):
                            f"{_ATTEMPTS} step attempts in a row")
 
     def _step_arguments(self, partition: int, last: int, meta: _Meta, above: Step,
-                        by_entity: dict[tuple[str, Any], dict[int, Sequence[Any]]],
+                        by_block: dict[BlockKey, dict[int, Sequence[Any]]],
                         raw: Sequence[bytes | None]) -> tuple[list[str], list[Any]]:
-        """KEYS and ARGV of `_STEP`: the increments merged with the fields' current states."""
+        """KEYS and ARGV of `_STEP`: the increments merged with their blocks' current states;
+        the blocks new in the open epoch are added to their (view, entity)'s index."""
         fields: list[Any] = []
-        for ((view, entity), increments), current_raw in zip(by_entity.items(), raw if by_entity else [],
-                                                             strict=True):
-            buckets: dict[int, list[Any]] = _BUCKETS.decode(current_raw) if current_raw is not None else {}
+        indexed: list[Any] = []
+        for (key, increments), current_raw in zip(by_block.items(), raw if by_block else [], strict=True):
+            view, entity, block = key
+            if current_raw is None:
+                buckets: dict[int, list[Any]] = {}
+                indexed += [entity_field(view, entity), block]
+            else:
+                buckets = _BUCKETS.decode(current_raw)
             adders = self._plus[view]
             for bucket, states in increments.items():
                 current = buckets.get(bucket)
                 buckets[bucket] = list(states) if current is None else [
                     add(c, x) for add, c, x in zip(adders, current, states, strict=True)]
-            fields += [encode_entity(view, entity), _ENCODE(buckets)]
+            fields += [block_field(view, entity, block), _ENCODE(buckets)]
         clock, below = self._clock_after(meta.clock, above.seen.values())
         rows = [x for offset, row in above.rows.items() for x in (offset, row)]
         seen = [x for identity, c in above.seen.items() for x in (c, identity)]
         keys = [self._meta(partition), self._epoch_key(partition, meta.epoch), self._changed(partition),
                 self._outbox(partition), self._seen(partition)]
         return keys, [meta.token, _token(), last, meta.epoch, clock, "" if below is None else below,
-                      len(fields) // 2, *fields, len(rows) // 2, *rows, len(seen) // 2, *seen]
+                      len(fields) // 2, *fields, len(rows) // 2, *rows, len(seen) // 2, *seen,
+                      len(indexed) // 2, *indexed]
 
     def _remember(self, pipe: Any, partition: int, clock: int, taken: Iterable[tuple[str, int]]) -> int:
         """Queue adding `taken` (identity, clock) to the seen set and forgetting what falls
@@ -435,10 +479,11 @@ class RedisOnlineStore(OnlineStore):
             raise self._unreachable(error) from error
 
     def _read_partitions(self, partitions: list[int], after: Mapping[int, int],
-                         fields: list[str]) -> dict[int, tuple[int, int, bool, list[Any]]]:
+                         arguments: list[Any]) -> dict[int, tuple[int, int, bool, list[Any]]]:
         """Per partition: (applied, open epoch, floored, per epoch after `after[p]` read: the
-        script's values)."""
-        return self._run_script(partitions, after, lambda p: ([], [after.get(p, 0), *fields]), self._read_script)
+        script's values); `arguments`: `_READ`'s after the first."""
+        return self._run_script(partitions, after, lambda p: ([], [after.get(p, 0), *arguments]),
+                                self._read_script)
 
     def _run_script(self, partitions: list[int], after: Mapping[int, int],
                     extra: Callable[[int], tuple[list[str], list[Any]]],
@@ -477,39 +522,52 @@ class RedisOnlineStore(OnlineStore):
         raise ServiceError("online store: epochs kept opening during a read")
 
     def read(self, keys: Iterable[StateKey], partitions: Iterable[int],
-             after: Mapping[int, int]) -> StoreRead:
-        wanted = list(dict.fromkeys((view, entity) for view, entity, _ in keys))
-        # no field asked: one that never exists, so the script reads the coverage only
-        fields = [encode_entity(view, entity) for view, entity in wanted] or ["\x00"]
-        answers = self._read_partitions(list(partitions), after, fields)
+             after: Mapping[int, int], *, whole: bool = False) -> StoreRead:
+        views = self._views
+        if whole:
+            blocks: list[BlockKey] = []
+            indexes = [entity_field(view, entity) for view, entity in dict.fromkeys((v, e) for v, e, _ in keys)]
+        else:
+            blocks = list(dict.fromkeys((view, entity, block_of(views[view], bucket)) for view, entity, bucket in keys))
+            indexes = []
+        n = len(blocks)
+        answers = self._read_partitions(list(partitions), after, [n, *(block_field(*k) for k in blocks), *indexes])
         states: dict[StateKey, list[Any]] = {}
         coverage, epochs = {}, {}
         plus = self._plus
         floored = set()
+
+        def merge(view: str, entity: Any, raw: bytes) -> None:
+            adders = plus[view]
+            for bucket, value in _BUCKETS.decode(raw).items():
+                key = (view, entity, bucket)
+                current = states.get(key)
+                states[key] = value if current is None else [
+                    add(c, x) for add, c, x in zip(adders, current, value, strict=True)]
+
         for p, (applied, epoch, jumped, per_epoch) in answers.items():
             coverage[p], epochs[p] = applied, epoch
             if jumped:
                 floored.add(p)
             for values in per_epoch:
-                for (view, entity), raw in zip(wanted, values[:len(wanted)], strict=True):
-                    if raw is None:
-                        continue
-                    adders = plus[view]
-                    for bucket, value in _BUCKETS.decode(raw).items():
-                        key = (view, entity, bucket)
-                        current = states.get(key)
-                        states[key] = value if current is None else [
-                            add(c, x) for add, c, x in zip(adders, current, value, strict=True)]
+                for (view, entity, _), raw in zip(blocks, values[:n], strict=True):
+                    if raw is not None:
+                        merge(view, entity, raw)
+                for i in range(n, len(values), 2):  # the blocks of the pairs read whole
+                    view, entity, _ = decode_block_field(values[i])
+                    merge(view, entity, values[i + 1])
         return StoreRead(states, coverage, epochs, floored)
 
     def scan(self, partition: int, after: int) -> tuple[int, Iterator[tuple[StateKey, list[Any]]]]:
-        applied, _, _, per_epoch = self._read_partitions([partition], {partition: after}, [])[partition]
+        applied, _, _, per_epoch = self._read_partitions([partition], {partition: after}, [-1])[partition]
 
         def states() -> Iterator[tuple[StateKey, list[Any]]]:
             merged: dict[StateKey, list[Any]] = {}
             for flat in per_epoch:
                 for i in range(0, len(flat), 2):
-                    view, entity = decode_entity(flat[i])
+                    if is_index_field(flat[i]):
+                        continue
+                    view, entity, _ = decode_block_field(flat[i])
                     for bucket, value in _BUCKETS.decode(flat[i + 1]).items():
                         merge_into(self.spec, merged, (view, entity, bucket), value)
             yield from merged.items()
@@ -522,9 +580,10 @@ class RedisOnlineStore(OnlineStore):
         out = {}
         for p, (applied, epoch, _, rest) in answers.items():
             fields, per_epoch = rest[0], rest[1:]
-            entities: EntityStates = {}
+            blocks: BlockStates = {}
             for i, field in enumerate(fields):
-                view, entity = decode_entity(field)
+                key = decode_block_field(field)
+                view = key[0]
                 buckets: dict[int, list[Any]] = {}
                 for values in per_epoch:
                     if values[i] is None:
@@ -538,8 +597,8 @@ class RedisOnlineStore(OnlineStore):
                         current = buckets.get(bucket)
                         buckets[bucket] = states if current is None else [
                             add(c, x) for add, c, x in zip(adders, current, states, strict=True)]
-                entities[(view, entity)] = buckets
-            out[p] = Changes(applied, epoch, entities)
+                blocks[key] = buckets
+            out[p] = Changes(applied, epoch, blocks)
         return out
 
     def drop_epochs(self, partition: int, through: int) -> int:
@@ -568,16 +627,20 @@ class RedisOnlineStore(OnlineStore):
                 pipe.unwatch()
                 raise ServiceError(f"online store: partition {partition} holds state (applied through "
                                    f"{meta.applied}, epoch {meta.epoch}); wipe the group first")
-            by_entity: dict[tuple[str, Any], dict[str, Sequence[Any]]] = {}
-            for (view, entity, bucket), states in increments.items():
-                by_entity.setdefault((view, entity), {})[str(bucket)] = list(states)
+            by_block = self._by_block(increments)
             pipe.multi()
-            fields = {encode_entity(v, e): _ENCODE(b) for (v, e), b in by_entity.items()}
+            fields = {block_field(*key): _ENCODE(buckets) for key, buckets in by_block.items()}
+            index: dict[str, list[str]] = {}
+            for view, entity, block in by_block:
+                index.setdefault(entity_field(view, entity), []).append(str(block))
             items = list(fields.items())
             for start in range(0, len(items), _CHUNK):
                 chunk = dict(items[start:start + _CHUNK])
                 pipe.hset(self._epoch_key(partition, epoch), mapping=chunk)
                 pipe.zadd(self._changed(partition), dict.fromkeys(chunk, applied))
+            indexes = [(name, ",".join(blocks)) for name, blocks in index.items()]
+            for start in range(0, len(indexes), _CHUNK):
+                pipe.hset(self._epoch_key(partition, epoch), mapping=dict(indexes[start:start + _CHUNK]))
             clock = self._remember(pipe, partition, NO_CLOCK, seen.items())
             pipe.hset(self._meta(partition), mapping={"applied": applied, "epoch": epoch, "stepped": 1,
                                                       "clock": clock, "token": _token()})
@@ -597,12 +660,28 @@ class RedisOnlineStore(OnlineStore):
         self._open_epochs.clear()
 
 
-def _by_entity(increments: Increments) -> dict[tuple[str, Any], dict[int, Sequence[Any]]]:
-    """A step's increments per (view, entity), the field that holds its buckets."""
-    out: dict[tuple[str, Any], dict[int, Sequence[Any]]] = {}
-    for (view, entity, bucket), states in increments.items():
-        out.setdefault((view, entity), {})[bucket] = states
-    return out
+@functools.lru_cache(maxsize=1 << 16)
+def entity_field(view: str, entity: Any) -> str:
+    """The index field of one (view, entity): its blocks' starts. Cached: a micro-batch's and
+    a refresh's entities are mostly the recent ones again."""
+    return f"{view}\x1f{json.dumps(entity, separators=(',', ':'))}"
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def block_field(view: str, entity: Any, block: int) -> str:
+    """The field of one block (`block_of`): its buckets' states."""
+    return f"{entity_field(view, entity)}\x1f{block}"
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def decode_block_field(field: str | bytes) -> BlockKey:
+    text = field.decode() if isinstance(field, bytes) else field
+    view, entity, block = text.split("\x1f")
+    return view, json.loads(entity), int(block)
+
+
+def is_index_field(field: bytes) -> bool:
+    return field.count(b"\x1f") == 1
 
 
 def _token() -> str:

@@ -4,6 +4,7 @@ and the merge of gold ⊕ the epochs after a cut against a plain recomputation."
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 import time
@@ -13,7 +14,7 @@ import pytest
 
 from lakehouse.errors import ServiceError
 from lakehouse.fraud import FRAUD_SPEC
-from lakehouse.online.base import NOTHING, Changes, StateKey, Step, StoreBehindError, merge_into
+from lakehouse.online.base import NOTHING, BlockKey, Changes, StateKey, Step, StoreBehindError, block_of, merge_into
 from lakehouse.online.base import increments_of as production_increments
 from lakehouse.online.redis_store import RedisOnlineStore, redis_location
 from lakehouse.recompute import states_by_view
@@ -224,6 +225,43 @@ def test_steps_of_several_partitions_sent_together_race_cuts_and_each_other(stor
         assert store.read(every_key([e for _, e in events]), [p], {}).states == increments_of([e for _, e in events])
 
 
+def test_a_read_returns_the_blocks_of_its_keys_and_a_whole_read_every_bucket(store: RedisOnlineStore) -> None:
+    """A view's states of one entity are kept in blocks one window wide: a key reads its
+    block only, a step rewrites only the blocks its events fall in (no field outgrows one
+    window, whatever the entity's history), and a whole read follows each pair's index to
+    every block, across epochs and partitions, equal to a recomputation."""
+    parts = batches(11, 2, 800)
+    cuts = {}
+    for p, events in parts.items():
+        half = len(events) // 2
+        for start in range(0, len(events), 50):
+            if start == half - half % 50:
+                cuts[p] = store.cut(p)
+            step(store, p, events[start:start + 50])
+    everything = increments_of([e for events in parts.values() for _, e in events])
+    view = SPEC.view("user_10m")
+    entity_buckets = sorted(b for v, e, b in everything if (v, e) == (view.name, "u0"))
+    bucket = entity_buckets[len(entity_buckets) // 2]
+    read = store.read([(view.name, "u0", bucket)], parts, {})
+    block = block_of(view, bucket)
+    assert read.states == {k: v for k, v in everything.items()
+                           if k[:2] == (view.name, "u0") and block_of(view, k[2]) == block}
+    assert len(read.states) < len(entity_buckets)
+    asked = [(v.name, entity, 0) for v in SPEC.views for entity in (("u0", "u3") if v.entity == "user_id" else ("m1",))]
+    pairs = {(v, e) for v, e, _ in asked}
+    assert store.read(asked, parts, {}, whole=True).states == \
+        {k: v for k, v in everything.items() if k[:2] in pairs}
+    above = increments_of([e for p, events in parts.items() for o, e in events if o > cuts[p].offset])
+    after = {p: c.epoch for p, c in cuts.items()}
+    assert store.read(asked, parts, after, whole=True).states == {k: v for k, v in above.items() if k[:2] in pairs}
+    for p in parts:
+        for epoch in (1, 2):
+            for field, raw in store.client.hgetall(store._epoch_key(p, epoch)).items():  # type: ignore[union-attr]
+                if field.count(b"\x1f") == 2:  # a block, not an index
+                    held = SPEC.view(field.split(b"\x1f")[0].decode())
+                    assert len(json.loads(raw)) <= (held.window_buckets or 1)
+
+
 def test_a_read_of_more_fields_than_lua_can_unpack_at_once(store: RedisOnlineStore) -> None:
     """A micro-batch of many distinct entities asks for tens of thousands of fields."""
     events = [(o, {**e, "user_id": f"u{o}"}) for o, e in batches(9, 1, 12_000)[0]]
@@ -316,12 +354,16 @@ def test_an_unreachable_store_is_a_service_error_without_the_password() -> None:
     assert redis_location("redis://user:pw@host:1/0") == "redis://host:1/0"
 
 
-def by_entity(states: dict[StateKey, list[Any]]) -> dict[tuple[str, Any], dict[int, list[Any]]]:
-    """{StateKey: states} grouped as `changes` returns them: per (view, entity), every bucket."""
-    out: dict[tuple[str, Any], dict[int, list[Any]]] = {}
+def by_block(states: dict[StateKey, list[Any]]) -> dict[BlockKey, dict[int, list[Any]]]:
+    """{StateKey: states} grouped as `changes` returns them: per block, every bucket."""
+    out: dict[BlockKey, dict[int, list[Any]]] = {}
     for (view, entity, bucket), values in states.items():
-        out.setdefault((view, entity), {})[bucket] = values
+        out.setdefault((view, entity, block_of(SPEC.view(view), bucket)), {})[bucket] = values
     return out
+
+
+def blocks_of(states: dict[StateKey, list[Any]]) -> set[BlockKey]:
+    return set(by_block(states))
 
 
 def test_changes_are_exactly_the_fields_changed_since_an_offset(store: RedisOnlineStore) -> None:
@@ -332,31 +374,31 @@ def test_changes_are_exactly_the_fields_changed_since_an_offset(store: RedisOnli
     step(store, 0, events[:100])
     everything = store.changes({0: NOTHING}, {})[0]
     assert everything.applied == 99
-    assert everything.entities == by_entity(increments_of([e for _, e in events[:100]]))
+    assert everything.blocks == by_block(increments_of([e for _, e in events[:100]]))
     step(store, 0, events[100:150])
     step(store, 0, events[150:160])
-    touched = {(v, e) for v, e, _ in increments_of([e for _, e in events[100:160]])}
+    touched = blocks_of(increments_of([e for _, e in events[100:160]]))
     since = store.changes({0: 99}, {})[0]
-    assert since.applied == 159 and set(since.entities) == touched
+    assert since.applied == 159 and set(since.blocks) == touched
     # each changed pair with all its buckets, summed over every epoch read (not only the step's)
-    whole = by_entity(increments_of([e for _, e in events[:160]]))
-    assert since.entities == {pair: whole[pair] for pair in touched}
-    assert store.changes({0: 159}, {})[0].entities == {}
-    assert set(store.changes({0: 149}, {})[0].entities) == \
-        {(v, e) for v, e, _ in increments_of([e for _, e in events[150:160]])}
+    whole = by_block(increments_of([e for _, e in events[:160]]))
+    assert since.blocks == {pair: whole[pair] for pair in touched}
+    assert store.changes({0: 159}, {})[0].blocks == {}
+    assert set(store.changes({0: 149}, {})[0].blocks) == \
+        blocks_of(increments_of([e for _, e in events[150:160]]))
 
     cut = store.cut(0)
-    assert store.changes({0: 159}, {0: cut.epoch})[0].entities == {}  # a cut changes no state
+    assert store.changes({0: 159}, {0: cut.epoch})[0].blocks == {}  # a cut changes no state
     step(store, 0, events[160:250])
-    above = by_entity(increments_of([e for _, e in events[160:250]]))
+    above = by_block(increments_of([e for _, e in events[160:250]]))
     after_cut = store.changes({0: 159}, {0: cut.epoch})[0]
-    assert after_cut.applied == 249 and after_cut.entities == above  # the epochs after the cut only
+    assert after_cut.applied == 249 and after_cut.blocks == above  # the epochs after the cut only
     # a pair changed before the cut, read over the epochs after it: nothing of it there ({})
-    before = store.changes({0: 99}, {0: cut.epoch})[0].entities
+    before = store.changes({0: 99}, {0: cut.epoch})[0].blocks
     assert {pair: b for pair, b in before.items() if pair not in above} == \
         dict.fromkeys(touched - set(above), {})
     # the reader's held states ⊕ the changes equal a new scan
-    assert by_entity(dict(store.scan(0, cut.epoch)[1])) == after_cut.entities
+    assert by_block(dict(store.scan(0, cut.epoch)[1])) == after_cut.blocks
 
     second = store.cut(0)
     step(store, 0, events[250:400])
@@ -364,10 +406,10 @@ def test_changes_are_exactly_the_fields_changed_since_an_offset(store: RedisOnli
     # fields last changed at or below the dropped cut are gone from the record, later ones stay
     members: list[tuple[bytes, float]] = store.client.zrange(store._changed(0), 0, -1, withscores=True)  # type: ignore[assignment]
     assert min(score for _, score in members) > cut.offset
-    assert len(members) == len(by_entity(increments_of([e for _, e in events[160:400]])))
-    held = by_entity(dict(store.scan(0, second.epoch)[1]))
-    assert held == by_entity(increments_of([e for _, e in events[250:400]]))
-    assert store.changes({0: second.offset}, {0: second.epoch})[0].entities == held
+    assert len(members) == len(by_block(increments_of([e for _, e in events[160:400]])))
+    held = by_block(dict(store.scan(0, second.epoch)[1]))
+    assert held == by_block(increments_of([e for _, e in events[250:400]]))
+    assert store.changes({0: second.offset}, {0: second.epoch})[0].blocks == held
     store.wipe()
     assert not store.client.exists(store._changed(0))
     assert store.changes({0: NOTHING}, {})[0] == Changes(-1, 1, {})
@@ -383,17 +425,18 @@ def test_changes_of_several_partitions_in_one_read_and_after_a_restore(store: Re
     read = store.changes(half, {})
     assert set(read) == set(parts)
     for p, events in parts.items():
-        whole = by_entity(increments_of([e for _, e in events]))
-        touched = {(v, e) for v, e, _ in increments_of([e for o, e in events if o > half[p]])}
+        whole = by_block(increments_of([e for _, e in events]))
+        touched = blocks_of(increments_of([e for o, e in events if o > half[p]]))
         assert read[p].applied == len(events) - 1
-        assert read[p].entities == {pair: whole[pair] for pair in touched}
+        assert read[p].blocks == {pair: whole[pair] for pair in touched}
     # a restored partition: every pair it holds changed at its applied offset
     restored = RedisOnlineStore(SPEC, store.group + "-restored", store.url)
     restored.wipe()
     increments = increments_of([e for _, e in parts[0]])
     restored.restore(0, epoch=3, applied=len(parts[0]) - 1, increments=increments, seen={})
-    assert restored.changes({0: len(parts[0]) - 2}, {0: 2})[0].entities == by_entity(increments)
-    assert restored.changes({0: len(parts[0]) - 1}, {0: 2})[0].entities == {}
+    assert restored.read(list(increments), [0], {0: 2}, whole=True).states == increments  # its indexes too
+    assert restored.changes({0: len(parts[0]) - 2}, {0: 2})[0].blocks == by_block(increments)
+    assert restored.changes({0: len(parts[0]) - 1}, {0: 2})[0].blocks == {}
     assert restored.drop_epochs(0, 2) == 2  # no cut recorded before the restored epoch: nothing trimmed
-    assert restored.changes({0: len(parts[0]) - 2}, {0: 2})[0].entities == by_entity(increments)
+    assert restored.changes({0: len(parts[0]) - 2}, {0: 2})[0].blocks == by_block(increments)
     restored.wipe()

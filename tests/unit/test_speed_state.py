@@ -9,7 +9,7 @@ import random
 from typing import Any
 
 from lakehouse.fraud import FRAUD_SPEC
-from lakehouse.online.base import StateKey
+from lakehouse.online.base import StateKey, block_of
 from speed.state import GoldRow, SpeedState
 from tests.oracle import states_by_view, window_states
 
@@ -95,4 +95,10 @@ def test_the_windows_of_events_span_their_window_buckets_in_every_view() -> None
         for entity in {e[view.entity] for e in events}:
             buckets = [b for e in events if e[view.entity] == entity for b in view.window_buckets_of(e["event_time"])]
             assert windows[(view.name, entity)] == (min(buckets), max(buckets))
-    assert len(state.keys(windows)) == len(windows)  # one store key per (view, entity)
+    # one store key per block the windows reach into, each block once
+    keys = state.keys(windows)
+    assert len(keys) == len(set(keys))
+    for (name, entity), (first, last) in windows.items():
+        view = FRAUD_SPEC.view(name)
+        assert {b for v, e, b in keys if (v, e) == (name, entity)} == \
+            {block_of(view, b) for b in range(first, last + 1, view.bucket_ms or 1)}

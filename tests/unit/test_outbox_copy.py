@@ -1,0 +1,61 @@
+"""The speed member's copy of the store's outbox (`speed.consumer.OutboxCopy`): the flusher
+takes it instead of reading the store back only while it is known to hold every row the
+store's outbox holds; and a row in the copy equals the row read back from the store."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from speed.consumer import OutboxCopy, decode_row, encode_row, outbox_form
+
+
+def rows(*offsets: int) -> list[dict[str, Any]]:
+    return [{"offset": o} for o in offsets]
+
+
+def test_a_partition_is_read_from_the_store_until_a_flush_read_it_with_no_step_in_between() -> None:
+    copy = OutboxCopy()
+    assert copy.take(0) is None  # just assigned: a predecessor's rows may be in the store
+    copy.stepped(0, 9, 12, rows(10, 11, 12))
+    assert copy.take(0) is None  # still unknown: the rows up to 9 are not in the copy
+    copy.read(0, 12)  # the flusher read the store through 12, nothing stepped since
+    copy.stepped(0, 12, 14, rows(13, 14))
+    copy.stepped(0, 14, 15, rows(15))
+    assert copy.take(0) == (15, rows(13, 14, 15))
+    assert copy.take(0) == (15, [])  # taken: empty until the next step
+
+
+def test_a_step_during_the_flushers_read_leaves_the_copy_unknown() -> None:
+    copy = OutboxCopy()
+    copy.stepped(0, -1, 5, rows(0, 1, 2, 3, 4, 5))
+    # the flusher read through 5; the member stepped 6..8 before the flusher said so
+    copy.stepped(0, 5, 8, rows(6, 7, 8))
+    copy.read(0, 5)
+    assert copy.take(0) is None
+
+
+def test_another_members_step_in_between_leaves_the_copy_unknown() -> None:
+    copy = OutboxCopy()
+    copy.read(0, 20)
+    copy.stepped(0, 20, 25, rows(21, 25))
+    copy.stepped(0, 30, 33, rows(31, 33))  # someone applied 26..30 meanwhile: their rows are not here
+    assert copy.take(0) is None
+    copy.read(0, 33)
+    copy.stepped(0, 33, 34, rows(34))
+    assert copy.take(0) == (34, rows(34))
+
+
+def test_a_revoked_or_reassigned_partition_is_forgotten() -> None:
+    copy = OutboxCopy()
+    copy.read(0, 3)
+    copy.read(1, 7)
+    copy.forget([0])
+    assert copy.take(0) is None
+    assert copy.take(1) == (7, [])
+
+
+def test_a_row_in_the_copy_equals_the_row_read_back_from_the_outbox() -> None:
+    row = {"user_id": "u1", "amount": 1234, "event_time": 1_767_225_600_000_000, "partition": 2, "offset": 41,
+           "kafka_timestamp": None, "coverage": {2: 40, 0: 17, 1: -1}, "features": [0.1, 3.0, 1e-300],
+           "score": 0.25, "model_version": 3, "batch_run_id": None, "scored_at": 1, "feature_ms": 0.5}
+    assert outbox_form(row) == decode_row(encode_row(row))
