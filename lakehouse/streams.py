@@ -13,12 +13,14 @@ events land in one partition, in order, whichever client produced them.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.partitioner.default import murmur2
 
 from lakehouse.config import Settings
 from lakehouse.errors import ServiceError
@@ -28,6 +30,15 @@ _JAAS_LOGIN_MODULES = {
     "SCRAM-SHA-256": "org.apache.kafka.common.security.scram.ScramLoginModule",
     "SCRAM-SHA-512": "org.apache.kafka.common.security.scram.ScramLoginModule",
 }
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def home_partition(key: str, partitions: int) -> int:
+    """The partition that Kafka's default partitioner (the Java client's and kafka-python's;
+    librdkafka's `murmur2_random`) gives a record keyed by `key` (as UTF-8) among
+    `partitions`."""
+    hashed: int = murmur2(key.encode())
+    return (hashed & 0x7FFFFFFF) % partitions
 
 
 def bootstrap_list(bootstrap_servers: str) -> list[str]:

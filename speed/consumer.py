@@ -71,7 +71,7 @@ from lakehouse.online import open_store
 from lakehouse.online.base import OnlineStore, Step, StoreBehindError, event_identity, increments_of
 from lakehouse.serve import Scorer
 from lakehouse.spec import PlatformSpec
-from lakehouse.streams import kafka_client_config
+from lakehouse.streams import home_partition, kafka_client_config
 from lakehouse.tables import BatchRun, Lakehouse, RunLog
 from speed import lake, metrics
 from speed.state import PreparedBase, SpeedState
@@ -505,11 +505,15 @@ class SpeedLayer:
                 out.append((record, event, [], identity))
                 identities.setdefault(p, []).append(identity)
                 valid.append(event)
+        phases = _Phases(started)
+        phases.done("parse")
         seen = self._with_store("seen", lambda: self.store.seen(identities))  # identity → clock, per partition
+        phases.done("seen")
         windows = self.state.windows(valid)
         read = self._with_store("read", lambda: self.store.read(
             self.state.keys(windows), range(max(self._partitions, max(per_partition) + 1)),
             self.state.base.cut_epochs))
+        phases.done("read")
         deferred = read.floored & set(parsed)
         if deferred:
             self._defer(deferred, per_partition)
@@ -547,7 +551,9 @@ class SpeedLayer:
                     "kafka_timestamp": record.timestamp * 1000 if record.timestamp >= 0 else None,
                     CLOCK: event_clock * 1000, "coverage": {**read.coverage, p: record.offset - 1}}))
         feature_ms = (time.perf_counter() - started) * 1000
+        phases.done("features")
         scores, version, model_ms = self._score(vectors)
+        phases.done("score")
         scored_at = int(time.time() * 1_000_000)
         time_field = schema.time_field
         flat = [t for p in taken for t in taken[p]]
@@ -575,10 +581,11 @@ class SpeedLayer:
                 increments = batch.increments(p) if len(chosen) == len(mine) else \
                     increments_of(self.spec, [t.event for t in chosen])
                 return Step(increments, {t.offset: encode_row(t.row) for t in chosen},
-                            {t.identity: t.clock for t in chosen})
+                            {t.identity: t.clock for t in chosen}, self._homed(p, chosen))
 
             steps.append((p, first, last[p], step_above))
         stepped = self._with_store("apply", lambda: self.store.apply_many(steps))  # one round trip per phase
+        phases.done("step")
         for p, mine in taken.items():
             chosen = chosen_of[p]
             if stepped[p]:
@@ -663,6 +670,15 @@ class SpeedLayer:
         if self.on_flush is not None and written:
             self.on_flush(rows, time.time())
 
+    def _homed(self, partition: int, taken: list[_Taken]) -> int:
+        """`Step.homed`: the topic's partition count if every event taken lies in its key
+        entity's home partition (Kafka's default partitioner), else 0."""
+        count, key = self._partitions, self.spec.events.key_field
+        if count and all(isinstance(entity := t.event[key], str) and home_partition(entity, count) == partition
+                         for t in taken):
+            return count
+        return 0
+
     def _score(self, vectors: list[list[float]]) -> tuple[list[float], int, float]:
         if not vectors:
             return [], 0, 0.0
@@ -739,6 +755,18 @@ class SpeedLayer:
             self._producer.flush()
             self._producer.close()
             self._producer = None
+
+
+class _Phases:
+    """Times the phases of one micro-batch into `metrics.BATCH_PHASE`."""
+
+    def __init__(self, started: float) -> None:
+        self._at = started
+
+    def done(self, phase: str) -> None:
+        now = time.perf_counter()
+        metrics.BATCH_PHASE.labels(phase).observe(now - self._at)
+        self._at = now
 
 
 def _commit_done(offsets: Any, result: Any) -> None:

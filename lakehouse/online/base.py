@@ -83,11 +83,14 @@ class Cut:
 class Step:
     """What one step adds for the records above the applied offset: their monoid-state
     increments, their scored rows (offset → encoded row, for the outbox) and the identities
-    of the events taken, with their clocks (epoch ms, `lakehouse.dedup`)."""
+    of the events taken, with their clocks (epoch ms, `lakehouse.dedup`); and `homed`: the
+    partition count under which every one of these events lies in its key entity's home
+    partition (`lakehouse.streams.home_partition`), 0 where that is not known."""
 
     increments: Increments
     rows: Mapping[int, bytes]
     seen: Mapping[str, int]
+    homed: int = 0
 
 
 # per partition: (its clock, identity → clock of the event taken) of the identities asked

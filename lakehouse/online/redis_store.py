@@ -83,6 +83,7 @@ from lakehouse.online.base import (
     merge_into,
 )
 from lakehouse.spec import PlatformSpec
+from lakehouse.streams import home_partition
 
 __all__ = ["RedisOnlineStore"]
 
@@ -120,21 +121,27 @@ for e = after + 1, epoch - 1 do
 end
 """
 
-# KEYS: meta, then the epoch hashes after+1, after+2, …; ARGV: after, n, then n block
-# fields to read, then index fields of (view, entity) pairs to read whole (n = -1: every
-# field). Returns {applied, open epoch, stale?, floored?, per epoch key read: the n blocks'
-# values, then field/value pairs of the blocks the indexes list}.
+# KEYS: meta, then the epoch hashes after+1, after+2, …; ARGV: after, homing, n, then n
+# block fields to read, then index fields of (view, entity) pairs to read whole (n = -1:
+# every field). homing: the partition count under which the reader left out key entities
+# homed elsewhere ('0': none left out); unless the meta hash's homed is that count, the
+# reply is {applied, epoch, 2, 0} (read again with every field). Returns {applied, open
+# epoch, stale?, floored?, per epoch key read: the n blocks' values, then field/value pairs
+# of the blocks the indexes list}.
 _READ = """
 local FIRST_KEY = 2
 """ + _PROLOGUE + """
-local n = tonumber(ARGV[2])
+if ARGV[2] ~= '0' and redis.call('HGET', KEYS[1], 'homed') ~= ARGV[2] then
+  return {applied, epoch, 2, 0}
+end
+local n = tonumber(ARGV[3])
 local out = {applied, epoch, 0, floored}
 for i = 2, through do
   if n < 0 then
     out[#out + 1] = redis.call('HGETALL', KEYS[i])
   else
-    local values = hmget_chunked(KEYS[i], ARGV, 3, 2 + n)
-    for s = 3 + n, #ARGV do
+    local values = hmget_chunked(KEYS[i], ARGV, 4, 3 + n)
+    for s = 4 + n, #ARGV do
       local index = redis.call('HGET', KEYS[i], ARGV[s])
       if index then
         for block in string.gmatch(index, '[^,]+') do
@@ -167,7 +174,9 @@ return out
 # One step of one partition, if nothing changed it since the step read it (the meta hash's
 # token, which every write of the meta hash replaces). KEYS: meta, the open epoch's hash,
 # changed, outbox, seen. ARGV: the token read, the new token, the applied offset, the
-# epoch, the clock, the lowest clock the seen set keeps ('' : all), then four counted
+# epoch, the clock, the lowest clock the seen set keeps ('' : all), the step's `homed`
+# (the meta hash's homed stays that partition count while every step says the same, from
+# the partition's first step on; else it is 0 for good), then four counted
 # lists: field/value pairs of the epoch hash (blocks), score/row pairs of the outbox,
 # score/identity pairs of the seen set, index field/block pairs of the blocks new in the
 # epoch (appended to the index). 0 when the token differs (nothing written), else 1.
@@ -180,8 +189,14 @@ end
 if (redis.call('HGET', KEYS[1], 'token') or '') ~= ARGV[1] then
   return 0
 end
-local i = 8
-local fields = tonumber(ARGV[7])
+local homed = redis.call('HGET', KEYS[1], 'homed')
+if not homed then
+  homed = redis.call('HEXISTS', KEYS[1], 'stepped') == 1 and '0' or ARGV[7]
+elseif homed ~= ARGV[7] then
+  homed = '0'
+end
+local i = 9
+local fields = tonumber(ARGV[8])
 if fields > 0 then
   chunked('HSET', KEYS[2], ARGV, i, i + 2 * fields - 1)
   local scored = {}
@@ -210,7 +225,7 @@ for j = i + 1, i + 2 * tonumber(ARGV[i]), 2 do
   redis.call('HSET', KEYS[2], ARGV[j], index and (index .. ',' .. ARGV[j + 1]) or ARGV[j + 1])
 end
 redis.call('HSET', KEYS[1], 'applied', ARGV[3], 'epoch', ARGV[4], 'stepped', 1, 'clock', ARGV[5],
-           'token', ARGV[2])
+           'token', ARGV[2], 'homed', homed)
 return 1
 """
 
@@ -243,6 +258,9 @@ class RedisOnlineStore(OnlineStore):
         self._open_epochs: dict[int, int] = {}  # partition → open epoch last seen
         self._plus = {view.name: [a.plus for a in view.aggregations.values()] for view in spec.views}
         self._views = {view.name: view for view in spec.views}
+        # views over the events' key entity: its events, and states, live in one partition
+        self._keyed = {view.name for view in spec.views if view.entity == spec.events.key_field}
+        self._strays: set[int] = set()  # partitions found to hold key entities homed elsewhere
 
     def _by_block(self, increments: Increments) -> dict[BlockKey, dict[int, Sequence[Any]]]:
         """Increments grouped by the block (`block_of`) that holds their buckets."""
@@ -407,7 +425,7 @@ class RedisOnlineStore(OnlineStore):
         keys = [self._meta(partition), self._epoch_key(partition, meta.epoch), self._changed(partition),
                 self._outbox(partition), self._seen(partition)]
         return keys, [meta.token, _token(), last, meta.epoch, clock, "" if below is None else below,
-                      len(fields) // 2, *fields, len(rows) // 2, *rows, len(seen) // 2, *seen,
+                      above.homed, len(fields) // 2, *fields, len(rows) // 2, *rows, len(seen) // 2, *seen,
                       len(indexed) // 2, *indexed]
 
     def _remember(self, pipe: Any, partition: int, clock: int, taken: Iterable[tuple[str, int]]) -> int:
@@ -481,8 +499,8 @@ class RedisOnlineStore(OnlineStore):
     def _read_partitions(self, partitions: list[int], after: Mapping[int, int],
                          arguments: list[Any]) -> dict[int, tuple[int, int, bool, list[Any]]]:
         """Per partition: (applied, open epoch, floored, per epoch after `after[p]` read: the
-        script's values); `arguments`: `_READ`'s after the first."""
-        return self._run_script(partitions, after, lambda p: ([], [after.get(p, 0), *arguments]),
+        script's values); `arguments`: `_READ`'s after the first two (no key entity left out)."""
+        return self._run_script(partitions, after, lambda p: ([], [after.get(p, 0), 0, *arguments]),
                                 self._read_script)
 
     def _run_script(self, partitions: list[int], after: Mapping[int, int],
@@ -490,8 +508,9 @@ class RedisOnlineStore(OnlineStore):
                     script: Any) -> dict[int, tuple[int, int, bool, list[Any]]]:
         """Run `script` once per partition, pipelined, with KEYS = meta, `extra(p)`'s keys, then
         the epoch hashes after `after[p]` through the open epoch last seen, and ARGV =
-        `extra(p)`'s arguments; partitions whose script found a newer open epoch are read
-        again. Per partition: (applied, open epoch, floored, the rest of the script's
+        `extra(p)`'s arguments; partitions whose script found a newer open epoch, or found
+        that the reader left out key entities it holds (not homed: the partition joins
+        `_strays`), are read again. Per partition: (applied, open epoch, floored, the rest of the script's
         answer); floored: a floored cut after `after[p]` ends what the reader may see (see
         `_PROLOGUE`), and `applied` is the offset before its jump."""
         pending = list(partitions)
@@ -513,6 +532,8 @@ class RedisOnlineStore(OnlineStore):
                 applied, epoch, too_few = int(answer[0]), int(answer[1]), int(answer[2])
                 self._open_epochs[p] = max(epoch, self._open_epochs.get(p, FIRST_EPOCH))
                 if too_few:
+                    if too_few == 2:
+                        self._strays.add(p)
                     stale.append(p)
                 else:
                     out[p] = (applied, epoch, bool(int(answer[3])), list(answer[4:]))
@@ -523,15 +544,33 @@ class RedisOnlineStore(OnlineStore):
 
     def read(self, keys: Iterable[StateKey], partitions: Iterable[int],
              after: Mapping[int, int], *, whole: bool = False) -> StoreRead:
-        views = self._views
-        if whole:
-            blocks: list[BlockKey] = []
-            indexes = [entity_field(view, entity) for view, entity in dict.fromkeys((v, e) for v, e, _ in keys)]
-        else:
-            blocks = list(dict.fromkeys((view, entity, block_of(views[view], bucket)) for view, entity, bucket in keys))
-            indexes = []
-        n = len(blocks)
-        answers = self._read_partitions(list(partitions), after, [n, *(block_field(*k) for k in blocks), *indexes])
+        """See `OnlineStore.read`. Where the partitions are the topic's (0..count-1), a key
+        entity's blocks are asked of its home partition only (`home_partition`), and each
+        partition's script checks, atomically with the read, that every step of it was
+        homed under that count (`Step.homed`), so that no other partition holds them; a
+        partition that was not is read for every key (and remembered: `_strays`)."""
+        wanted = list(partitions)
+        views, keyed = self._views, self._keyed
+        count = len(wanted) if wanted == list(range(len(wanted))) else 0
+        items: list[Any] = list(dict.fromkeys((v, e) for v, e, _ in keys)) if whole else \
+            list(dict.fromkeys((view, entity, block_of(views[view], bucket)) for view, entity, bucket in keys))
+        shared: list[Any] = []
+        homed: dict[int, list[Any]] = {}
+        for item in items:
+            view, entity = item[0], item[1]
+            if count and view in keyed and isinstance(entity, str):
+                homed.setdefault(home_partition(entity, count), []).append(item)
+            else:
+                shared.append(item)
+        asked: dict[int, list[Any]] = {}  # partition → the items its (last) script was asked
+
+        def arguments(p: int) -> tuple[list[str], list[Any]]:
+            homing = count if count and p not in self._strays else 0
+            mine = asked[p] = [*shared, *homed.get(p, ())] if homing else items
+            fields = [entity_field(v, e) for v, e in mine] if whole else [block_field(*k) for k in mine]
+            return [], [after.get(p, 0), homing, 0 if whole else len(fields), *fields]
+
+        answers = self._run_script(wanted, after, arguments, self._read_script)
         states: dict[StateKey, list[Any]] = {}
         coverage, epochs = {}, {}
         plus = self._plus
@@ -549,8 +588,9 @@ class RedisOnlineStore(OnlineStore):
             coverage[p], epochs[p] = applied, epoch
             if jumped:
                 floored.add(p)
+            n = 0 if whole else len(asked[p])
             for values in per_epoch:
-                for (view, entity, _), raw in zip(blocks, values[:n], strict=True):
+                for (view, entity, _), raw in zip(asked[p][:n], values[:n], strict=True):
                     if raw is not None:
                         merge(view, entity, raw)
                 for i in range(n, len(values), 2):  # the blocks of the pairs read whole
@@ -658,6 +698,7 @@ class RedisOnlineStore(OnlineStore):
         except redis.RedisError as error:
             raise self._unreachable(error) from error
         self._open_epochs.clear()
+        self._strays.clear()
 
 
 @functools.lru_cache(maxsize=1 << 16)

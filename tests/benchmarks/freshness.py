@@ -70,8 +70,10 @@ def run_feed(args: argparse.Namespace) -> None:
     the cores it measures (kafka-python's producer took a third of a core at 1,000 events/s)."""
     from confluent_kafka import Producer
 
+    # murmur2_random: the Java client's partitioner (librdkafka's default hashes keys with CRC32),
+    # so each user's events land in its home partition, as the platform's producers place them
     kafka = Producer({"bootstrap.servers": load_settings().kafka_bootstrap_servers, "acks": "all",
-                      "linger.ms": 5, "client.id": "bench-feeder"})
+                      "linger.ms": 5, "client.id": "bench-feeder", "partitioner": "murmur2_random"})
     messages = events_of(int(args.rate * args.seconds), seed=9)
     print("feeding", flush=True)
     started = time.monotonic()
@@ -131,6 +133,40 @@ class CpuShare:
                           f"idle {100 * max(0.0, total - busy) / total:.0f} % (of {self.cores} cores)"])
 
 
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def batch_phases(metrics_port: int) -> str:
+    """A speed member's mean micro-batch and where its wall time goes, from its metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            key = sample.labels.get("phase", family.name)
+            if sample.name.endswith("_sum"):
+                sums[key] = sample.value
+            elif sample.name.endswith("_count"):
+                counts[key] = sample.value
+    batches = counts.get("lambdalake_speed_batch_records", 0.0)
+    if not batches:
+        return "no micro-batch"
+    phases = ", ".join(f"{phase} {1000 * sums[phase] / counts[phase]:.1f} ms"
+                       for phase in ("parse", "seen", "read", "features", "score", "step") if counts.get(phase))
+    return (f"{batches:.0f} micro-batches of {sums['lambdalake_speed_batch_records'] / batches:.0f} records "
+            f"on average; per micro-batch: {phases}")
+
+
 def probe_once(clients: tuple[httpx.Client, httpx.Client], kafka: Any, topic: str,
                template: dict[str, Any], timeout_s: float) -> tuple[float, float]:
     """(ms until /v1/entities knows a new user, ms until SQL finds it); inf if not in time.
@@ -184,12 +220,11 @@ def main() -> None:
 
     stream = new_stream(base, 10, seed=8)
     group = f"fresh-{uuid.uuid4().hex[:6]}"
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
+    port, *metric_ports = free_ports(1 + args.members)
     logs = Path(base.state_dir) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    members = [speed_process(stream, group, "--max-wait-ms", str(base.speed_max_wait_ms), max_batch=None,
+    members = [speed_process(stream, group, "--max-wait-ms", str(base.speed_max_wait_ms),
+                             "--metrics-port", str(metric_ports[i]), max_batch=None,
                              log=(logs / f"freshness-{group}-{i}.log").open("w"))  # the platform's defaults
                for i in range(args.members)]
     print(f"speed layer: {args.members} member(s) of group {group}, logs: {logs}/freshness-{group}-*.log", flush=True)
@@ -221,6 +256,8 @@ def main() -> None:
             results.append(probe_once(clients, kafka, stream.topic, template, timeout_s=30))
             time.sleep(spacing)
         print(f"CPU while probing: {cpu.shares()}", flush=True)
+        for i, metrics_port in enumerate(metric_ports):
+            print(f"speed member {i}: {batch_phases(metrics_port)}", flush=True)
         print(feed.stdout.read().strip(), flush=True)
         kafka.close()
     finally:

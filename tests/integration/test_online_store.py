@@ -8,6 +8,7 @@ import json
 import random
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ from lakehouse.online.base import NOTHING, BlockKey, Changes, StateKey, Step, St
 from lakehouse.online.base import increments_of as production_increments
 from lakehouse.online.redis_store import RedisOnlineStore, redis_location
 from lakehouse.recompute import states_by_view
+from lakehouse.streams import home_partition
 from tests.integration.conftest import free_port
 
 pytestmark = pytest.mark.integration
@@ -256,10 +258,48 @@ def test_a_read_returns_the_blocks_of_its_keys_and_a_whole_read_every_bucket(sto
     assert store.read(asked, parts, after, whole=True).states == {k: v for k, v in above.items() if k[:2] in pairs}
     for p in parts:
         for epoch in (1, 2):
-            for field, raw in store.client.hgetall(store._epoch_key(p, epoch)).items():  # type: ignore[union-attr]
+            held_fields: dict[bytes, bytes] = store.client.hgetall(store._epoch_key(p, epoch))  # type: ignore[assignment]
+            for field, raw in held_fields.items():
                 if field.count(b"\x1f") == 2:  # a block, not an index
                     held = SPEC.view(field.split(b"\x1f")[0].decode())
                     assert len(json.loads(raw)) <= (held.window_buckets or 1)
+
+
+def test_a_key_entity_is_read_from_its_home_partition_while_every_step_there_was_homed(
+        store: RedisOnlineStore) -> None:
+    """A key entity's events come from its home partition (Kafka's default partitioner), so a
+    read asks only that partition for it, and each partition's script checks, atomically,
+    that every step of it said so (`Step.homed`). A step that did not (an event in another
+    partition: a producer with another partitioner), or a reader assuming another partition
+    count, makes that partition be read for every key: the answer stays exact."""
+    count = 3
+    events = [_event(i, f"u{i % 40}", f"m{i % 4}", 100 + i, 1_767_225_600_000 + i * 60_000) for i in range(600)]
+    homes: dict[int, list[dict[str, Any]]] = {p: [] for p in range(count)}
+    for event in events:
+        homes[home_partition(event["user_id"], count)].append(event)
+    def homed_step(mine: list[dict[str, Any]]) -> Callable[[int], Step]:
+        return lambda applied: Step(production_increments(SPEC, mine), {}, {}, count)
+
+    for p, mine in homes.items():
+        assert store.apply(p, 0, len(mine) - 1, homed_step(mine))
+    keys = every_key(events)
+    assert store.read(keys, range(count), {}).states == increments_of(events)
+    assert not store._strays
+    elsewhere = next(p for p in range(count) if p != home_partition("u0", count))
+    stray = _event(999, "u0", "m0", 7, 1_767_225_600_000)
+    assert store.apply(elsewhere, len(homes[elsewhere]), len(homes[elsewhere]),
+                       lambda applied: Step(production_increments(SPEC, [stray]), {}, {}, 0))
+    reader = RedisOnlineStore(SPEC, store.group, store.url)  # knows of no stray partition yet
+    assert reader.read(keys, range(count), {}).states == increments_of([*events, stray])
+    assert reader._strays == {elsewhere}
+    asked = [(v.name, "u0", 0) for v in SPEC.views]
+    assert reader.read(asked, range(count), {}, whole=True).states == \
+        {k: v for k, v in increments_of([*events, stray]).items() if k[1] == "u0" and k[0] != "merchant_all"}
+    # two of the three partitions: homed under 3, not 2, so both are read for every key
+    other = RedisOnlineStore(SPEC, store.group, store.url)
+    first_two = [*homes[0], *homes[1], *([stray] if elsewhere < 2 else [])]
+    assert other.read(keys, range(2), {}).states == increments_of(first_two)
+    assert other._strays == {0, 1}
 
 
 def test_a_read_of_more_fields_than_lua_can_unpack_at_once(store: RedisOnlineStore) -> None:
