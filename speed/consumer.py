@@ -58,7 +58,9 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal, TypeVar
 
 import msgspec
@@ -145,6 +147,8 @@ class SpeedLayer:
         self._flush_wake = threading.Event()  # set: the flusher runs now (a partition is due, or stop)
         self._flush_failed: BaseException | None = None
         self._outbox = OutboxCopy()  # the outbox rows this member stepped, for the flusher
+        # the model service is called from here, overlapping the store's reads (`_Scoring`)
+        self._scoring = ThreadPoolExecutor(1, thread_name_prefix="scoring")
         self._pending_run: tuple[BatchRun, PreparedBase] | None = None
         self._loading = False
         self._last_run_check = 0.0
@@ -455,6 +459,8 @@ class SpeedLayer:
             done.set()
             self._flush_wake.set()
             self.close()
+            self._scoring.shutdown(wait=True)
+            self._scoring = ThreadPoolExecutor(1, thread_name_prefix="scoring")  # run may be called again
         return dict(self.counts)
 
     def _poll(self) -> dict[Any, list[Any]]:
@@ -552,17 +558,11 @@ class SpeedLayer:
                     CLOCK: event_clock * 1000, "coverage": {**read.coverage, p: record.offset - 1}}))
         feature_ms = (time.perf_counter() - started) * 1000
         phases.done("features")
-        scores, version, model_ms = self._score(vectors)
-        phases.done("score")
-        scored_at = int(time.time() * 1_000_000)
-        time_field = schema.time_field
-        flat = [t for p in taken for t in taken[p]]
-        for item, vector, score in zip(flat, vectors, scores, strict=True):
-            item.row = {**item.event, time_field: item.event[time_field] * 1000, **item.row,
-                        "features": vector, "score": score, "model_version": version,
-                        "batch_run_id": self.state.base.run_id, "consumer_group": self.options.group_id,
-                        "scored_at": scored_at, "feature_ms": feature_ms / max(1, len(flat)),
-                        "model_ms": model_ms}
+        # scored in a thread while the store's steps read what they change: the rows, which
+        # carry the scores, are needed only when the steps write (`Step.rows`, `_Scoring`)
+        scoring = _Scoring(self._scoring.submit(self._score, vectors), vectors, [t for p in taken for t in taken[p]],
+                           {"batch_run_id": self.state.base.run_id, "consumer_group": self.options.group_id,
+                            "feature_ms": feature_ms}, schema.time_field)
         if dlq:
             self._await_dlq()
         applied_rows: list[dict[str, Any]] = []
@@ -580,11 +580,15 @@ class SpeedLayer:
                 # all of them (the rule): the batch's own fold is the increment; else refold
                 increments = batch.increments(p) if len(chosen) == len(mine) else \
                     increments_of(self.spec, [t.event for t in chosen])
-                return Step(increments, {t.offset: encode_row(t.row) for t in chosen},
+                return Step(increments, partial(scoring.encoded, chosen),
                             {t.identity: t.clock for t in chosen}, self._homed(p, chosen))
 
             steps.append((p, first, last[p], step_above))
-        stepped = self._with_store("apply", lambda: self.store.apply_many(steps))  # one round trip per phase
+        try:
+            stepped = self._with_store("apply", lambda: self.store.apply_many(steps))  # one round trip per phase
+            version = scoring.finish()
+        except _ScoringFailed as failed:
+            raise failed.error from None
         phases.done("step")
         for p, mine in taken.items():
             chosen = chosen_of[p]
@@ -767,6 +771,49 @@ class _Phases:
         now = time.perf_counter()
         metrics.BATCH_PHASE.labels(phase).observe(now - self._at)
         self._at = now
+
+
+class _ScoringFailed(Exception):  # noqa: N818 - carries the model service's error past `_with_store`
+    """The model service failed while the store's steps waited for their rows."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _Scoring:
+    """One micro-batch's scoring, running in the scoring thread: `finish` waits for it once
+    and completes the taken events' rows with their scores; `encoded` gives some of those
+    rows for the outbox (what a `Step` writes)."""
+
+    def __init__(self, future: Future[tuple[list[float], int, float]], vectors: list[list[float]],
+                 taken: list[_Taken], common: dict[str, Any], time_field: str) -> None:
+        self._future, self._vectors, self._taken = future, vectors, taken
+        self._common, self._time_field = common, time_field
+        self._version: int | None = None
+
+    def finish(self) -> int:
+        """The model version (after the rows are complete); `_ScoringFailed` if scoring failed."""
+        if self._version is not None:
+            return self._version
+        try:
+            scores, version, model_ms = self._future.result()
+        except Exception as error:  # noqa: BLE001 - the model service's failure, raised by the loop
+            raise _ScoringFailed(error) from error
+        scored_at = int(time.time() * 1_000_000)
+        time_field, common = self._time_field, self._common
+        per_event_ms = common["feature_ms"] / max(1, len(self._taken))
+        for item, vector, score in zip(self._taken, self._vectors, scores, strict=True):
+            item.row = {**item.event, time_field: item.event[time_field] * 1000, **item.row,
+                        "features": vector, "score": score, "model_version": version,
+                        "batch_run_id": common["batch_run_id"], "consumer_group": common["consumer_group"],
+                        "scored_at": scored_at, "feature_ms": per_event_ms, "model_ms": model_ms}
+        self._version = version
+        return version
+
+    def encoded(self, taken: list[_Taken]) -> dict[int, bytes]:
+        self.finish()
+        return {t.offset: encode_row(t.row) for t in taken}
 
 
 def _commit_done(offsets: Any, result: Any) -> None:

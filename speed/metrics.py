@@ -12,7 +12,8 @@ SCORING_LATENCY = Histogram("lambdalake_speed_scoring_seconds",
                             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
 END_TO_END = Histogram("lambdalake_speed_end_to_end_seconds",
                        "From the Kafka record timestamp to its online-store step",
-                       buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+                       buckets=(0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.35, 0.5, 0.75, 1, 2.5, 5,
+                                10, 30))
 LAG = Gauge("lambdalake_speed_consumer_lag", "Records behind the log end", ["partition"])
 MODEL_VERSION = Gauge("lambdalake_speed_model_version", "Model version of the latest score")
 OWNED_PARTITIONS = Gauge("lambdalake_speed_partitions", "Partitions this member owns")
@@ -22,6 +23,7 @@ FLUSH_LATENCY = Histogram("lambdalake_speed_flush_seconds", "One append of the o
                           buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
 BATCH_PHASE = Histogram("lambdalake_speed_batch_phase_seconds",
                         "Wall time of each phase of a micro-batch: parse (validation), seen (the dedup "
-                        "lookup), read (the windows and the online store read), features, score (the model service), "
-                        "step (the store's atomic steps)", ["phase"],
+                        "lookup), read (the windows and the online store read), features, step (the store's atomic "
+                        "steps; the model service scores the batch meanwhile, lambdalake_speed_scoring_seconds)",
+                        ["phase"],
                         buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))

@@ -82,15 +82,20 @@ class Cut:
 @dataclass(frozen=True)
 class Step:
     """What one step adds for the records above the applied offset: their monoid-state
-    increments, their scored rows (offset → encoded row, for the outbox) and the identities
-    of the events taken, with their clocks (epoch ms, `lakehouse.dedup`); and `homed`: the
+    increments, their scored rows (offset → encoded row, for the outbox; or a callable
+    giving them, called just before the step writes, after the store read what it changes:
+    the caller may still be scoring them) and the identities of the events taken, with their
+    clocks (epoch ms, `lakehouse.dedup`); and `homed`: the
     partition count under which every one of these events lies in its key entity's home
     partition (`lakehouse.streams.home_partition`), 0 where that is not known."""
 
     increments: Increments
-    rows: Mapping[int, bytes]
+    rows: Mapping[int, bytes] | Callable[[], Mapping[int, bytes]]
     seen: Mapping[str, int]
     homed: int = 0
+
+    def encoded_rows(self) -> Mapping[int, bytes]:
+        return self.rows() if callable(self.rows) else self.rows
 
 
 # per partition: (its clock, identity → clock of the event taken) of the identities asked

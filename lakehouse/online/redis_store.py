@@ -381,9 +381,12 @@ class RedisOnlineStore(OnlineStore):
                         fields = [block_field(*key) for key in by_block]
                         pipe.hmget(self._epoch_key(p, meta.epoch), fields or ["\x00"])  # one answer each
                     current = pipe.execute()
+                # every partition's blocks merged before any step's rows are asked for (the
+                # caller may still be scoring them: `Step.rows`)
+                merged = [self._merged_blocks(by_block, raw) for by_block, raw in zip(grouped, current, strict=True)]
                 with self.client.pipeline(transaction=False) as pipe:
-                    for (p, _, last, _, meta, above), by_block, raw in zip(planned, grouped, current, strict=True):
-                        keys, args = self._step_arguments(p, last, meta, above, by_block, raw)
+                    for (p, _, last, _, meta, above), blocks in zip(planned, merged, strict=True):
+                        keys, args = self._step_arguments(p, last, meta, above, *blocks)
                         self._step_script(keys=keys, args=args, client=pipe)
                     answers = pipe.execute()
                 pending = []
@@ -399,11 +402,11 @@ class RedisOnlineStore(OnlineStore):
         raise ServiceError(f"online store: partitions {sorted(p for p, *_ in pending)} changed under "
                            f"{_ATTEMPTS} step attempts in a row")
 
-    def _step_arguments(self, partition: int, last: int, meta: _Meta, above: Step,
-                        by_block: dict[BlockKey, dict[int, Sequence[Any]]],
-                        raw: Sequence[bytes | None]) -> tuple[list[str], list[Any]]:
-        """KEYS and ARGV of `_STEP`: the increments merged with their blocks' current states;
-        the blocks new in the open epoch are added to their (view, entity)'s index."""
+    def _merged_blocks(self, by_block: dict[BlockKey, dict[int, Sequence[Any]]],
+                       raw: Sequence[bytes | None]) -> tuple[list[Any], list[Any]]:
+        """A step's increments merged with their blocks' current states (`raw`, in the open
+        epoch): field/value pairs to write, and index field/block pairs of the blocks new in
+        the epoch (added to their (view, entity)'s index)."""
         fields: list[Any] = []
         indexed: list[Any] = []
         for (key, increments), current_raw in zip(by_block.items(), raw if by_block else [], strict=True):
@@ -419,8 +422,13 @@ class RedisOnlineStore(OnlineStore):
                 buckets[bucket] = list(states) if current is None else [
                     add(c, x) for add, c, x in zip(adders, current, states, strict=True)]
             fields += [block_field(view, entity, block), _ENCODE(buckets)]
+        return fields, indexed
+
+    def _step_arguments(self, partition: int, last: int, meta: _Meta, above: Step, fields: list[Any],
+                        indexed: list[Any]) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of `_STEP`."""
         clock, below = self._clock_after(meta.clock, above.seen.values())
-        rows = [x for offset, row in above.rows.items() for x in (offset, row)]
+        rows = [x for offset, row in above.encoded_rows().items() for x in (offset, row)]
         seen = [x for identity, c in above.seen.items() for x in (c, identity)]
         keys = [self._meta(partition), self._epoch_key(partition, meta.epoch), self._changed(partition),
                 self._outbox(partition), self._seen(partition)]

@@ -150,6 +150,7 @@ def batch_phases(metrics_port: int) -> str:
 
     sums: dict[str, float] = {}
     counts: dict[str, float] = {}
+    end_to_end: list[tuple[float, float]] = []  # (bucket's upper bound, events at or below it)
     text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -158,13 +159,25 @@ def batch_phases(metrics_port: int) -> str:
                 sums[key] = sample.value
             elif sample.name.endswith("_count"):
                 counts[key] = sample.value
+            elif sample.name == "lambdalake_speed_end_to_end_seconds_bucket":
+                end_to_end.append((float(sample.labels["le"]), sample.value))
     batches = counts.get("lambdalake_speed_batch_records", 0.0)
     if not batches:
         return "no micro-batch"
     phases = ", ".join(f"{phase} {1000 * sums[phase] / counts[phase]:.1f} ms"
-                       for phase in ("parse", "seen", "read", "features", "score", "step") if counts.get(phase))
+                       for phase in ("parse", "seen", "read", "features", "step") if counts.get(phase))
+    if counts.get("lambdalake_speed_scoring_seconds"):
+        scoring = sums["lambdalake_speed_scoring_seconds"] / counts["lambdalake_speed_scoring_seconds"]
+        phases += f" (scoring, during the step: {1000 * scoring:.1f} ms)"
+    total = max((n for _, n in end_to_end), default=0.0)
+
+    def at_most(q: float) -> str:  # the bucket bound below which a share q of the events were stepped
+        bound = next((le for le, n in sorted(end_to_end) if n >= q * total), float("inf"))
+        return f"≤ {1000 * bound:.0f} ms" if bound != float("inf") else "> 30 s"
+
     return (f"{batches:.0f} micro-batches of {sums['lambdalake_speed_batch_records'] / batches:.0f} records "
-            f"on average; per micro-batch: {phases}")
+            f"on average; per micro-batch: {phases}; Kafka timestamp → store step: p50 {at_most(0.5)}, "
+            f"p99 {at_most(0.99)}")
 
 
 def probe_once(clients: tuple[httpx.Client, httpx.Client], kafka: Any, topic: str,

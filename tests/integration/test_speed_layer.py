@@ -21,6 +21,7 @@ from batch.training_set import point_in_time_features
 from batch.validate import validate_topic
 from batch.views import compute_views
 from lakehouse.config import Settings
+from lakehouse.errors import ServiceError
 from lakehouse.fraud import FRAUD_SPEC
 from lakehouse.online import open_store
 from lakehouse.online.base import Seen
@@ -467,3 +468,26 @@ def test_copies_within_the_dedup_horizon_are_duplicates_in_both_layers_and_later
                 within.setdefault(p, {})[identity] = clock
     assert {p: seen for p, (_, seen) in store.seen(identities).items() if seen} == within
     assert {p: clock for p, (clock, _) in store.seen(identities).items()} == final
+
+
+def test_a_failing_model_service_stops_the_layer_with_its_error_and_nothing_applied(platform: Settings) -> None:
+    """Scoring runs while the store's steps read what they change; when it fails (after its
+    retries) the layer stops with the model service's error, not a wait for the store, and
+    no step was written: the batch is consumed again on restart."""
+    from speed.consumer import SpeedLayer, SpeedOptions
+
+    stream = new_stream(platform, 300, seed=47)
+    send(stream, stream.messages)
+    calls: list[int] = []
+
+    def failing(rows: list[list[float]]) -> tuple[list[float], int]:
+        calls.append(len(rows))
+        raise RuntimeError("the model is down")
+
+    layer = SpeedLayer(stream.settings, stream.spec, failing, lakehouse=stream.lakehouse,
+                       options=SpeedOptions(group_id="failing", max_batch=500, score_retries=1, run_check_s=0.5))
+    with pytest.raises(ServiceError, match="the model service failed 2 times: the model is down"):
+        layer.run(threading.Event(), idle_exit_s=30)
+    assert len(calls) == 2
+    store = open_store(stream.settings, stream.spec, group="failing", root=stream.lakehouse.root)
+    assert set(store.applied(range(stream.settings.kafka_partitions)).values()) == {-1}

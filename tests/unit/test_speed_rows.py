@@ -1,6 +1,7 @@
-"""The speed member's copy of the store's outbox (`speed.consumer.OutboxCopy`): the flusher
-takes it instead of reading the store back only while it is known to hold every row the
-store's outbox holds; and a row in the copy equals the row read back from the store."""
+"""A speed member's scored rows: its copy of the store's outbox (`speed.consumer.OutboxCopy`),
+which the flusher takes instead of reading the store back only while it is known to hold
+every row the store's outbox holds (a row in the copy equals the row read back), and a
+micro-batch's rows completed once its scores arrive (`_Scoring`)."""
 
 from __future__ import annotations
 
@@ -59,3 +60,26 @@ def test_a_row_in_the_copy_equals_the_row_read_back_from_the_outbox() -> None:
            "kafka_timestamp": None, "coverage": {2: 40, 0: 17, 1: -1}, "features": [0.1, 3.0, 1e-300],
            "score": 0.25, "model_version": 3, "batch_run_id": None, "scored_at": 1, "feature_ms": 0.5}
     assert outbox_form(row) == decode_row(encode_row(row))
+
+
+def test_a_micro_batchs_rows_are_completed_once_its_scores_arrive() -> None:
+    from concurrent.futures import Future
+
+    import pytest
+
+    from speed.consumer import _Scoring, _ScoringFailed, _Taken
+
+    taken = [_Taken(o, {"user_id": "u", "event_time": 5}, f"id{o}", 5, {"offset": o, "coverage": {0: o - 1}})
+             for o in (3, 4)]
+    future: Future[tuple[list[float], int, float]] = Future()
+    scoring = _Scoring(future, [[1.0], [2.0]], taken, {"batch_run_id": None, "consumer_group": "g",
+                                                        "feature_ms": 2.0}, "event_time")
+    future.set_result(([0.25, 0.75], 7, 1.5))
+    encoded = scoring.encoded(taken[1:])
+    assert [t.row["score"] for t in taken] == [0.25, 0.75]
+    assert decode_row(encoded[4])["model_version"] == 7 and decode_row(encoded[4])["event_time"] == 5000
+    assert scoring.finish() == 7
+    failed: Future[tuple[list[float], int, float]] = Future()
+    failed.set_exception(RuntimeError("down"))
+    with pytest.raises(_ScoringFailed, match="down"):
+        _Scoring(failed, [], [], {"batch_run_id": None, "consumer_group": "g", "feature_ms": 0.0}, "t").finish()
