@@ -418,6 +418,10 @@ def speed_run(
     options = SpeedOptions.from_settings(
         config, **{name: value for name, value in given.items() if value is not None})
     _echo(f"speed layer: group {options.group_id}, topic {spec.events.topic}")
+    # the scoring loop hands the GIL to its helper threads (Ray's router, which carries the
+    # micro-batch to the model, the outbox flusher) within 1 ms, not CPython's 5 ms: each
+    # hop of a scoring call waited up to a switch interval while the loop merged blocks
+    sys.setswitchinterval(0.001)
     counts = SpeedLayer(config, spec, serve_scorer(), options=options).run(
         stop, max_events=max_events, idle_exit_s=idle_exit)
     print(json.dumps(counts))

@@ -585,7 +585,8 @@ class SpeedLayer:
 
             steps.append((p, first, last[p], step_above))
         try:
-            stepped = self._with_store("apply", lambda: self.store.apply_many(steps))  # one round trip per phase
+            # one round trip for all, starting from what the read saw
+            stepped = self._with_store("apply", lambda: self.store.apply_many(steps, basis=read.basis))
             version = scoring.finish()
         except _ScoringFailed as failed:
             raise failed.error from None

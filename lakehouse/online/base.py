@@ -111,6 +111,9 @@ class StoreRead:
     epochs: dict[int, int]  # partition → the epoch open when it was read
     # partitions a floored cut after the reader's run cut ends (`OnlineStore.read`)
     floored: set[int] = field(default_factory=set)
+    # what the backend read that a step of the same partitions may start from
+    # (`OnlineStore.apply_many`'s basis); None: nothing
+    basis: object = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -201,10 +204,13 @@ class OnlineStore(ABC):
         lies above the applied offset + 1 (the records in between would be lost: the store
         lost state)."""
 
-    def apply_many(self, steps: Sequence[tuple[int, int, int, Callable[[int], Step]]]) -> dict[int, bool]:
+    def apply_many(self, steps: Sequence[tuple[int, int, int, Callable[[int], Step]]], *,
+                   basis: object = None) -> dict[int, bool]:
         """`apply` of several partitions' steps, (partition, from_offset, last_offset,
         step_above) each: per partition whether it changed anything. Each partition's step
-        is atomic on its own; a backend may send them together (fewer round trips)."""
+        is atomic on its own; a backend may send them together (fewer round trips), and may
+        start from what a read of the same partitions saw (`StoreRead.basis`) where nothing
+        wrote them since, which it checks as part of the step."""
         return {p: self.apply(p, first, last, step_above) for p, first, last, step_above in steps}
 
     @abstractmethod

@@ -35,7 +35,9 @@ last offset that changed it), the blocks new in the epoch in their indexes, the 
 the seen identities and the new applied offset only if the token is still the one read.
 Any other apply, cut, restore or wipe of the partition in between replaced or removed the
 token, so the script writes nothing and that partition's step starts over from what is
-applied then. `cut` and `restore` WATCH the
+applied then. The speed layer's steps start from its micro-batch's read instead (`_READ`
+returns the meta hash's token and clock with the open epoch's blocks: `StoreRead.basis`),
+so they cost one round trip, the step script alone; the token makes that exactly as safe. `cut` and `restore` WATCH the
 meta hash and write it in one MULTI/EXEC.
 
 `read` and `scan` run one Lua script per partition, which returns the applied offset and
@@ -126,8 +128,9 @@ end
 # every field). homing: the partition count under which the reader left out key entities
 # homed elsewhere ('0': none left out); unless the meta hash's homed is that count, the
 # reply is {applied, epoch, 2, 0} (read again with every field). Returns {applied, open
-# epoch, stale?, floored?, per epoch key read: the n blocks' values, then field/value pairs
-# of the blocks the indexes list}.
+# epoch, stale?, floored?, the meta hash's {token, clock, stepped} (what a step may start
+# from: `_Basis`), per epoch key read: the n blocks' values, then field/value pairs of the
+# blocks the indexes list}.
 _READ = """
 local FIRST_KEY = 2
 """ + _PROLOGUE + """
@@ -135,7 +138,7 @@ if ARGV[2] ~= '0' and redis.call('HGET', KEYS[1], 'homed') ~= ARGV[2] then
   return {applied, epoch, 2, 0}
 end
 local n = tonumber(ARGV[3])
-local out = {applied, epoch, 0, floored}
+local out = {applied, epoch, 0, floored, redis.call('HMGET', KEYS[1], 'token', 'clock', 'stepped')}
 for i = 2, through do
   if n < 0 then
     out[#out + 1] = redis.call('HGETALL', KEYS[i])
@@ -245,6 +248,27 @@ class _Meta(NamedTuple):
     token: str = ""  # replaced by every write of the meta hash ("": never written)
 
 
+def _meta_of(applied: int, epoch: int, token: bytes | None, clock: bytes | None, stepped: bytes | None) -> _Meta:
+    return _Meta(applied, epoch, stepped is not None, NO_CLOCK if clock is None else int(clock),
+                 "" if token is None else token.decode())
+
+
+class _Basis(NamedTuple):
+    """What a read saw of one partition that a step may start from: its meta hash and its
+    open epoch's blocks read (decoded; None: not in the epoch). A step that uses it skips
+    reading them again; its script writes only if the token is still the one read."""
+
+    meta: _Meta
+    blocks: dict[BlockKey, dict[int, list[Any]] | None]
+
+
+class _ReadBasis:
+    """`StoreRead.basis` of this backend: per partition read, its `_Basis`."""
+
+    def __init__(self) -> None:
+        self.partitions: dict[int, _Basis] = {}
+
+
 class RedisOnlineStore(OnlineStore):
     def __init__(self, spec: PlatformSpec, group: str, url: str, *, password: str | None = None,
                  prefix: str = "lambdalake", client: redis.Redis | None = None) -> None:
@@ -346,21 +370,25 @@ class RedisOnlineStore(OnlineStore):
             for p in partitions:
                 pipe.hmget(self._meta(p), ["applied", "epoch", "stepped", "clock", "token"])
             answers = pipe.execute()
-        return {p: _Meta(NOTHING if applied is None else int(applied), FIRST_EPOCH if epoch is None else int(epoch),
-                         stepped is not None, NO_CLOCK if clock is None else int(clock),
-                         "" if token is None else token.decode())
+        return {p: _meta_of(NOTHING if applied is None else int(applied), FIRST_EPOCH if epoch is None else int(epoch),
+                            token, clock, stepped)
                 for p, (applied, epoch, stepped, clock, token) in zip(partitions, answers, strict=True)}
 
-    def apply_many(self, steps: Sequence[tuple[int, int, int, Callable[[int], Step]]]) -> dict[int, bool]:
+    def apply_many(self, steps: Sequence[tuple[int, int, int, Callable[[int], Step]]], *,
+                   basis: object = None) -> dict[int, bool]:
         """Three round trips for all the partitions' steps: their meta hashes, the states of
         the fields they change, and one step script each (`_STEP`), which writes only if the
         partition's token is still the one read; a partition another writer changed in
-        between is read and stepped again."""
+        between is read and stepped again. With a read's `basis` (`StoreRead.basis`), a
+        partition it read, with every block its step changes, takes both from it: one round
+        trip, the script's token check making it exactly as safe."""
         done: dict[int, bool] = {}
         pending = list(steps)
+        known = dict(basis.partitions) if isinstance(basis, _ReadBasis) else {}
         try:
             for _ in range(_ATTEMPTS):
-                metas = self._metas([p for p, *_ in pending])
+                metas = self._metas([p for p, *_ in pending if p not in known])
+                metas.update((p, known[p].meta) for p, *_ in pending if p in known)
                 planned: list[tuple[int, int, int, Callable[[int], Step], _Meta, Step]] = []
                 for p, first, last, step_above in pending:
                     meta = metas[p]
@@ -376,14 +404,11 @@ class RedisOnlineStore(OnlineStore):
                 if not planned:
                     return done
                 grouped = [self._by_block(above.increments) for *_, above in planned]
-                with self.client.pipeline(transaction=False) as pipe:
-                    for (p, *_, meta, _above), by_block in zip(planned, grouped, strict=True):
-                        fields = [block_field(*key) for key in by_block]
-                        pipe.hmget(self._epoch_key(p, meta.epoch), fields or ["\x00"])  # one answer each
-                    current = pipe.execute()
+                current = self._current_blocks(planned, grouped, known)
+                known = {}  # a partition stepped again was changed since the read
                 # every partition's blocks merged before any step's rows are asked for (the
                 # caller may still be scoring them: `Step.rows`)
-                merged = [self._merged_blocks(by_block, raw) for by_block, raw in zip(grouped, current, strict=True)]
+                merged = [self._merged_blocks(by_block, held) for by_block, held in zip(grouped, current, strict=True)]
                 with self.client.pipeline(transaction=False) as pipe:
                     for (p, _, last, _, meta, above), blocks in zip(planned, merged, strict=True):
                         keys, args = self._step_arguments(p, last, meta, above, *blocks)
@@ -402,20 +427,40 @@ class RedisOnlineStore(OnlineStore):
         raise ServiceError(f"online store: partitions {sorted(p for p, *_ in pending)} changed under "
                            f"{_ATTEMPTS} step attempts in a row")
 
+    def _current_blocks(self, planned: Sequence[tuple[Any, ...]], grouped: list[dict[BlockKey, Any]],
+                        known: Mapping[int, _Basis]) -> list[list[dict[int, list[Any]] | None]]:
+        """Per planned step, its blocks' states in the open epoch (None: not there): from the
+        read's basis where it holds them all, else read (one round trip for the rest)."""
+        out: list[list[dict[int, list[Any]] | None] | None] = []
+        asked: list[int] = []
+        with self.client.pipeline(transaction=False) as pipe:
+            for i, ((p, *_, meta, _above), by_block) in enumerate(zip(planned, grouped, strict=True)):
+                held = known[p].blocks if p in known else None
+                if held is not None and all(key in held for key in by_block):
+                    out.append([held[key] for key in by_block])
+                    continue
+                out.append(None)
+                asked.append(i)
+                pipe.hmget(self._epoch_key(p, meta.epoch), [block_field(*key) for key in by_block] or ["\x00"])
+            answers = pipe.execute() if asked else []
+        for i, raw in zip(asked, answers, strict=True):
+            out[i] = [None if value is None else _BUCKETS.decode(value) for value in raw[:len(grouped[i])]]
+        return [held or [] for held in out]
+
     def _merged_blocks(self, by_block: dict[BlockKey, dict[int, Sequence[Any]]],
-                       raw: Sequence[bytes | None]) -> tuple[list[Any], list[Any]]:
-        """A step's increments merged with their blocks' current states (`raw`, in the open
-        epoch): field/value pairs to write, and index field/block pairs of the blocks new in
-        the epoch (added to their (view, entity)'s index)."""
+                       held_blocks: Sequence[dict[int, list[Any]] | None]) -> tuple[list[Any], list[Any]]:
+        """A step's increments merged with their blocks' current states (in the open epoch;
+        None: not there): field/value pairs to write, and index field/block pairs of the
+        blocks new in the epoch (added to their (view, entity)'s index)."""
         fields: list[Any] = []
         indexed: list[Any] = []
-        for (key, increments), current_raw in zip(by_block.items(), raw if by_block else [], strict=True):
+        for (key, increments), held in zip(by_block.items(), held_blocks, strict=True):
             view, entity, block = key
-            if current_raw is None:
+            if held is None:
                 buckets: dict[int, list[Any]] = {}
                 indexed += [entity_field(view, entity), block]
             else:
-                buckets = _BUCKETS.decode(current_raw)
+                buckets = held
             adders = self._plus[view]
             for bucket, states in increments.items():
                 current = buckets.get(bucket)
@@ -583,31 +628,43 @@ class RedisOnlineStore(OnlineStore):
         coverage, epochs = {}, {}
         plus = self._plus
         floored = set()
+        basis = _ReadBasis()
 
-        def merge(view: str, entity: Any, raw: bytes) -> None:
+        def merge(view: str, entity: Any, raw: bytes) -> dict[int, list[Any]]:
             adders = plus[view]
-            for bucket, value in _BUCKETS.decode(raw).items():
+            buckets = _BUCKETS.decode(raw)
+            for bucket, value in buckets.items():
                 key = (view, entity, bucket)
                 current = states.get(key)
                 states[key] = value if current is None else [
                     add(c, x) for add, c, x in zip(adders, current, value, strict=True)]
+            return buckets
 
-        for p, (applied, epoch, jumped, per_epoch) in answers.items():
+        for p, (applied, epoch, jumped, (meta, *per_epoch)) in answers.items():
             coverage[p], epochs[p] = applied, epoch
             if jumped:
                 floored.add(p)
             n = 0 if whole else len(asked[p])
-            for values in per_epoch:
-                for (view, entity, _), raw in zip(asked[p][:n], values[:n], strict=True):
-                    if raw is not None:
-                        merge(view, entity, raw)
+            # the open epoch's blocks as read, for a step of this partition (`_Basis`)
+            open_at = epoch - after.get(p, 0) - 1 if n and not jumped else -1
+            opened: dict[BlockKey, dict[int, list[Any]] | None] | None = None
+            for k, values in enumerate(per_epoch):
+                if k == open_at:
+                    opened = {}
+                for key, raw in zip(asked[p][:n], values[:n], strict=True):
+                    decoded = None if raw is None else merge(key[0], key[1], raw)
+                    if opened is not None:
+                        opened[key] = decoded
                 for i in range(n, len(values), 2):  # the blocks of the pairs read whole
                     view, entity, _ = decode_block_field(values[i])
                     merge(view, entity, values[i + 1])
-        return StoreRead(states, coverage, epochs, floored)
+                if opened is not None and k == open_at:
+                    basis.partitions[p] = _Basis(_meta_of(applied, epoch, *meta), opened)
+                    opened = None
+        return StoreRead(states, coverage, epochs, floored, basis)
 
     def scan(self, partition: int, after: int) -> tuple[int, Iterator[tuple[StateKey, list[Any]]]]:
-        applied, _, _, per_epoch = self._read_partitions([partition], {partition: after}, [-1])[partition]
+        applied, _, _, (_, *per_epoch) = self._read_partitions([partition], {partition: after}, [-1])[partition]
 
         def states() -> Iterator[tuple[StateKey, list[Any]]]:
             merged: dict[StateKey, list[Any]] = {}

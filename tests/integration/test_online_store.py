@@ -200,7 +200,11 @@ def test_steps_of_several_partitions_sent_together_race_cuts_and_each_other(stor
 
                     steps.append((p, chunk[0][0], chunk[-1][0], above))
                     positions[p] = end
-                store.apply_many(steps)
+                if seed:  # as the speed layer does: the step starts from what a read saw
+                    keys = every_key([e for p, *_ in steps for _, e in parts[p]])
+                    store.apply_many(steps, basis=store.read(keys, list(parts), {}).basis)
+                else:
+                    store.apply_many(steps)
                 if rng.random() < 0.1:  # a restart: resume where the store stands
                     positions = {p: store.applied([p])[p] + 1 for p in parts}
         except BaseException as error:  # noqa: BLE001 - reported by the test
@@ -225,6 +229,43 @@ def test_steps_of_several_partitions_sent_together_race_cuts_and_each_other(stor
     for p, events in parts.items():
         assert store.applied([p])[p] == len(events) - 1
         assert store.read(every_key([e for _, e in events]), [p], {}).states == increments_of([e for _, e in events])
+
+
+def test_a_step_from_a_reads_basis_skips_reading_again_unless_the_partition_changed_since(
+        store: RedisOnlineStore) -> None:
+    """A step given a read's basis (`StoreRead.basis`) takes the partition's meta hash and
+    blocks from it, no round trip of its own; where another member stepped the partition,
+    or a cut opened an epoch, after that read, the step notices (the token), reads again
+    and counts each event once, in the open epoch."""
+    parts = batches(8, 2, 480)
+    rival = RedisOnlineStore(SPEC, store.group, store.url)
+    metas_read: list[list[int]] = []
+    own_metas = store._metas
+    store._metas = lambda partitions: metas_read.append(list(partitions)) or own_metas(partitions)  # type: ignore[method-assign]
+    cuts = {}
+    for p, events in parts.items():
+        for n, start in enumerate(range(0, len(events), 30)):
+            chunk = events[start:start + 30]
+            read = store.read(every_key([e for _, e in chunk]), list(parts), {})
+            metas_read.clear()
+            if n == 3:  # another member took the partition over and stepped half of it
+                assert step(rival, p, chunk[:20])
+            if n == 6:  # a batch run cut the partition between the read and the step
+                cuts[p] = store.cut(p)
+
+            def above(applied: int, chunk: list[tuple[int, dict[str, Any]]] = chunk) -> Step:
+                fresh = [(o, e) for o, e in chunk if o > applied]
+                return Step(production_increments(SPEC, [e for _, e in fresh]), {},
+                            {e["event_id"]: o for o, e in fresh})
+
+            assert store.apply_many([(p, chunk[0][0], chunk[-1][0], above)], basis=read.basis) == {p: True}
+            assert [m for m in metas_read if m] == ([[p]] if n in (3, 6) else [])
+    for p, events in parts.items():
+        everything = [e for _, e in events]
+        assert store.read(every_key(everything), [p], {}).states == increments_of(everything)
+        # the steps after the cut went to the epoch it opened
+        above_cut = [e for o, e in events if o > cuts[p].offset]
+        assert store.read(every_key(everything), [p], {p: cuts[p].epoch}).states == increments_of(above_cut)
 
 
 def test_a_read_returns_the_blocks_of_its_keys_and_a_whole_read_every_bucket(store: RedisOnlineStore) -> None:
