@@ -43,6 +43,20 @@ class ViewStates:
     def __len__(self) -> int:
         return sum(len(buckets) for buckets in self._states.values())
 
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The view's aggregation names, in the order of its states."""
+        return self._names
+
+    @property
+    def adders(self) -> tuple[Any, ...]:
+        """Each aggregation's `plus`, in the order of its states."""
+        return self._plus
+
+    def holds(self, entity: Any) -> bool:
+        """Whether any state of `entity` is held."""
+        return bool(self._states.get(entity))
+
     def items(self) -> Iterator[tuple[tuple[Any, int], dict[str, Any]]]:
         """((entity, bucket start), states by aggregation name) of every state held."""
         names = self._names
@@ -76,11 +90,22 @@ class ViewStates:
         if buckets is None:
             buckets = self._states[entity] = {}
         current = buckets.get(bucket)
-        if current is None:
-            buckets[bucket] = list(values)
+        # a new list, never the held one changed: it may be shared (`merge_block`)
+        buckets[bucket] = list(values) if current is None else [
+            add(c, x) for add, c, x in zip(self._plus, current, values, strict=True)]
+
+    def merge_block(self, entity: Any, buckets: Mapping[int, list[Any]]) -> None:
+        """`merge_values` of several buckets of one entity; the lists given are held, not
+        copied, and never changed (a merge into one of their buckets makes a new list)."""
+        held = self._states.get(entity)
+        if held is None:
+            self._states[entity] = dict(buckets)
             return
-        for i, plus in enumerate(self._plus):
-            current[i] = plus(current[i], values[i])
+        plus = self._plus
+        for bucket, values in buckets.items():
+            current = held.get(bucket)
+            held[bucket] = values if current is None else [
+                add(c, x) for add, c, x in zip(plus, current, values, strict=True)]
 
     def merge(self, entity: Any, bucket: int, state: Mapping[str, Any]) -> None:
         """Fold a precomputed state (a batch view row) into (entity, bucket)."""

@@ -82,9 +82,8 @@ class PointIndex:
         for view_name, entity, _ in keys:
             if (view_name, entity) not in out:
                 out[(view_name, entity)] = self.gold_states(self.spec.view(view_name), entity)
-        for (view_name, entity, bucket), values in read.states.items():
-            table = out[(view_name, entity)]
-            table.merge(entity, bucket, dict(zip(table.view.aggregations, values, strict=True)))
+        for (view_name, entity, _), buckets in read.blocks.items():
+            out[(view_name, entity)].merge_block(entity, buckets)
         return out, {**self.boundary, **read.coverage}
 
     def states(self, event: Mapping[str, Any]) -> tuple[dict[str, dict[str, Any]], list[str], dict[int, int]]:

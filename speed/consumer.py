@@ -524,7 +524,7 @@ class SpeedLayer:
         if deferred:
             self._defer(deferred, per_partition)
             parsed = {p: items for p, items in parsed.items() if p not in deferred}
-        batch = self.state.micro_batch(read.states, windows)
+        batch = self.state.micro_batch(read.blocks, windows)
         taken: dict[int, list[_Taken]] = {}
         vectors: list[list[float]] = []
         last: dict[int, int] = {}
@@ -744,13 +744,12 @@ class SpeedLayer:
         if not self.owned or time.monotonic() - self._last_lag_report < 5.0:
             return
         self._last_lag_report = time.monotonic()
-        partitions = [TopicPartition(self.topic, p) for p in sorted(self.owned)]
-        try:
-            ends = self._consumer.end_offsets(partitions)
-        except Exception:  # noqa: BLE001 - lag is best-effort observability
-            return
-        for tp in partitions:
-            metrics.LAG.labels(str(tp.partition)).set(ends[tp] - self.positions.get(tp.partition, 0))
+        for p in sorted(self.owned):
+            # the high-water mark the last fetch response carried: no round trip to the broker
+            # in the scoring loop (None until a fetch of the partition returned)
+            end = self._consumer.highwater(TopicPartition(self.topic, p))
+            if end is not None:
+                metrics.LAG.labels(str(p)).set(end - self.positions.get(p, 0))
 
     def close(self) -> None:
         if self._consumer is not None:

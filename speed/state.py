@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lakehouse.features import ViewStates
-from lakehouse.online.base import StateKey, blocks_between
+from lakehouse.online.base import BlockStates, StateKey, blocks_between
 from lakehouse.spec import PlatformSpec
 
 # (view name, entity, bucket start, {aggregation: state}) rows of the batch views
@@ -83,9 +83,9 @@ class SpeedState:
         return [(view, entity, block) for (view, entity), (first, last) in windows.items()
                 for block in blocks_between(views[view], first, last)]
 
-    def micro_batch(self, stored: Mapping[StateKey, list[Any]], windows: Windows) -> MicroBatch:
-        """The view of one micro-batch: the base ⊕ the states `stored` (one store read), for
-        the `windows` its events read."""
+    def micro_batch(self, stored: BlockStates, windows: Windows) -> MicroBatch:
+        """The view of one micro-batch: the base ⊕ the states `stored` (one store read's
+        blocks), for the `windows` its events read."""
         return MicroBatch(self, stored, windows)
 
     # ------------------------------------------------------------------ handover
@@ -107,13 +107,13 @@ class MicroBatch:
     batch reads, ⊕, per partition, the batch's own events added so far (`add`, in offset
     order), which are also that partition's step increments (`increments`)."""
 
-    def __init__(self, state: SpeedState, stored: Mapping[StateKey, list[Any]], windows: Windows) -> None:
+    def __init__(self, state: SpeedState, stored: BlockStates, windows: Windows) -> None:
         self.state = state
         self.before = state._empty()  # base ⊕ stored, for the windows asked
         for (view, entity), (first, last) in windows.items():
             state.base_tables[view].copy_between(entity, first, last, self.before[view])
-        for (view, entity, bucket), values in stored.items():
-            self.before[view].merge_values(entity, bucket, values)
+        for (view, entity, _), buckets in stored.items():
+            self.before[view].merge_block(entity, buckets)
         self.local: dict[int, dict[str, ViewStates]] = {}
 
     def states(self, event: Mapping[str, Any], partition: int) -> dict[str, dict[str, Any]]:
@@ -124,11 +124,10 @@ class MicroBatch:
         for name, before in self.before.items():
             entity = event[before.view.entity]
             values = before.read_values(entity, time_ms)
-            if local is not None:
+            if local is not None and local[name].holds(entity):
                 added = local[name].read_values(entity, time_ms)
-                values = [aggregation.plus(v, a) for aggregation, v, a in
-                          zip(before.view.aggregations.values(), values, added, strict=True)]
-            out[name] = dict(zip(before.view.aggregations, values, strict=True))
+                values = [plus(v, a) for plus, v, a in zip(before.adders, values, added, strict=True)]
+            out[name] = dict(zip(before.names, values, strict=True))
         return out
 
     def features(self, event: Mapping[str, Any], partition: int) -> list[float]:

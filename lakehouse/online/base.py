@@ -37,19 +37,20 @@ seen set holds one horizon of events, whatever the uptime.
 
 from __future__ import annotations
 
+import functools
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from lakehouse.errors import ServiceError
 from lakehouse.features import ViewStates
 from lakehouse.spec import FeatureView, PlatformSpec, RecordSchema
 
 __all__ = ["NOTHING", "BlockKey", "BlockStates", "Changes", "Cut", "Increments", "OnlineStore", "Seen", "StateKey",
-           "Step", "StoreBehindError", "StoreRead", "block_of", "blocks_between", "event_identity", "increments_of",
-           "merge_into"]
+           "Step", "StoreBehindError", "StoreRead", "block_of", "blocks_between", "by_block", "event_identity",
+           "increments_of", "merge_into"]
 
 StateKey = tuple[str, Any, int]  # (feature view, entity, bucket start)
 # key → the view's monoid states, in the order of its aggregations
@@ -60,6 +61,7 @@ BlockKey = tuple[str, Any, int]
 BlockStates = dict[BlockKey, dict[int, list[Any]]]
 
 FIRST_EPOCH = 1
+_V = TypeVar("_V")
 NOTHING = -1  # the applied offset of a partition never applied
 
 
@@ -104,9 +106,10 @@ Seen = dict[int, tuple[int, dict[str, int]]]
 
 @dataclass(frozen=True)
 class StoreRead:
-    """States summed over the partitions and epochs read, and what they reflect."""
+    """States summed over the partitions and epochs read, per block (`block_of`), and what
+    they reflect. Read-only: its bucket states may be shared with the backend's own."""
 
-    states: dict[StateKey, list[Any]]
+    blocks: BlockStates
     coverage: dict[int, int]  # partition → the applied offset the states include
     epochs: dict[int, int]  # partition → the epoch open when it was read
     # partitions a floored cut after the reader's run cut ends (`OnlineStore.read`)
@@ -114,6 +117,12 @@ class StoreRead:
     # what the backend read that a step of the same partitions may start from
     # (`OnlineStore.apply_many`'s basis); None: nothing
     basis: object = field(default=None, compare=False)
+
+    @functools.cached_property
+    def states(self) -> dict[StateKey, list[Any]]:
+        """The same states per (view, entity, bucket)."""
+        return {(view, entity, bucket): values for (view, entity, _), buckets in self.blocks.items()
+                for bucket, values in buckets.items()}
 
 
 @dataclass(frozen=True)
@@ -142,6 +151,14 @@ def block_of(view: FeatureView, bucket: int) -> int:
         return 0
     span = view.bucket_ms * view.window_buckets
     return bucket - bucket % span
+
+
+def by_block(views: Mapping[str, FeatureView], states: Mapping[StateKey, _V]) -> dict[BlockKey, dict[int, _V]]:
+    """States per (view, entity, bucket) grouped by the block (`block_of`) that holds them."""
+    out: dict[BlockKey, dict[int, _V]] = {}
+    for (view, entity, bucket), values in states.items():
+        out.setdefault((view, entity, block_of(views[view], bucket)), {})[bucket] = values
+    return out
 
 
 def blocks_between(view: FeatureView, first: int, last: int) -> range:

@@ -82,6 +82,7 @@ from lakehouse.online.base import (
     StoreBehindError,
     StoreRead,
     block_of,
+    by_block,
     merge_into,
 )
 from lakehouse.spec import PlatformSpec
@@ -236,6 +237,7 @@ _ATTEMPTS = 100
 # an epoch hash's field: bucket start → states (exact integers of any size, None)
 _BUCKETS = msgspec.json.Decoder(dict[int, list[Any]])
 _ENCODE = msgspec.json.Encoder().encode  # the same compact JSON: bucket keys as strings
+_ENTITY = msgspec.json.Decoder().decode  # an entity in a field name (`entity_field`'s JSON)
 _CHUNK = 10_000  # the most arguments one command of a step or restore carries
 _T = TypeVar("_T")
 
@@ -288,11 +290,7 @@ class RedisOnlineStore(OnlineStore):
 
     def _by_block(self, increments: Increments) -> dict[BlockKey, dict[int, Sequence[Any]]]:
         """Increments grouped by the block (`block_of`) that holds their buckets."""
-        views = self._views
-        out: dict[BlockKey, dict[int, Sequence[Any]]] = {}
-        for (view, entity, bucket), states in increments.items():
-            out.setdefault((view, entity, block_of(views[view], bucket)), {})[bucket] = states
-        return out
+        return by_block(self._views, increments)
 
     # ------------------------------------------------------------------ keys
     def _tag(self, partition: int) -> str:
@@ -624,19 +622,27 @@ class RedisOnlineStore(OnlineStore):
             return [], [after.get(p, 0), homing, 0 if whole else len(fields), *fields]
 
         answers = self._run_script(wanted, after, arguments, self._read_script)
-        states: dict[StateKey, list[Any]] = {}
+        blocks: BlockStates = {}
         coverage, epochs = {}, {}
         plus = self._plus
         floored = set()
         basis = _ReadBasis()
+        summed: set[BlockKey] = set()  # blocks held as a sum of this read's own (not a decoded value)
 
-        def merge(view: str, entity: Any, raw: bytes) -> dict[int, list[Any]]:
-            adders = plus[view]
+        def merge(key: BlockKey, raw: bytes) -> dict[int, list[Any]]:
+            """Add a block's value to its sum; the decoded value, which is never changed."""
             buckets = _BUCKETS.decode(raw)
+            held = blocks.get(key)
+            if held is None:
+                blocks[key] = buckets  # usually the only one: a key entity's, of one epoch
+                return buckets
+            if key not in summed:
+                held = blocks[key] = dict(held)
+                summed.add(key)
+            adders = plus[key[0]]
             for bucket, value in buckets.items():
-                key = (view, entity, bucket)
-                current = states.get(key)
-                states[key] = value if current is None else [
+                current = held.get(bucket)
+                held[bucket] = value if current is None else [
                     add(c, x) for add, c, x in zip(adders, current, value, strict=True)]
             return buckets
 
@@ -652,16 +658,16 @@ class RedisOnlineStore(OnlineStore):
                 if k == open_at:
                     opened = {}
                 for key, raw in zip(asked[p][:n], values[:n], strict=True):
-                    decoded = None if raw is None else merge(key[0], key[1], raw)
+                    decoded = None if raw is None else merge(key, raw)
                     if opened is not None:
-                        opened[key] = decoded
+                        # a copy: a step merges its increments into it
+                        opened[key] = None if decoded is None else dict(decoded)
                 for i in range(n, len(values), 2):  # the blocks of the pairs read whole
-                    view, entity, _ = decode_block_field(values[i])
-                    merge(view, entity, values[i + 1])
+                    merge(decode_block_field(values[i]), values[i + 1])
                 if opened is not None and k == open_at:
                     basis.partitions[p] = _Basis(_meta_of(applied, epoch, *meta), opened)
                     opened = None
-        return StoreRead(states, coverage, epochs, floored, basis)
+        return StoreRead(blocks, coverage, epochs, floored, basis)
 
     def scan(self, partition: int, after: int) -> tuple[int, Iterator[tuple[StateKey, list[Any]]]]:
         applied, _, _, (_, *per_epoch) = self._read_partitions([partition], {partition: after}, [-1])[partition]
@@ -783,7 +789,7 @@ def block_field(view: str, entity: Any, block: int) -> str:
 def decode_block_field(field: str | bytes) -> BlockKey:
     text = field.decode() if isinstance(field, bytes) else field
     view, entity, block = text.split("\x1f")
-    return view, json.loads(entity), int(block)
+    return view, _ENTITY(entity), int(block)
 
 
 def is_index_field(field: bytes) -> bool:

@@ -9,7 +9,7 @@ import random
 from typing import Any
 
 from lakehouse.fraud import FRAUD_SPEC
-from lakehouse.online.base import StateKey, block_of
+from lakehouse.online.base import BlockStates, StateKey, block_of, by_block
 from speed.state import GoldRow, SpeedState
 from tests.oracle import states_by_view, window_states
 
@@ -38,11 +38,16 @@ def gold_of(events: list[dict[str, Any]]) -> list[GoldRow]:
             for name, table in tables.items() for (entity, bucket), state in table.items()]
 
 
-def stored_of(events: list[dict[str, Any]]) -> dict[StateKey, list[Any]]:
-    """What a store read returns for some events: states per (view, entity, bucket)."""
+def states_of(events: list[dict[str, Any]]) -> dict[StateKey, list[Any]]:
+    """Some events' states per (view, entity, bucket)."""
     tables = states_by_view(VIEWS, events, "event_time")
     return {(view.name, entity, bucket): [states[a] for a in view.aggregations]
             for view in VIEWS for (entity, bucket), states in tables[view.name].items()}
+
+
+def stored_of(events: list[dict[str, Any]]) -> BlockStates:
+    """What a store read returns for some events: their states per block."""
+    return by_block({view.name: view for view in VIEWS}, states_of(events))
 
 
 def expected(included: list[dict[str, Any]], event: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -74,7 +79,7 @@ def test_each_event_sees_exactly_its_coverage_vector() -> None:
             checked += 1
     assert checked > 60
     for p, offsets in in_batch.items():  # a partition's own fold is its step's increments
-        assert batch.increments(p) == stored_of([parts[p][o] for o in offsets])
+        assert batch.increments(p) == states_of([parts[p][o] for o in offsets])
 
 
 def test_without_a_run_the_store_alone_is_the_history() -> None:
