@@ -21,7 +21,8 @@ micro-batch (bounded by `max_batch` records and `max_wait_ms`):
    again what a crashed predecessor delivered before its store step. So each (partition,
    offset) reaches the DLQ exactly once;
 2. reads the online store once (every partition's increments after the adopted batch
-   run's cut, and their coverage vector) and computes each valid event's features as of
+   run's cut, and their coverage vector, with the seen set's look-up of the batch's
+   identities, which step 1 judges duplicates by) and computes each valid event's features as of
    that vector, its own partition's earlier offsets included (`speed.state`). A partition
    that a newer run floored (the group never stepped it) waits, paused, until that run is
    adopted: only its views hold the offsets the floor passed over (`_defer`);
@@ -513,12 +514,13 @@ class SpeedLayer:
                 valid.append(event)
         phases = _Phases(started)
         phases.done("parse")
-        seen = self._with_store("seen", lambda: self.store.seen(identities))  # identity → clock, per partition
-        phases.done("seen")
         windows = self.state.windows(valid)
+        # the states, and (in the same atomic script per partition) the events' identities
+        # the store's seen set holds, with their clocks
         read = self._with_store("read", lambda: self.store.read(
             self.state.keys(windows), range(max(self._partitions, max(per_partition) + 1)),
-            self.state.base.cut_epochs))
+            self.state.base.cut_epochs, identities=identities))
+        seen = read.seen  # identity → clock, per partition
         phases.done("read")
         deferred = read.floored & set(parsed)
         if deferred:

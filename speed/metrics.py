@@ -22,8 +22,8 @@ STORE_UP = Gauge("lambdalake_speed_online_store_up", "1 while the online store a
 FLUSH_LATENCY = Histogram("lambdalake_speed_flush_seconds", "One append of the outbox to Delta scored_events",
                           buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
 BATCH_PHASE = Histogram("lambdalake_speed_batch_phase_seconds",
-                        "Wall time of each phase of a micro-batch: parse (validation), seen (the dedup "
-                        "lookup), read (the windows and the online store read), features, step (the store's atomic "
+                        "Wall time of each phase of a micro-batch: parse (validation), read (the windows "
+                        "and the online store read, with the dedup look-up), features, step (the store's atomic "
                         "steps; the model service scores the batch meanwhile, lambdalake_speed_scoring_seconds)",
                         ["phase"],
                         buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))

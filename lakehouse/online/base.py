@@ -117,6 +117,8 @@ class StoreRead:
     # what the backend read that a step of the same partitions may start from
     # (`OnlineStore.apply_many`'s basis); None: nothing
     basis: object = field(default=None, compare=False)
+    # the look-up of the identities the read was given (`OnlineStore.seen`), per partition
+    seen: Seen = field(default_factory=dict)
 
     @functools.cached_property
     def states(self) -> dict[StateKey, list[Any]]:
@@ -257,7 +259,8 @@ class OnlineStore(ABC):
 
     @abstractmethod
     def read(self, keys: Iterable[StateKey], partitions: Iterable[int],
-             after: Mapping[int, int], *, whole: bool = False) -> StoreRead:
+             after: Mapping[int, int], *, whole: bool = False,
+             identities: Mapping[int, Sequence[str]] | None = None) -> StoreRead:
         """The states of `keys` summed over `partitions` and their epochs after
         `after[p]` (0 where absent: every epoch), each partition read atomically. The states
         of every bucket of the blocks that hold the keys' buckets come back (`block_of`), not
@@ -267,7 +270,11 @@ class OnlineStore(ABC):
         A partition the speed group never stepped, floored by a later run's cut, jumped over
         offsets that no epoch holds (that run's views do): for a reader of an older run it
         ends at that cut, with the coverage of the offset before the jump (`floored`), until
-        the reader adopts the run that floored it. `scan` and `changes` read the same way."""
+        the reader adopts the run that floored it. `scan` and `changes` read the same way.
+
+        With `identities` (per partition, of partitions read), the read looks them up too, as
+        `seen` does, atomically with that partition's states (`StoreRead.seen`): a micro-batch
+        judges its duplicates and reads its states in one round trip."""
 
     @abstractmethod
     def scan(self, partition: int, after: int) -> tuple[int, Iterator[tuple[StateKey, list[Any]]]]:

@@ -46,7 +46,9 @@ in one pipeline (one round trip). The script is told the epoch keys to read (scr
 their keys, as Redis Cluster needs): the epochs after the run's cut up to the open epoch
 last seen, and says so when a cut has opened a newer one since, which is read again. A
 read asks for blocks, or, to read (view, entity) pairs whole (`/v1/entities`), for their
-indexes, which the script follows to their blocks in the same atomic step.
+indexes, which the script follows to their blocks in the same atomic step; and it looks
+up event identities in the seen set (ZMSCORE), with the clock, in the same step (`seen` is
+that look-up alone: one script per partition, never a transaction across slots).
 `changes` is the same kind of script: the fields scored above the reader's offset in
 `{…}:changed` (ZRANGEBYSCORE) and those fields of the epochs asked for, with the applied
 offset, atomically, so its cost is the fields changed, not the partition's states.
@@ -124,28 +126,37 @@ for e = after + 1, epoch - 1 do
 end
 """
 
-# KEYS: meta, then the epoch hashes after+1, after+2, …; ARGV: after, homing, n, then n
-# block fields to read, then index fields of (view, entity) pairs to read whole (n = -1:
-# every field). homing: the partition count under which the reader left out key entities
-# homed elsewhere ('0': none left out); unless the meta hash's homed is that count, the
-# reply is {applied, epoch, 2, 0} (read again with every field). Returns {applied, open
-# epoch, stale?, floored?, the meta hash's {token, clock, stepped} (what a step may start
-# from: `_Basis`), per epoch key read: the n blocks' values, then field/value pairs of the
-# blocks the indexes list}.
+# KEYS: meta, seen, then the epoch hashes after+1, after+2, …; ARGV: after, homing, n, m,
+# then n block fields to read, then m event identities to look up in the seen set, then
+# index fields of (view, entity) pairs to read whole (n = -1: every field). homing: the
+# partition count under which the reader left out key entities homed elsewhere ('0': none
+# left out); unless the meta hash's homed is that count, the reply is {applied, epoch, 2, 0}
+# (read again with every field). Returns {applied, open epoch, stale?, floored?, the meta
+# hash's {token, clock, stepped} (what a step may start from: `_Basis`), the m identities'
+# clocks in the seen set (nil: not there), per epoch key read: the n blocks' values, then
+# field/value pairs of the blocks the indexes list}.
 _READ = """
-local FIRST_KEY = 2
+local FIRST_KEY = 3
 """ + _PROLOGUE + """
 if ARGV[2] ~= '0' and redis.call('HGET', KEYS[1], 'homed') ~= ARGV[2] then
   return {applied, epoch, 2, 0}
 end
 local n = tonumber(ARGV[3])
-local out = {applied, epoch, 0, floored, redis.call('HMGET', KEYS[1], 'token', 'clock', 'stepped')}
-for i = 2, through do
+local m = tonumber(ARGV[4])
+local seen = {}
+for s = 5 + math.max(n, 0), 4 + math.max(n, 0) + m, 1000 do
+  local chunk = redis.call('ZMSCORE', KEYS[2], unpack(ARGV, s, math.min(s + 999, 4 + math.max(n, 0) + m)))
+  for j = 1, #chunk do
+    seen[#seen + 1] = chunk[j]
+  end
+end
+local out = {applied, epoch, 0, floored, redis.call('HMGET', KEYS[1], 'token', 'clock', 'stepped'), seen}
+for i = FIRST_KEY, through do
   if n < 0 then
     out[#out + 1] = redis.call('HGETALL', KEYS[i])
   else
-    local values = hmget_chunked(KEYS[i], ARGV, 4, 3 + n)
-    for s = 4 + n, #ARGV do
+    local values = hmget_chunked(KEYS[i], ARGV, 5, 4 + n)
+    for s = 5 + n + m, #ARGV do
       local index = redis.call('HGET', KEYS[i], ARGV[s])
       if index then
         for block in string.gmatch(index, '[^,]+') do
@@ -497,22 +508,10 @@ class RedisOnlineStore(OnlineStore):
         return clock, forgettable_below(clock, self.spec.events.dedup_horizon_ms)
 
     def seen(self, identities: Mapping[int, Sequence[str]]) -> Seen:
-        asked = [(p, list(ids)) for p, ids in identities.items() if ids]
-        try:
-            with self.client.pipeline(transaction=True) as pipe:  # clock and scores of one moment
-                for p, ids in asked:
-                    pipe.hget(self._meta(p), "clock")
-                    pipe.zmscore(self._seen(p), ids)
-                answers = pipe.execute()
-        except redis.RedisError as error:
-            raise self._unreachable(error) from error
-        out: Seen = {}
-        for i, (p, ids) in enumerate(asked):
-            clock, scores = answers[2 * i], answers[2 * i + 1]
-            out[p] = (NO_CLOCK if clock is None else int(clock),
-                      {identity: int(score) for identity, score in zip(ids, scores, strict=True)
-                       if score is not None})
-        return out
+        """The look-up `read` makes with `identities`: each partition's atomically with its
+        clock, in one script per partition (one slot each: no transaction across slots)."""
+        asked = sorted(p for p, ids in identities.items() if ids)
+        return self.read((), asked, {}, identities=identities).seen if asked else {}
 
     def cut(self, partition: int, *, floor: int = NOTHING,
             remember: Callable[[int], Iterable[tuple[str, int]]] | None = None) -> Cut:
@@ -549,10 +548,11 @@ class RedisOnlineStore(OnlineStore):
 
     def _read_partitions(self, partitions: list[int], after: Mapping[int, int],
                          arguments: list[Any]) -> dict[int, tuple[int, int, bool, list[Any]]]:
-        """Per partition: (applied, open epoch, floored, per epoch after `after[p]` read: the
-        script's values); `arguments`: `_READ`'s after the first two (no key entity left out)."""
-        return self._run_script(partitions, after, lambda p: ([], [after.get(p, 0), 0, *arguments]),
-                                self._read_script)
+        """Per partition: (applied, open epoch, floored, [meta, seen, per epoch after `after[p]`
+        read: the script's values]); `arguments`: `_READ`'s after the first two (no key entity
+        left out)."""
+        return self._run_script(partitions, after,
+                                lambda p: ([self._seen(p)], [after.get(p, 0), 0, *arguments]), self._read_script)
 
     def _run_script(self, partitions: list[int], after: Mapping[int, int],
                     extra: Callable[[int], tuple[list[str], list[Any]]],
@@ -594,7 +594,8 @@ class RedisOnlineStore(OnlineStore):
         raise ServiceError("online store: epochs kept opening during a read")
 
     def read(self, keys: Iterable[StateKey], partitions: Iterable[int],
-             after: Mapping[int, int], *, whole: bool = False) -> StoreRead:
+             after: Mapping[int, int], *, whole: bool = False,
+             identities: Mapping[int, Sequence[str]] | None = None) -> StoreRead:
         """See `OnlineStore.read`. Where the partitions are the topic's (0..count-1), a key
         entity's blocks are asked of its home partition only (`home_partition`), and each
         partition's script checks, atomically with the read, that every step of it was
@@ -614,12 +615,17 @@ class RedisOnlineStore(OnlineStore):
             else:
                 shared.append(item)
         asked: dict[int, list[Any]] = {}  # partition → the items its (last) script was asked
+        looked_up = {p: list(ids) for p, ids in (identities or {}).items() if ids}
 
         def arguments(p: int) -> tuple[list[str], list[Any]]:
-            homing = count if count and p not in self._strays else 0
+            # the check matters only where key entities were left out (homed elsewhere)
+            homing = count if count and homed and p not in self._strays else 0
             mine = asked[p] = [*shared, *homed.get(p, ())] if homing else items
             fields = [entity_field(v, e) for v, e in mine] if whole else [block_field(*k) for k in mine]
-            return [], [after.get(p, 0), homing, 0 if whole else len(fields), *fields]
+            ids = looked_up.get(p, ())
+            if whole:
+                return [self._seen(p)], [after.get(p, 0), homing, 0, len(ids), *ids, *fields]
+            return [self._seen(p)], [after.get(p, 0), homing, len(fields), len(ids), *fields, *ids]
 
         answers = self._run_script(wanted, after, arguments, self._read_script)
         blocks: BlockStates = {}
@@ -646,8 +652,13 @@ class RedisOnlineStore(OnlineStore):
                     add(c, x) for add, c, x in zip(adders, current, value, strict=True)]
             return buckets
 
-        for p, (applied, epoch, jumped, (meta, *per_epoch)) in answers.items():
+        seen: Seen = {}
+        for p, (applied, epoch, jumped, (meta, scores, *per_epoch)) in answers.items():
             coverage[p], epochs[p] = applied, epoch
+            if p in looked_up:
+                seen[p] = (NO_CLOCK if meta[1] is None else int(meta[1]),
+                           {identity: int(score) for identity, score in zip(looked_up[p], scores, strict=True)
+                            if score is not None})
             if jumped:
                 floored.add(p)
             n = 0 if whole else len(asked[p])
@@ -667,10 +678,10 @@ class RedisOnlineStore(OnlineStore):
                 if opened is not None and k == open_at:
                     basis.partitions[p] = _Basis(_meta_of(applied, epoch, *meta), opened)
                     opened = None
-        return StoreRead(blocks, coverage, epochs, floored, basis)
+        return StoreRead(blocks, coverage, epochs, floored, basis, seen)
 
     def scan(self, partition: int, after: int) -> tuple[int, Iterator[tuple[StateKey, list[Any]]]]:
-        applied, _, _, (_, *per_epoch) = self._read_partitions([partition], {partition: after}, [-1])[partition]
+        applied, _, _, (_, _, *per_epoch) = self._read_partitions([partition], {partition: after}, [-1, 0])[partition]
 
         def states() -> Iterator[tuple[StateKey, list[Any]]]:
             merged: dict[StateKey, list[Any]] = {}

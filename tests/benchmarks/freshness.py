@@ -165,7 +165,7 @@ def batch_phases(metrics_port: int) -> str:
     if not batches:
         return "no micro-batch"
     phases = ", ".join(f"{phase} {1000 * sums[phase] / counts[phase]:.1f} ms"
-                       for phase in ("parse", "seen", "read", "features", "step") if counts.get(phase))
+                       for phase in ("parse", "read", "features", "step") if counts.get(phase))
     if counts.get("lambdalake_speed_scoring_seconds"):
         scoring = sums["lambdalake_speed_scoring_seconds"] / counts["lambdalake_speed_scoring_seconds"]
         phases += f" (scoring, during the step: {1000 * scoring:.1f} ms)"

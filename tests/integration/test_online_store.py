@@ -411,6 +411,16 @@ def test_the_outbox_and_the_seen_set_take_each_record_once(store: RedisOnlineSto
     asked = [e["event_id"] for _, e in events]
     assert store.seen({0: asked}) == {0: (99, {i: o for o, i in enumerate(asked[:100])})}
     assert store.seen({0: []}) == {}
+    # a read looks the identities up with the states, in the same script: more of them than
+    # one ZMSCORE chunk (1,000) of its Lua, among as many block fields
+    many = [*asked, *(f"absent-{i}" for i in range(2_500))]
+    keys = every_key([e for _, e in events])
+    read = store.read(keys, [0], {}, identities={0: many})
+    assert read.seen == {0: (99, {i: o for o, i in enumerate(asked[:100])})}
+    assert read.coverage == {0: 99} and read.states == increments_of([e for _, e in events[:100]])
+    whole = store.read(keys, [0], {}, whole=True, identities={0: asked[95:]})
+    assert whole.seen == {0: (99, {i: o + 95 for o, i in enumerate(asked[95:100])})}
+    assert whole.states == read.states
 
 
 def test_a_floored_cut_remembers_the_identities_it_passes_over(store: RedisOnlineStore) -> None:
