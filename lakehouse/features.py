@@ -64,6 +64,13 @@ class ViewStates:
             for bucket, values in buckets.items():
                 yield (entity, bucket), dict(zip(names, values, strict=True))
 
+    def held(self) -> Iterator[tuple[Any, int, list[Any]]]:
+        """(entity, bucket start, states in the order of the view's aggregations) of every
+        state held: the lists themselves, which a later `add` changes."""
+        for entity, buckets in self._states.items():
+            for bucket, values in buckets.items():
+                yield entity, bucket, values
+
     def add(self, event: Mapping[str, Any], time_field: str) -> None:
         """Fold one event into its (entity, bucket) state."""
         entity = event[self.view.entity]

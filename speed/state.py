@@ -143,6 +143,6 @@ class MicroBatch:
 
     def increments(self, partition: int) -> dict[StateKey, list[Any]]:
         """The monoid states of the events added for `partition`: its step's increments."""
-        return {(name, entity, bucket): [values[a] for a in table.view.aggregations]
+        return {(name, entity, bucket): values  # held: no event is added after a step
                 for name, table in self.local.get(partition, {}).items()
-                for (entity, bucket), values in table.items()}
+                for entity, bucket, values in table.held()}

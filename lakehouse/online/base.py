@@ -191,8 +191,8 @@ def increments_of(spec: PlatformSpec, events: Iterable[Mapping[str, Any]]) -> di
     for event in events:
         for table in tables:
             table.add(event, time_field)
-    return {(table.view.name, entity, bucket): [states[a] for a in table.view.aggregations]
-            for table in tables for (entity, bucket), states in table.items()}
+    return {(table.view.name, entity, bucket): values
+            for table in tables for entity, bucket, values in table.held()}
 
 
 class OnlineStore(ABC):
