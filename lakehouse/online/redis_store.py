@@ -511,7 +511,10 @@ class RedisOnlineStore(OnlineStore):
         """The look-up `read` makes with `identities`: each partition's atomically with its
         clock, in one script per partition (one slot each: no transaction across slots)."""
         asked = sorted(p for p, ids in identities.items() if ids)
-        return self.read((), asked, {}, identities=identities).seen if asked else {}
+        # no states are asked for: the open epoch's key alone (the script asks for more when
+        # a cut opened a newer one since), whatever the number of epochs ever opened
+        after = {p: self._open_epochs.get(p, FIRST_EPOCH) - 1 for p in asked}
+        return self.read((), asked, after, identities=identities).seen if asked else {}
 
     def cut(self, partition: int, *, floor: int = NOTHING,
             remember: Callable[[int], Iterable[tuple[str, int]]] | None = None) -> Cut:
@@ -598,9 +601,10 @@ class RedisOnlineStore(OnlineStore):
              identities: Mapping[int, Sequence[str]] | None = None) -> StoreRead:
         """See `OnlineStore.read`. Where the partitions are the topic's (0..count-1), a key
         entity's blocks are asked of its home partition only (`home_partition`), and each
-        partition's script checks, atomically with the read, that every step of it was
-        homed under that count (`Step.homed`), so that no other partition holds them; a
-        partition that was not is read for every key (and remembered: `_strays`)."""
+        partition's script that was not asked for some of them checks, atomically with the
+        read, that every step of it was homed under that count (`Step.homed`), so that it
+        holds none of them; a partition that was not is read for every key (and remembered:
+        `_strays`)."""
         wanted = list(partitions)
         views, keyed = self._views, self._keyed
         count = len(wanted) if wanted == list(range(len(wanted))) else 0
@@ -657,7 +661,7 @@ class RedisOnlineStore(OnlineStore):
             coverage[p], epochs[p] = applied, epoch
             if p in looked_up:
                 seen[p] = (NO_CLOCK if meta[1] is None else int(meta[1]),
-                           {identity: int(score) for identity, score in zip(looked_up[p], scores, strict=True)
+                           {identity: int(float(score)) for identity, score in zip(looked_up[p], scores, strict=True)
                             if score is not None})
             if jumped:
                 floored.add(p)
