@@ -100,10 +100,10 @@ __all__ = ["RedisOnlineStore"]
 # reader's view of the partition ends at that cut (`through`, the last epoch key to read),
 # with the offset before the jump.
 _PROLOGUE = """
-local function hmget_chunked(key, names, first, last)
+local function chunked(command, key, names, first, last)
   local values = {}  -- in chunks: Lua's unpack takes a few thousand values at most
   for s = first, last, 1000 do
-    local chunk = redis.call('HMGET', key, unpack(names, s, math.min(s + 999, last)))
+    local chunk = redis.call(command, key, unpack(names, s, math.min(s + 999, last)))
     for j = 1, #chunk do
       values[#values + 1] = chunk[j]
     end
@@ -143,19 +143,14 @@ if ARGV[2] ~= '0' and redis.call('HGET', KEYS[1], 'homed') ~= ARGV[2] then
 end
 local n = tonumber(ARGV[3])
 local m = tonumber(ARGV[4])
-local seen = {}
-for s = 5 + math.max(n, 0), 4 + math.max(n, 0) + m, 1000 do
-  local chunk = redis.call('ZMSCORE', KEYS[2], unpack(ARGV, s, math.min(s + 999, 4 + math.max(n, 0) + m)))
-  for j = 1, #chunk do
-    seen[#seen + 1] = chunk[j]
-  end
-end
-local out = {applied, epoch, 0, floored, redis.call('HMGET', KEYS[1], 'token', 'clock', 'stepped'), seen}
+local ids = 5 + math.max(n, 0)
+local out = {applied, epoch, 0, floored, redis.call('HMGET', KEYS[1], 'token', 'clock', 'stepped'),
+             chunked('ZMSCORE', KEYS[2], ARGV, ids, ids + m - 1)}
 for i = FIRST_KEY, through do
   if n < 0 then
     out[#out + 1] = redis.call('HGETALL', KEYS[i])
   else
-    local values = hmget_chunked(KEYS[i], ARGV, 5, 4 + n)
+    local values = chunked('HMGET', KEYS[i], ARGV, 5, 4 + n)
     for s = 5 + n + m, #ARGV do
       local index = redis.call('HGET', KEYS[i], ARGV[s])
       if index then
@@ -181,7 +176,7 @@ local FIRST_KEY = 3
 local fields = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. ARGV[2], '+inf')
 local out = {applied, epoch, 0, floored, fields}
 for i = 3, through do
-  out[#out + 1] = hmget_chunked(KEYS[i], fields, 1, #fields)
+  out[#out + 1] = chunked('HMGET', KEYS[i], fields, 1, #fields)
 end
 return out
 """
@@ -625,11 +620,10 @@ class RedisOnlineStore(OnlineStore):
             # the check matters only where key entities were left out (homed elsewhere)
             homing = count if count and homed and p not in self._strays else 0
             mine = asked[p] = [*shared, *homed.get(p, ())] if homing else items
-            fields = [entity_field(v, e) for v, e in mine] if whole else [block_field(*k) for k in mine]
+            blocks = [] if whole else [block_field(*k) for k in mine]
+            indexes = [entity_field(v, e) for v, e in mine] if whole else []
             ids = looked_up.get(p, ())
-            if whole:
-                return [self._seen(p)], [after.get(p, 0), homing, 0, len(ids), *ids, *fields]
-            return [self._seen(p)], [after.get(p, 0), homing, len(fields), len(ids), *fields, *ids]
+            return [self._seen(p)], [after.get(p, 0), homing, len(blocks), len(ids), *blocks, *ids, *indexes]
 
         answers = self._run_script(wanted, after, arguments, self._read_script)
         blocks: BlockStates = {}
