@@ -527,6 +527,7 @@ class SpeedLayer:
             self._defer(deferred, per_partition)
             parsed = {p: items for p, items in parsed.items() if p not in deferred}
         batch = self.state.micro_batch(read.blocks, windows)
+        covered = sorted(read.coverage.items())  # a row's coverage: (partition, offset) pairs
         taken: dict[int, list[_Taken]] = {}
         vectors: list[list[float]] = []
         last: dict[int, int] = {}
@@ -535,6 +536,7 @@ class SpeedLayer:
             applied = read.coverage.get(p, -1)
             clock, known = seen.get(p, (NO_CLOCK, {}))
             rule = Dedup(schema.dedup_horizon_ms, clock=clock, taken=known)
+            own = next(i for i, (q, _) in enumerate(covered) if q == p)  # p is read: it is in them
             mine = taken[p] = []
             for record, typed, reasons, identity in items:
                 last[p] = record.offset
@@ -554,10 +556,12 @@ class SpeedLayer:
                     continue
                 vectors.append(batch.features(event, p))
                 batch.add(event, p)
+                coverage = covered.copy()  # the event's own partition: its strictly earlier offsets
+                coverage[own] = (p, record.offset - 1)
                 mine.append(_Taken(record.offset, event, identity, event_clock, {
                     "partition": p, "offset": record.offset,
                     "kafka_timestamp": record.timestamp * 1000 if record.timestamp >= 0 else None,
-                    CLOCK: event_clock * 1000, "coverage": {**read.coverage, p: record.offset - 1}}))
+                    CLOCK: event_clock * 1000, "coverage": coverage}))
         feature_ms = (time.perf_counter() - started) * 1000
         phases.done("features")
         # scored in a thread while the store's steps read what they change: the rows, which
@@ -597,7 +601,7 @@ class SpeedLayer:
             chosen = chosen_of[p]
             if stepped[p]:
                 applied_rows.extend(t.row for t in chosen)
-                self._outbox.stepped(p, stepped_above[p], last[p], [outbox_form(t.row) for t in chosen])
+                self._outbox.stepped(p, stepped_above[p], last[p], [t.row for t in chosen])
             else:  # another member applied it: the flusher reads the store's outbox
                 self._outbox.forget((p,))
             if len(chosen) < len(mine) or not stepped[p]:
@@ -883,20 +887,20 @@ class OutboxCopy:
                 self._last.pop(p, None)
 
 
-def outbox_form(row: dict[str, Any]) -> dict[str, Any]:
-    """A scored row as `decode_row` gives it back from the outbox."""
-    return {**row, "coverage": sorted(row["coverage"].items())}
-
-
 def encode_row(row: dict[str, Any]) -> bytes:
     """A scored row for the outbox: JSON (msgspec: floats round-trip exactly), timestamps as
-    epoch microseconds."""
-    return _ENCODE({**row, "coverage": {str(p): o for p, o in row["coverage"].items()}})
+    epoch microseconds. A row's coverage is its (partition, offset) pairs in partition order
+    (the Arrow map's form), so the row is written as it is, and read back equal
+    (`decode_row`): the member's copy of the outbox holds the rows themselves."""
+    return _ENCODE(row)
 
 
 def decode_row(raw: bytes) -> dict[str, Any]:
     row: dict[str, Any] = _DECODE(raw)
-    row["coverage"] = sorted((int(p), o) for p, o in row["coverage"].items())
+    coverage = row["coverage"]
+    # a row an older version wrote holds its coverage as an object keyed by partition
+    row["coverage"] = sorted((int(p), o) for p, o in coverage.items()) if isinstance(coverage, dict) \
+        else [(p, o) for p, o in coverage]
     return row
 
 

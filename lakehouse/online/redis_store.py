@@ -605,25 +605,36 @@ class RedisOnlineStore(OnlineStore):
         count = len(wanted) if wanted == list(range(len(wanted))) else 0
         items: list[Any] = list(dict.fromkeys((v, e) for v, e, _ in keys)) if whole else \
             list(dict.fromkeys((view, entity, block_of(views[view], bucket)) for view, entity, bucket in keys))
-        shared: list[Any] = []
-        homed: dict[int, list[Any]] = {}
-        for item in items:
+        # each item's field, named once however many partitions are asked for it
+        fields = [entity_field(v, e) for v, e in items] if whole else [block_field(*k) for k in items]
+        shared: tuple[list[Any], list[str]] = ([], [])  # (items, fields) asked of every partition
+        homed: dict[int, tuple[list[Any], list[str]]] = {}  # of their home partition only
+        for item, name in zip(items, fields, strict=True):
             view, entity = item[0], item[1]
             if count and view in keyed and isinstance(entity, str):
-                homed.setdefault(home_partition(entity, count), []).append(item)
+                at = home_partition(entity, count)
+                mine = homed.get(at)
+                if mine is None:
+                    mine = homed[at] = ([], [])
             else:
-                shared.append(item)
+                mine = shared
+            mine[0].append(item)
+            mine[1].append(name)
         asked: dict[int, list[Any]] = {}  # partition → the items its (last) script was asked
         looked_up = {p: list(ids) for p, ids in (identities or {}).items() if ids}
 
         def arguments(p: int) -> tuple[list[str], list[Any]]:
             # the check matters only where key entities were left out (homed elsewhere)
             homing = count if count and homed and p not in self._strays else 0
-            mine = asked[p] = [*shared, *homed.get(p, ())] if homing else items
-            blocks = [] if whole else [block_field(*k) for k in mine]
-            indexes = [entity_field(v, e) for v, e in mine] if whole else []
+            if homing:
+                home = homed.get(p, ([], []))
+                asked[p], names = shared[0] + home[0], shared[1] + home[1]
+            else:
+                asked[p], names = items, fields
             ids = looked_up.get(p, ())
-            return [self._seen(p)], [after.get(p, 0), homing, len(blocks), len(ids), *blocks, *ids, *indexes]
+            if whole:
+                return [self._seen(p)], [after.get(p, 0), homing, 0, len(ids), *ids, *names]
+            return [self._seen(p)], [after.get(p, 0), homing, len(names), len(ids), *names, *ids]
 
         answers = self._run_script(wanted, after, arguments, self._read_script)
         blocks: BlockStates = {}

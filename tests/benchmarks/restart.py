@@ -170,7 +170,7 @@ def fill_store(h: History, flush_every: int) -> None:
             taken.append((r.offset, event, event_identity(schema, event), clock, {
                 **event, time_field: event[time_field] * 1000, "partition": p, "offset": r.offset,
                 "kafka_timestamp": r.timestamp * 1000, CLOCK: clock * 1000, "features": features,
-                "coverage": {**applied, p: r.offset - 1}, "score": 0.5, "model_version": 1,
+                "coverage": sorted({**applied, p: r.offset - 1}.items()), "score": 0.5, "model_version": 1,
                 "batch_run_id": None, "consumer_group": h.group, "scored_at": scored_at,
                 "feature_ms": 0.05, "model_ms": 1.0}))
 
@@ -181,7 +181,7 @@ def fill_store(h: History, flush_every: int) -> None:
 
         h.store.apply(p, records[0].offset, records[-1].offset, above)
         applied[p] = records[-1].offset
-        rows.extend({**t[4], "coverage": sorted(t[4]["coverage"].items())} for t in taken)
+        rows.extend(t[4] for t in taken)
 
     def flush() -> None:
         through = {p: o for p, o in applied.items() if o >= 0}

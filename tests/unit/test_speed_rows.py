@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from speed.consumer import OutboxCopy, decode_row, encode_row, outbox_form
+from speed.consumer import OutboxCopy, decode_row, encode_row
 
 
 def rows(*offsets: int) -> list[dict[str, Any]]:
@@ -57,9 +57,12 @@ def test_a_revoked_or_reassigned_partition_is_forgotten() -> None:
 
 def test_a_row_in_the_copy_equals_the_row_read_back_from_the_outbox() -> None:
     row = {"user_id": "u1", "amount": 1234, "event_time": 1_767_225_600_000_000, "partition": 2, "offset": 41,
-           "kafka_timestamp": None, "coverage": {2: 40, 0: 17, 1: -1}, "features": [0.1, 3.0, 1e-300],
+           "kafka_timestamp": None, "coverage": [(0, 17), (1, -1), (2, 40)], "features": [0.1, 3.0, 1e-300],
            "score": 0.25, "model_version": 3, "batch_run_id": None, "scored_at": 1, "feature_ms": 0.5}
-    assert outbox_form(row) == decode_row(encode_row(row))
+    assert decode_row(encode_row(row)) == row
+    # a row an older version wrote: its coverage an object keyed by partition
+    older = encode_row({**row, "coverage": {"2": 40, "0": 17, "1": -1}})
+    assert decode_row(older) == row
 
 
 def test_a_micro_batchs_rows_are_completed_once_its_scores_arrive() -> None:
@@ -69,7 +72,7 @@ def test_a_micro_batchs_rows_are_completed_once_its_scores_arrive() -> None:
 
     from speed.consumer import _Scoring, _ScoringFailed, _Taken
 
-    taken = [_Taken(o, {"user_id": "u", "event_time": 5}, f"id{o}", 5, {"offset": o, "coverage": {0: o - 1}})
+    taken = [_Taken(o, {"user_id": "u", "event_time": 5}, f"id{o}", 5, {"offset": o, "coverage": [(0, o - 1)]})
              for o in (3, 4)]
     future: Future[tuple[list[float], int, float]] = Future()
     scoring = _Scoring(future, [[1.0], [2.0]], taken, {"batch_run_id": None, "consumer_group": "g",
